@@ -1,0 +1,346 @@
+"""The model: an OpenLLaMA-style decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention) and two heads.
+
+Module names follow HF LLaMA (`model.layers.0.self_attn.q_proj`, ...) so a checkpoint's keys are this file's
+parameter names; `rmcore/checkpoint.py` holds the explicit map and the checks.
+
+    Transformer    token ids -> final hidden states (B, T, dim)
+    CausalLM       Transformer + lm_head          -> logits (B, T, vocab)
+    RewardModel    Transformer + score (dim -> 1) -> one reward per sequence (B,), read at the last real token
+
+Masks: `attention_mask` (B, T) is 1 on real tokens and 0 on padding, on either side. `position_ids` default to
+the count of real tokens before each position, so left padding gets the same positions as no padding. A boolean
+`attn_mask` (B, 1, T, S), True = may attend, replaces the causal+padding mask (block-diagonal masks for packed
+documents). A `KVCache` per layer makes generation incremental (see `rmcore/generate.py`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    dim: int = 3200
+    n_layers: int = 26
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None = n_heads (multi-head); fewer = grouped-query attention
+    ffn_dim: int = 8640
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    activation_checkpointing: bool = False  # recompute each block in backward: memory for compute
+    # token ids travel with the model so a saved directory is self-describing
+    bos_id: int = 1
+    eos_id: int = 2
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"dim {self.dim} must divide by n_heads {self.n_heads}, "
+                             f"and n_heads by n_kv_heads {self.n_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    # ---- HF LLaMA config.json <-> ModelConfig
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+        if hf.get("model_type", "llama") != "llama":
+            raise ValueError(f"{source}: model_type {hf.get('model_type')!r}, expected 'llama'")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"{source}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported, "
+                             "only the default (unscaled) RoPE")
+        head_dim = hf.get("head_dim")
+        if head_dim is not None and head_dim != hf["hidden_size"] // hf["num_attention_heads"]:
+            raise ValueError(f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads")
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                raise ValueError(f"{source}: {flag}=true is not supported")
+        pad = hf.get("pad_token_id")
+        eos = hf.get("eos_token_id", 2)
+        return cls(
+            vocab_size=hf["vocab_size"],
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=hf["num_attention_heads"],
+            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            ffn_dim=hf["intermediate_size"],
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            bos_id=hf.get("bos_token_id", 1),
+            eos_id=eos[0] if isinstance(eos, list) else eos,
+            # OpenLLaMA ships no pad token; unk (0) is its HF pad and is distinct from EOS
+            pad_id=0 if pad is None else pad,
+        )
+
+    def to_hf(self, architecture: str) -> dict:
+        return {
+            "architectures": [architecture],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.ffn_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_embeddings,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": self.bos_id,
+            "eos_token_id": self.eos_id,
+            "pad_token_id": self.pad_id,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------- layers
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 and scale in the input dtype, as HF LLaMA does (bit-level parity in bf16)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    return 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim))
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B, T, head_dim) for arbitrary per-row positions (left padding, packed documents)."""
+    angles = position_ids[..., None].float() * inv_freq  # (B, T, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)  # HF convention: the two halves of the head share a frequency
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, heads, T, head_dim); rotate the pair (x[i], x[i + head_dim/2]) -- HF's rotate_half, not interleaved
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for one layer; slot s of every row holds the token at column s (gpt-fast)."""
+
+    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k[:, :, slots] = k
+        self.v[:, :, slots] = v
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, attn_mask, cache_slots=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(cache_slots, k, v)
+        # attn_mask None means "plain causal, no padding": SDPA then picks its fused causal kernel
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, attn_mask, cache_slots=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache_slots)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ---------------------------------------------------------------------------------------------------- trunk
+def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position = number of real tokens before this one, so a left-padded row counts from 0 at its first token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def padding_attn_mask(attention_mask: torch.Tensor, query_slots: torch.Tensor) -> torch.Tensor:
+    """(B, 1, Tq, S) bool: query at slot i sees real keys at slots <= i; every query also sees itself, so a
+    padding row is never fully masked (SDPA would return NaN there); padding outputs are never read."""
+    S = attention_mask.shape[-1]
+    key_slots = torch.arange(S, device=attention_mask.device)
+    causal = query_slots[:, None] >= key_slots[None, :]  # (Tq, S)
+    mask = causal[None] & attention_mask.bool()[:, None, :]  # (B, Tq, S)
+    mask = mask | (query_slots[:, None] == key_slots[None, :])[None]
+    return mask[:, None]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, attn_mask=None, cache_slots=None):
+        """Final hidden states (B, T, dim). With a KV cache, `cache_slots` (T,) are the cache columns written."""
+        if position_ids is None:
+            position_ids = (default_position_ids(attention_mask) if attention_mask is not None
+                            else torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids))
+        if attn_mask is None and attention_mask is not None:
+            slots = cache_slots if cache_slots is not None else torch.arange(input_ids.shape[1], device=input_ids.device)
+            attn_mask = padding_attn_mask(attention_mask, slots)
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
+        for layer in self.layers:
+            if self.cfg.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, attn_mask, cache_slots, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attn_mask, cache_slots)
+        return self.norm(x)
+
+    @torch.no_grad()
+    def reset_buffers(self, device=None):
+        """Recompute non-persistent buffers, which a meta-device build leaves empty."""
+        self.inv_freq = rope_inv_freq(self.cfg, device=device or self.embed_tokens.weight.device)
+
+
+def init_linear(module: nn.Linear, std: float):
+    nn.init.normal_(module.weight, mean=0.0, std=std)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+class _Pretrained(nn.Module):
+    """What both heads share: weight init, HF-format loading and saving (implemented in rmcore.checkpoint)."""
+
+    hf_architecture: str
+
+    def init_weights(self, std: float = 0.02):
+        # HF LLaMA's init (normal 0.02, norms 1) so a fresh rmcore model and a fresh HF model are alike
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                init_linear(module, std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        self.model.reset_buffers()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device="cpu", **kwargs):
+        from rmcore.checkpoint import load_pretrained
+        return load_pretrained(cls, path, dtype=dtype, device=device, **kwargs)
+
+    def save_pretrained(self, path: str | Path, **kwargs):
+        from rmcore.checkpoint import save_pretrained
+        save_pretrained(self, path, **kwargs)
+
+
+class CausalLM(_Pretrained):
+    hf_architecture = "LlamaForCausalLM"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Transformer(cfg)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, attn_mask=None, cache_slots=None):
+        """Logits (B, T, vocab)."""
+        return self.lm_head(self.model(input_ids, attention_mask, position_ids, attn_mask, cache_slots))
+
+
+def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Column of the last real token of each row: the largest index with mask 1, whatever the padding side.
+    Computed from the mask, never from token ids, so PAD == EOS cannot move it."""
+    T = attention_mask.shape[-1]
+    cols = torch.arange(T, device=attention_mask.device)
+    return torch.where(attention_mask.bool(), cols, -1).amax(-1)
+
+
+class RewardModel(_Pretrained):
+    """Trunk + value head. The reward of a sequence is the head applied to the hidden state of its last real
+    token: with right padding that is column len-1, with left padding column T-1; both are found from
+    `attention_mask`. Without a mask every row is taken as unpadded (column T-1).
+
+    The head has no bias: a constant added to every reward cancels in r_chosen - r_rejected, so it would get
+    no gradient from the pairwise loss, and HF's LlamaForSequenceClassification (`score.weight`) has none.
+    """
+
+    hf_architecture = "LlamaForSequenceClassification"
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Transformer(cfg)
+        self.score = nn.Linear(cfg.dim, 1, bias=False)
+
+    def init_weights(self, std: float = 0.02):
+        super().init_weights(std)
+        self.init_head()
+
+    def init_head(self):
+        init_linear(self.score, 1.0 / math.sqrt(self.cfg.dim + 1))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, attn_mask=None):
+        """Rewards (B,)."""
+        h = self.model(input_ids, attention_mask, position_ids, attn_mask)
+        if attention_mask is None:
+            last = h[:, -1]
+        else:
+            last = h[torch.arange(h.shape[0], device=h.device), last_real_index(attention_mask)]
+        return self.score(last).squeeze(-1)
