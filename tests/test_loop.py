@@ -1,0 +1,70 @@
+"""The shared loop machinery: the schedule against transformers' schedulers, and checkpoint atomicity."""
+import json
+
+import pytest
+import torch
+from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+from rmcore.distributed import Dist
+from rmcore.loop import Checkpointer, lr_at, make_optimizer
+
+
+@pytest.mark.parametrize("schedule,reference", [("linear", get_linear_schedule_with_warmup),
+                                                ("cosine", get_cosine_schedule_with_warmup)])
+@pytest.mark.parametrize("warmup", [0, 7])
+def test_lr_at_matches_transformers_schedulers(schedule, reference, warmup):
+    total, peak = 50, 2e-5
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = reference(opt, num_warmup_steps=warmup, num_training_steps=total)
+    for step in range(total):
+        # HF's warmup starts at lr 0 for step 0; rmcore's first step already uses peak/warmup (a step at lr 0
+        # is wasted compute), so warmup steps compare one step ahead
+        ref = opt.param_groups[0]["lr"]
+        if step >= warmup:
+            assert lr_at(step, total, peak, warmup, schedule) == pytest.approx(ref, rel=1e-9, abs=1e-15)
+        else:
+            assert lr_at(step, total, peak, warmup, schedule) == pytest.approx(peak * (step + 1) / warmup)
+        opt.step()
+        sched.step()
+
+
+def test_lr_floor_and_constant():
+    assert lr_at(99, 100, 1.0, schedule="linear", min_lr_ratio=0.1) == pytest.approx(0.1 + 0.9 * 0.01)
+    assert lr_at(100, 100, 1.0, schedule="cosine", min_lr_ratio=0.1) == pytest.approx(0.1)
+    assert lr_at(5, 100, 3.0, schedule="constant") == 3.0
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_at(5, 100, 1.0, schedule="step")
+
+
+def test_weight_decay_only_on_matrices():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.1)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(model[0].weight)}
+
+
+def test_checkpoint_partial_save_is_never_resumed(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = make_optimizer(model, 1e-2, 0.0)
+    ckpt = Checkpointer(tmp_path, Dist(), keep=2)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    saved = ckpt.save(model, opt, 3, {"loader": {"epoch": 0, "position": 6}})
+    # a save that died after writing tensors but before trainer.json/rename: what a crash or full disk leaves
+    (tmp_path / "checkpoints" / "step_0000009.partial").mkdir()
+    (tmp_path / "checkpoints" / "step_0000010").mkdir()  # renamed dir without trainer.json: not complete either
+    assert ckpt.latest() == saved
+    weights = model.weight.detach().clone()
+    exp_avg = opt.state[model.weight]["exp_avg"].clone()
+    with torch.no_grad():
+        model.weight.zero_()
+    opt.state[model.weight]["exp_avg"].zero_()
+    state = ckpt.load(ckpt.resolve("auto"), model, opt)
+    assert state == {"step": 3, "loader": {"epoch": 0, "position": 6}}
+    assert torch.equal(model.weight, weights)
+    assert torch.equal(opt.state[model.weight]["exp_avg"], exp_avg)
+    # keep=2: older complete checkpoints are pruned
+    for step in (4, 5):
+        ckpt.save(model, opt, step, {})
+    assert [p.name for p in ckpt.complete()] == ["step_0000004", "step_0000005"]
+    assert json.loads((ckpt.latest() / "trainer.json").read_text())["step"] == 5
