@@ -2,10 +2,10 @@
 
 A config is a dataclass whose fields may themselves be dataclasses (sections). A run is described by
 
-    python -m rmcore.train_rm --config configs/open_llama_3b_rm.yaml train.lr=5e-6 model.n_layers=2
+    python train.py --config configs/open_llama_3b_rm.yaml optim.lr=5e-6 model.n_layers=2
 
 and built as: dataclass defaults < YAML base file(s) < YAML file < command-line overrides, applied in that order.
-Merging is per key: a file that sets `train.lr` leaves every other key of `train` as its base left it.
+Merging is per key: a file that sets `optim.lr` leaves every other key of `optim` as its base left it.
 
 Rules:
 - Every key is checked against the dataclass: an unknown key (in YAML or on the command line) is an error naming
