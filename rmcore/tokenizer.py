@@ -178,6 +178,33 @@ class Tokenizer:
             batch = [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
         return [[self.bos_id] * bos + ids + [self.eos_id] * eos for ids in batch]
 
+    def encode_with_starts(self, text: str) -> tuple[list[int], list[int]]:
+        """encode(text) and, for each token, the index in text of the first character it covers."""
+        # Used to mark which tokens of a whole-text encoding belong to which part of the text (assistant-only
+        # SFT loss) without encoding the parts separately, which would change the tokens at every boundary.
+        if not self.is_sp:
+            enc = self.backend.encode(text, add_special_tokens=False)
+            return enc.ids, [start for start, _ in enc.offsets]
+        ids = self.backend.encode(text)
+        # SentencePiece pieces spell the text with "▁" for spaces and <0xNN> for fallback bytes, after an
+        # optional dummy-prefix space: rebuild the bytes and read each piece's start off them.
+        spelled, starts = bytearray(), []
+        for piece in self.backend.id_to_piece(ids):
+            starts.append(len(spelled))
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                spelled.append(int(piece[3:5], 16))
+            else:
+                spelled += piece.replace("\u2581", " ").encode("utf-8")
+        raw = text.encode("utf-8")
+        prefix = len(spelled) - len(raw)
+        if prefix not in (0, 1) or bytes(spelled[prefix:]) != raw:
+            raise ValueError(
+                "this SentencePiece model normalises text (its pieces do not spell the input), so token offsets "
+                "are unknown; train with normalization_rule_name=identity (as LLaMA's is) or use a tokenizer.json"
+            )
+        char_at_byte = [i for i, ch in enumerate(text) for _ in range(len(ch.encode("utf-8")))] + [len(text)]
+        return ids, [char_at_byte[max(s - prefix, 0)] for s in starts]
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         if skip_special_tokens:

@@ -203,3 +203,17 @@ def test_cli_trains_a_loadable_tokenizer(hh_file, hh_texts, sp_dir, tmp_path):
     assert tok.vocab_size == 4000 and all(tok.decode(tok.encode(t)) == t for t in hh_texts[:200])
     # the CLI reads the same texts as the fixture, and SentencePiece training is deterministic
     assert (out / "tokenizer.model").read_bytes() == (sp_dir / "tokenizer.model").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "bpe"])
+def test_encode_with_starts_locates_every_token(kind, sp_tok, bpe_dir, hh_texts):
+    """Each token's start offset is where its text begins: cutting the text at the starts of a token run and
+    re-encoding that span reproduces the run's ids (checked on whole transcripts and non-ASCII text)."""
+    tok = sp_tok if kind == "sentencepiece" else Tokenizer.from_pretrained(bpe_dir)
+    for text in hh_texts[:20] + ["naïve café ☕ 😀 ok", "###Human: hi###Assistant: hé"]:
+        ids, starts = tok.encode_with_starts(text)
+        assert ids == tok.encode(text) and starts[0] == 0 and starts == sorted(starts) and starts[-1] < len(text)
+        for cut in (len(ids) // 3, len(ids) // 2):
+            # a cut between two tokens: the text after the cut's offset, encoded alone, begins with
+            # the same characters the remaining tokens spell
+            assert tok.decode(ids[cut:]).strip() == text[starts[cut]:].strip()
