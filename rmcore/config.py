@@ -237,7 +237,10 @@ def _build(cls: type[T], data: dict[str, Any], path: str, start: Any = None) -> 
             if section is not None and isinstance(value, dict):
                 # A partial section is laid over the section's current value (e.g. a default_factory that is not
                 # the section class's own defaults), or over the section defaults when it is currently None.
-                value = _build(section, value, _join(path, name), current if isinstance(current, section) else None)
+                # A section still equal to its class defaults is rebuilt from them, so fields its __post_init__
+                # derives (ModelConfig.n_kv_heads from n_heads) are derived again from the new values.
+                start_from = current if isinstance(current, section) and current != section() else None
+                value = _build(section, value, _join(path, name), start_from)
             kwargs[name] = value
         elif current is dataclasses.MISSING:
             where = f"section {path!r}" if path else "the top level"
@@ -358,3 +361,83 @@ def parse_cli(argv: list[str], prog: str | None = None) -> tuple[str | None, lis
             raise ConfigError(f"unexpected argument {arg!r}\n{usage}")
         i += 1
     return config_path, overrides
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training config: what train.py, raft.py and ppo.py read
+
+from rmcore.data import DataConfig  # noqa: E402  (the machinery above needs neither)
+from rmcore.model import ModelConfig  # noqa: E402
+
+
+@dataclasses.dataclass
+class RunConfig:
+    stage: Literal["tokenizer", "sft", "rm"] = "rm"
+    out_dir: str = "runs/default"       # config.yaml, metrics.jsonl, checkpoints/, export/ go here
+    init_from: str | None = None        # an HF-format directory (open_llama_3b, an SFT export); None = fresh init
+    tokenizer: str | None = None        # tokenizer directory; default: init_from
+    tokenizer_vocab_size: int = 8000    # stage tokenizer: vocabulary of the tokenizer it trains
+    seed: int = 0
+    precision: Literal["bf16", "fp32"] = "bf16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_every: int = 0                 # optimizer steps between evaluations; 0 = at the end only
+    save_every: int = 0                 # optimizer steps between checkpoints; 0 = none before the end
+    keep: int = 2                       # checkpoints kept on disk
+    resume: str = "auto"                # auto (latest complete checkpoint, if any) | never | a checkpoint path
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or its batch is skipped and counted
+    halt_at_step: int | None = None     # stop after this step as if killed (resume tests and debugging)
+    export: bool = True                 # write out_dir/export (HF format + tokenizer) at the end
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 5e-6
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = 0.0           # fraction of the steps spent warming up linearly
+    min_lr_ratio: float = 0.0           # decay ends at min_lr_ratio * lr
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0              # max global grad norm; 0 = no clipping
+    epochs: int = 1
+    micro_batch_size: int = 8           # per process: pairs (rm) or blocks (sft) per forward
+    grad_accum: int = 1                 # micro-batches per optimizer step
+    max_steps: int | None = None        # stop early after this many optimizer steps
+
+
+@dataclasses.dataclass
+class LossConfig:
+    margin: bool = False                # subtract the data's per-pair margin (Llama 2)
+    center_coef: float = 0.0            # reward centering (Eisenstein et al. 2023); TRL recommends 0.01
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    wandb: Literal["disabled", "offline", "online"] = "disabled"
+    project: str = "rmcore"
+    run_name: str | None = None
+    progress: bool = True               # progress bar on rank 0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # used for a fresh init only
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+
+def load_stages(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> list[TrainConfig]:
+    """The configs to run: one, or each file of a chain (`chain: [a.yaml, b.yaml]`, paths relative to the chain
+    file), every one with the same command-line overrides."""
+    if path is not None:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.load(fh, Loader=_Loader) or {}
+        if isinstance(data, dict) and "chain" in data:
+            if set(data) != {"chain"} or not isinstance(data["chain"], list):
+                raise ConfigError(f"{path}: a chain file holds only `chain: [stage.yaml, ...]`")
+            here = os.path.dirname(path)
+            return [load_config(TrainConfig, os.path.join(here, p), overrides) for p in data["chain"]]
+    return [load_config(TrainConfig, path, overrides)]

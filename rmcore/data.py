@@ -7,7 +7,8 @@
 Files are named by specs: `path`, or `path[a:b]` for records a..b-1 of the file (Python slice rules, indices
 counted over the file's non-blank lines / rows, before anything is dropped). `.jsonl`, `.jsonl.gz` and `.json`
 (one list of records) are read with the standard library, line by line; `.parquet` through pyarrow (the `parquet`
-extra). Nothing is fetched from a hub: a dataset name instead of a path is an error saying how to download it.
+extra). `${RMCORE_DATA}` in a path is the shared data folder ($RMCORE_DATA, default ../shared/data).
+Nothing is fetched from a hub: a dataset name instead of a path is an error saying how to download it.
 
 Record formats (`DataConfig.format`, or detected from a file's first record when "auto"):
   hh            `chosen`, `rejected`: whole transcripts (HH-RLHF). Split at the last "\\n\\nAssistant:" into the
@@ -36,6 +37,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +126,8 @@ class FileSpec:
 
     @classmethod
     def parse(cls, spec: str) -> "FileSpec":
+        # ${RMCORE_DATA} lets shipped configs name the shared data folder wherever it is (default ../shared/data)
+        spec = spec.replace("${RMCORE_DATA}", os.environ.get("RMCORE_DATA", "../shared/data"))
         m = re.fullmatch(r"(.+?)\[(\d*):(\d*)\]", spec.strip())
         if not m:
             return cls(spec.strip())

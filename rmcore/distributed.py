@@ -52,7 +52,9 @@ def init_distributed(device: str = "auto") -> Dist:
 
 
 def shutdown():
+    """Leave the process group together: a rank that tears down while another still talks to it aborts."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

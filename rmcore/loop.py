@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmcore.distributed import Dist, apply_fsdp, barrier, broadcast_object
+from rmcore.distributed import Dist, all_reduce_sum, apply_fsdp, barrier, broadcast_object
 
 # one process saving a DCP checkpoint without a process group is a supported, intended case here
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -270,3 +270,127 @@ class Logger:
             self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+# ------------------------------------------------------------------------------------------------ the step cycle
+class NonFiniteLoss(RuntimeError):
+    """A NaN or inf loss or gradient norm, with where it happened and where to restart from."""
+
+
+class Trainer:
+    """The bookkeeping around a stage's forward/backward, shared by train.py's `sft` and `rm`, raft.py and ppo.py:
+    optimizer and lr schedule, the data position, gradient-accumulation steps, clipping, the NaN guard,
+    periodic evaluation and checkpoints, resume, logging and the final export. The loss itself stays in the loop.
+
+        for step, micro_batches in trainer.steps():      # one optimizer step's micro-batches (index lists)
+            ... forward, loss / global count * world_size, backward, per micro-batch ...
+            trainer.step(step, loss_sum, count, metrics, tokens, ids)
+    """
+
+    def __init__(self, cfg, d: Dist, model, sampler, evaluate=None):
+        self.cfg, self.d, self.model, self.sampler, self.evaluate = cfg, d, model, sampler, evaluate
+        o = cfg.optim
+        self.out = Path(cfg.run.out_dir)
+        per_epoch = math.ceil(len(sampler) / o.grad_accum)
+        self.total_steps = per_epoch * o.epochs if o.max_steps is None else min(o.max_steps, per_epoch * o.epochs)
+        self.warmup = int(o.warmup_ratio * self.total_steps)
+        self.optimizer = make_optimizer(model, o.lr, o.weight_decay, tuple(o.betas), o.eps)
+        self.ckpt = Checkpointer(self.out, d, cfg.run.keep)
+        self.start_step, self.skipped = 0, 0
+        found = self.ckpt.resolve(cfg.run.resume)
+        if found is not None:
+            state = self.ckpt.load(found, model, self.optimizer)
+            self.start_step, self.skipped = state["step"], state.get("skipped", 0)
+            sampler.load_state_dict(state["sampler"])
+        from rmcore.config import config_to_dict
+        lg = cfg.logging
+        self.log = Logger(self.out, d, self.total_steps, config_to_dict(cfg), lg.wandb, lg.project, lg.run_name,
+                          lg.progress, self.start_step)
+        if found is not None:
+            self.log.print(f"resumed from {found} at step {self.start_step}")
+        self.last_ckpt = found
+
+    def steps(self):
+        """(step, [micro-batch index lists]) from the saved data position on; an epoch's last step may be short."""
+        step, ga = self.start_step, self.cfg.optim.grad_accum
+        while step < self.total_steps:
+            pending = []
+            for batch in self.sampler:  # the rest of the current epoch
+                pending.append(batch)
+                if len(pending) == ga:
+                    yield step, pending
+                    step, pending = step + 1, []
+                    if step >= self.total_steps:
+                        return
+            if pending:
+                yield step, pending
+                step += 1
+
+    def global_count(self, local: float) -> float:
+        """The step's number of pairs / target tokens over all ranks: the losses' denominator."""
+        return all_reduce_sum([local], self.d.device)[0]
+
+    def step(self, step: int, loss_sum: float, count: float, metrics: dict, tokens: int, ids: list[str]):
+        """After the micro-batches' backward passes: NaN guard, clip, lr, optimizer step, log, eval, checkpoint.
+
+        loss_sum, tokens and ids are this rank's; count is the step's global denominator (global_count)."""
+        cfg, d = self.cfg, self.d
+        loss_sum, tokens = all_reduce_sum([loss_sum, tokens], d.device)
+        grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip)
+        lr = lr_at(step, self.total_steps, cfg.optim.lr, self.warmup, cfg.optim.schedule, cfg.optim.min_lr_ratio)
+        if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+        else:
+            all_ids = gather_objects(ids)
+            where = (f"non-finite loss ({loss_sum}) or gradient norm ({grad_norm}) at step {step}; records in the "
+                     f"step: {', '.join(all_ids[:20])}{' ...' if len(all_ids) > 20 else ''}")
+            if cfg.run.on_nonfinite == "stop":
+                self.log.close()
+                raise NonFiniteLoss(f"{where}. Last good checkpoint: {self.last_ckpt or 'none'} "
+                                    f"(resume with run.resume=auto, or set run.on_nonfinite=skip)")
+            self.skipped += 1
+            self.log.print(f"skipped: {where} ({self.skipped} skipped so far)")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.log.log(step + 1, {"loss": loss_sum / max(count, 1), **metrics, "lr": lr, "grad_norm": grad_norm,
+                                "skipped_steps": self.skipped, "epoch": self.sampler.epoch}, tokens=int(tokens))
+        done = step + 1
+        if self.evaluate is not None and cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < self.total_steps:
+            self.log.log(done, {f"eval_{k}": v for k, v in self.evaluate().items()}, advance=False)
+        if cfg.run.save_every and done % cfg.run.save_every == 0 and done < self.total_steps:
+            self.save(done)
+        if cfg.run.halt_at_step is not None and done >= cfg.run.halt_at_step:
+            self.log.print(f"halting after step {done} (run.halt_at_step)")
+            self.log.close()
+            raise SystemExit(0)
+
+    def save(self, step: int):
+        self.last_ckpt = self.ckpt.save(self.model, self.optimizer, step,
+                                        {"sampler": self.sampler.state_dict(), "skipped": self.skipped})
+
+    def finish(self, tokenizer, extra_config: dict) -> dict:
+        """Final evaluation, final checkpoint, HF export; returns the final evaluation metrics."""
+        final = {}
+        if self.evaluate is not None:
+            final = self.evaluate()
+            self.log.log(self.total_steps, {f"eval_{k}": v for k, v in final.items()}, advance=False)
+        if self.start_step < self.total_steps:
+            self.save(self.total_steps)
+        if self.cfg.run.export:
+            export_pretrained(self.model, self.out / "export", self.d, tokenizer, extra_config)
+            self.log.print(f"exported {self.out / 'export'}")
+        if self.skipped:
+            self.log.print(f"{self.skipped} step(s) skipped for non-finite loss")
+        self.log.close()
+        return final
+
+
+def gather_objects(obj) -> list:
+    """Concatenate a list from every rank (rank order)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return list(obj)
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, list(obj))
+    return [x for part in out for x in part]

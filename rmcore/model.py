@@ -180,7 +180,7 @@ class Attention(nn.Module):
         # attn_mask None means "plain causal, no padding": SDPA then picks its fused causal kernel
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -343,4 +343,5 @@ class RewardModel(_Pretrained):
             last = h[:, -1]
         else:
             last = h[torch.arange(h.shape[0], device=h.device), last_real_index(attention_mask)]
-        return self.score(last).squeeze(-1)
+        # [:, 0] of a fresh (B, 1) tensor would be a view; FSDP2 cannot hook a view's backward safely
+        return self.score(last).sum(-1)

@@ -1,0 +1,231 @@
+"""Train a tokenizer, an SFT model or a reward model.
+
+    python train.py --config configs/tiny.yaml                       # the tiny chain: tokenizer -> SFT -> RM, on CPU
+    python train.py --config configs/tiny_rm.yaml optim.lr=1e-4      # one stage, any field overridden as key=value
+    torchrun --nproc_per_node=8 train.py --config configs/open_llama_3b_rm.yaml   # FSDP2 over 8 GPUs
+
+Each stage is one function below, readable top to bottom: data, model, then the loop, whose loss is spelled out
+here from the pure functions in rmcore/losses.py. rmcore.loop.Trainer does the bookkeeping every loop shares.
+
+The loss of an optimizer step is the sum of per-pair (or per-token) losses divided by the number of pairs (or
+target tokens) in the whole step, over all micro-batches and all ranks; each micro-batch's part is multiplied by
+world_size because FSDP averages gradients over ranks. Gradient accumulation and the number of processes
+therefore never change the math.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rmcore.config import TrainConfig, load_stages, parse_cli, save_config
+from rmcore.data import (
+    ShardedSampler, Template, collate_blocks, collate_pairs, load_blocks, load_pairs, read_examples,
+)
+from rmcore.distributed import all_reduce_sum, barrier, init_distributed, shutdown
+from rmcore.losses import (
+    PREFERENCE_SUM_KEYS, centering_loss, count_targets, metrics_from_sums, pairwise_loss, preference_sums,
+    sft_loss, shift_targets,
+)
+from rmcore.loop import Trainer, autocast, build_model, seed_everything, set_grad_sync
+from rmcore.model import CausalLM, RewardModel
+from rmcore.tokenizer import Tokenizer, train_tokenizer
+
+
+def main(argv: list[str]) -> dict:
+    path, overrides = parse_cli(argv, "train.py")
+    result = {}
+    for cfg in load_stages(path, overrides):
+        result = {"tokenizer": tokenizer_stage, "sft": sft, "rm": rm}[cfg.run.stage](cfg)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def tokenizer_stage(cfg: TrainConfig) -> dict:
+    """Train a SentencePiece tokenizer on the training texts, as the model will see them (templated)."""
+    d = init_distributed(cfg.run.device)
+    out = Path(cfg.run.out_dir)
+    if d.is_main:
+        examples, report = read_examples(cfg.data.train, cfg.data.format, cfg.data.skip_bad_lines, "tokenizer data")
+        print(report.summary())
+        template = Template.from_config(cfg.data)
+        texts = [template.render(e.prompt, r) for e in examples for r in (e.chosen, e.rejected) if r is not None]
+        tok = train_tokenizer(texts, out, cfg.run.tokenizer_vocab_size)
+        print(f"trained {tok} on {len(texts):,} texts -> {out}")
+    barrier()
+    return {}
+
+
+def sft(cfg: TrainConfig) -> dict:
+    """Supervised fine-tuning on block-packed text: masked next-token cross-entropy."""
+    d, tok = setup(cfg)
+    train, report = load_blocks(cfg.data.train, tok, cfg.data, "sft train")
+    say(d, report.summary())
+    held_out = None
+    if cfg.data.eval:
+        held_out, report = load_blocks(cfg.data.eval, tok, cfg.data, "sft eval")
+        say(d, report.summary())
+    model = build_model(CausalLM, d, cfg.run.init_from, model_config(cfg, tok), bf16(cfg), cfg.run.seed)
+    sampler = ShardedSampler(len(train), cfg.optim.micro_batch_size, d.rank, d.world_size, cfg.run.seed)
+
+    def forward_sums(batch):
+        """(summed token loss, target-token count) of one batch of blocks."""
+        input_ids = batch["input_ids"].to(d.device)
+        targets, target_mask = shift_targets(input_ids, batch["loss_mask"].to(d.device))
+        with autocast(d, bf16(cfg)):
+            logits = model(input_ids, position_ids=to(batch.get("position_ids"), d),
+                           attn_mask=to(batch.get("attn_mask"), d))
+        return sft_loss(logits, targets, target_mask, reduction="sum"), count_targets(target_mask)
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        model.eval()
+        loss_sum = count = 0.0
+        for idx in ShardedSampler(len(held_out), cfg.optim.micro_batch_size, d.rank, d.world_size, shuffle=False):
+            loss, n = forward_sums(collate_blocks(held_out, idx, cfg.data.document_mask))
+            loss_sum, count = loss_sum + float(loss), count + float(n)
+        model.train()
+        loss_sum, count = all_reduce_sum([loss_sum, count], d.device)
+        return {"loss": loss_sum / max(count, 1), "tokens": int(count)}
+
+    trainer = Trainer(cfg, d, model, sampler, evaluate if held_out is not None else None)
+    model.train()
+    for step, micro_batches in trainer.steps():
+        batches = [collate_blocks(train, idx, cfg.data.document_mask) for idx in micro_batches]
+        # the denominator: real target tokens of the whole step, all micro-batches and ranks
+        n_targets = trainer.global_count(sum(float(shift_targets(b["input_ids"], b["loss_mask"])[1].sum()) for b in batches))
+        loss_sum = 0.0
+        for i, batch in enumerate(batches):
+            set_grad_sync(model, i == len(batches) - 1)
+            loss, _ = forward_sums(batch)
+            (loss / n_targets * d.world_size).backward()
+            loss_sum += float(loss.detach())
+        tokens = sum(b["input_ids"].numel() for b in batches)
+        trainer.step(step, loss_sum, n_targets, {}, tokens, [i for b in batches for i in b["ids"]])
+    return trainer.finish(tok, export_config(cfg))
+
+
+def rm(cfg: TrainConfig) -> dict:
+    """Reward model: Bradley-Terry pairwise loss (+ optional margin, + optional centering) on chosen/rejected pairs."""
+    d, tok = setup(cfg)
+    train, report = load_pairs(cfg.data.train, tok, cfg.data, "rm train")
+    say(d, report.summary())
+    held_out = None
+    if cfg.data.eval:
+        held_out, report = load_pairs(cfg.data.eval, tok, cfg.data, "rm eval")
+        say(d, report.summary())
+    if cfg.loss.margin and np.isnan(train.margin).all():
+        raise SystemExit("loss.margin=true, but no training pair carries a margin (a `margin` or `score_chosen`/"
+                         "`score_rejected` field): the run would be a no-margin run under a margin label")
+    new_head = cfg.run.init_from is not None and not has_value_head(cfg.run.init_from)
+    if new_head:
+        say(d, f"{cfg.run.init_from} has no value head (a causal LM): starting a fresh one, std 1/sqrt(dim+1)")
+    model = build_model(RewardModel, d, cfg.run.init_from, model_config(cfg, tok), bf16(cfg), cfg.run.seed, new_head)
+    lengths = train.lengths() if cfg.data.group_by_length else None
+    sampler = ShardedSampler(len(train), cfg.optim.micro_batch_size, d.rank, d.world_size, cfg.run.seed, lengths=lengths)
+
+    def rewards(batch):
+        """(r_chosen, r_rejected), each (B,), from one forward pass over the 2B rows."""
+        with autocast(d, bf16(cfg)):
+            r = model(batch["input_ids"].to(d.device), attention_mask=batch["attention_mask"].to(d.device))
+        return r.float().chunk(2) if len(r) else (r.float(), r.float())
+
+    def pair_loss(r_chosen, r_rejected, batch):
+        """Summed over the batch's pairs: -logsigmoid(r_c - r_r - m) + coef * (r_c + r_r)^2."""
+        margin = batch["margin"].to(d.device) if cfg.loss.margin else None
+        loss = pairwise_loss(r_chosen, r_rejected, margin, reduction="sum")
+        if cfg.loss.center_coef:
+            loss = loss + centering_loss(r_chosen, r_rejected, cfg.loss.center_coef, reduction="sum")
+        return loss
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        model.eval()
+        sums = dict.fromkeys(PREFERENCE_SUM_KEYS, 0.0) | {"loss_sum": 0.0}
+        for idx in ShardedSampler(len(held_out), cfg.optim.micro_batch_size, d.rank, d.world_size, shuffle=False):
+            batch = collate_pairs(held_out, idx, tok.pad_id)
+            r_chosen, r_rejected = rewards(batch)
+            for k, v in preference_sums(r_chosen, r_rejected).items():
+                sums[k] += v
+            sums["loss_sum"] += float(pair_loss(r_chosen, r_rejected, batch))
+        model.train()
+        totals = dict(zip(sums, all_reduce_sum(list(sums.values()), d.device)))
+        metrics = metrics_from_sums(totals)
+        return {"loss": totals["loss_sum"] / max(totals["pairs"], 1), "acc": metrics["accuracy"],
+                **{k: metrics[k] for k in ("pairs", "ties", "tie_rate", "margin", "chosen_mean", "rejected_mean", "reward_mean", "reward_std")}}
+
+    trainer = Trainer(cfg, d, model, sampler, evaluate if held_out is not None else None)
+    model.train()
+    for step, micro_batches in trainer.steps():
+        batches = [collate_pairs(train, idx, tok.pad_id) for idx in micro_batches]
+        n_pairs = trainer.global_count(sum(len(b["ids"]) for b in batches))  # the denominator: pairs in the whole step
+        loss_sum, wins, ties = 0.0, 0, 0
+        for i, batch in enumerate(batches):
+            set_grad_sync(model, i == len(batches) - 1)
+            r_chosen, r_rejected = rewards(batch)
+            loss = pair_loss(r_chosen, r_rejected, batch)
+            (loss / n_pairs * d.world_size).backward()
+            loss_sum += float(loss.detach())
+            wins += int((r_chosen > r_rejected).sum())
+            ties += int((r_chosen == r_rejected).sum())
+        wins, ties = all_reduce_sum([wins, ties], d.device)
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        trainer.step(step, loss_sum, n_pairs, {"acc": wins / n_pairs, "ties": int(ties)}, tokens,
+                     [i for b in batches for i in b["ids"]])
+    return trainer.finish(tok, export_config(cfg))
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def setup(cfg: TrainConfig):
+    """Process group, seeds, run directory with the resolved config, tokenizer."""
+    d = init_distributed(cfg.run.device)
+    seed_everything(cfg.run.seed)
+    out = Path(cfg.run.out_dir)
+    if d.is_main:
+        save_config(cfg, str(out / "config.yaml"))
+    tok_dir = cfg.run.tokenizer or cfg.run.init_from
+    if tok_dir is None:
+        raise SystemExit("run.tokenizer is not set and there is no run.init_from to take the tokenizer from")
+    return d, Tokenizer.from_pretrained(tok_dir)
+
+
+def model_config(cfg: TrainConfig, tok: Tokenizer):
+    """cfg.model with the tokenizer's vocabulary and special ids (a fresh init must agree with its tokenizer)."""
+    return dataclasses.replace(cfg.model, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+
+
+def has_value_head(path: str) -> bool:
+    config = json.loads((Path(path) / "config.json").read_text())
+    return "LlamaForSequenceClassification" in config.get("architectures", [])
+
+
+def export_config(cfg: TrainConfig) -> dict:
+    """Recorded in the exported config.json, so evaluation and scoring apply the template the model was trained with."""
+    return {"rmcore": {"stage": cfg.run.stage, "template": Template.from_config(cfg.data).to_dict(),
+                       "max_length": cfg.data.max_length}}
+
+
+def bf16(cfg: TrainConfig) -> bool:
+    return cfg.run.precision == "bf16"
+
+
+def to(x, d):
+    return None if x is None else x.to(d.device)
+
+
+def say(d, text: str):
+    if d.is_main:
+        print(text, flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except SystemExit as stop:  # run.halt_at_step ends a run early but cleanly
+        if stop.code not in (0, None):
+            raise
+    shutdown()  # after an error torchrun tears the group down; a clean exit leaves it together
