@@ -54,7 +54,7 @@ def main(argv=None):
     parser.add_argument("sweep")
     parser.add_argument("overrides", nargs="*", help="key=value applied to every run")
     parser.add_argument("--out", help="folder for the runs (default runs/sweeps/<sweep name>)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     with open(args.sweep) as fh:
         sweep = yaml.load(fh, Loader=_Loader)
     out = Path(args.out or Path("runs/sweeps") / Path(args.sweep).stem)

@@ -166,3 +166,39 @@ def test_two_process_resume(tmp_path, hh_file, tok_dir):
     rest = torchrun(2, args("rm", tmp_path / "cut", hh_file, tok_dir, *common))
     assert rest.returncode == 0 and "resumed from" in rest.stdout + rest.stderr
     assert losses(tmp_path / "full") == losses(tmp_path / "cut")
+
+
+def test_recipe_configs_hold_the_reference_recipe():
+    from rmcore.config import load_stages
+    (sft_cfg,) = load_stages(str(REPO / "configs" / "open_llama_3b_sft.yaml"))
+    (rm_cfg,) = load_stages(str(REPO / "configs" / "open_llama_3b_rm.yaml"))
+    for cfg in (sft_cfg, rm_cfg):
+        assert (cfg.data.human_tag, cfg.data.assistant_tag) == ("###Human:", "###Assistant:")
+        assert cfg.data.train[1].endswith("[:6275]") and cfg.data.eval[0].endswith("[6275:]")
+        assert cfg.run.precision == "bf16" and cfg.optim.schedule == "linear"
+    assert (sft_cfg.run.stage, sft_cfg.optim.lr, sft_cfg.optim.epochs, sft_cfg.data.block_size) == ("sft", 2e-5, 2, 1024)
+    assert sft_cfg.data.sft_loss_on == "all" and not sft_cfg.data.document_mask
+    assert (rm_cfg.run.stage, rm_cfg.optim.lr, rm_cfg.optim.epochs, rm_cfg.data.max_length) == ("rm", 5e-6, 1, 512)
+    assert rm_cfg.run.init_from == sft_cfg.run.out_dir + "/export"
+    stages = load_stages(str(REPO / "configs" / "tiny.yaml"))
+    assert [c.run.stage for c in stages] == ["tokenizer", "sft", "rm"]
+
+
+def test_local_sweep_runner_tables_each_runs_final_metrics(tmp_path, hh_file, tok_dir):
+    from rmcore import sweep
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("method: grid\nparameters:\n  loss.center_coef: {values: [0.0, 0.1]}\n"
+                    "command: [python, train.py, --config, configs/tiny_rm.yaml]\n")
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        rows = sweep.main([str(spec), "--out", str(tmp_path / "runs"), "run.init_from=null", "optim.max_steps=2",
+                           *args("rm", "unused", hh_file, tok_dir)[2:]])
+    finally:
+        os.chdir(cwd)
+    assert [r["run"] for r in rows] == ["loss.center_coef=0.0", "loss.center_coef=0.1"]
+    for r in rows:
+        rec = [json.loads(x) for x in (tmp_path / "runs" / r["run"] / "metrics.jsonl").read_text().splitlines()]
+        assert r["eval_acc"] == rec[-1]["eval_acc"] and r["train_loss"] == rec[-2]["loss"]
+    table = (tmp_path / "runs" / "results.md").read_text()
+    assert f"{100 * rows[1]['eval_acc']:.2f}" in table and rows[0]["train_loss"] != rows[1]["train_loss"]
