@@ -206,7 +206,7 @@ def has_value_head(path: str) -> bool:
 def export_config(cfg: TrainConfig) -> dict:
     """Recorded in the exported config.json, so evaluation and scoring apply the template the model was trained with."""
     return {"rmcore": {"stage": cfg.run.stage, "template": Template.from_config(cfg.data).to_dict(),
-                       "max_length": cfg.data.max_length}}
+                       "max_length": cfg.data.max_length, "train_data": list(cfg.data.train)}}
 
 
 def bf16(cfg: TrainConfig) -> bool:

@@ -1,0 +1,156 @@
+"""Evaluate reward models on preference sets, score text, and store reward normalisation statistics.
+
+    python eval.py --model runs/tiny/rm/export --data "${RMCORE_DATA}/hh-rlhf/harmless-base/test.jsonl.gz[1932:]" --out runs/eval
+    python eval.py --model A --model B --data X.jsonl --data Y.parquet --out runs/eval   # + generalization table
+    python eval.py score --model DIR --input texts.jsonl --output scores.jsonl [--normalize] [--truncate left]
+    python eval.py normalize --model DIR [--data FILE ...]     # default data: the model's own training split
+    torchrun --nproc_per_node=N eval.py ...                     # each rank scores a share of the batches
+
+The report (report.json, report.md, PNG plots) is described in rmcore/evaluate.py. score's input is JSONL with a
+`text` (a whole transcript) or `prompt` + `response` per line; its output keeps the input order.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from rmcore.data import DataConfig, DataError, iter_records, read_examples, tokenize_pairs
+from rmcore.distributed import init_distributed, shutdown
+from rmcore.evaluate import RewardScorer, evaluate_pairs, markdown_report, plot_report, write_normalization
+
+
+def evaluate(args, d) -> dict:
+    out = Path(args.out)
+    results, drops = {}, {}
+    for model_dir in args.model:
+        scorer = RewardScorer(model_dir, batch_size=args.batch_size, d=d)
+        name = model_name(model_dir)
+        max_length = args.max_length or scorer.config.get("rmcore", {}).get("max_length")
+        for spec in args.data:
+            examples, report = read_examples([spec], args.format, args.skip_bad_lines, spec)
+            pairs = tokenize_pairs(examples, scorer.tokenizer, scorer.template, max_length, report, keep_examples=True)
+            say(d, report.summary())
+            drops[spec] = report.to_dict()
+            results.setdefault(name, {})[spec] = evaluate_pairs(scorer, pairs, args.show, progress=True)
+            r = results[name][spec]
+            say(d, f"{name} on {spec}: accuracy {100 * r['accuracy']:.2f}% over {r['pairs']} pairs "
+                   f"(ties {r['ties']}), loss {r['loss']:.4f}, ECE {r['calibration']['ece']:.4f}")
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps({"results": results, "data": drops}, indent=2, default=float))
+        text = markdown_report(results, drops)
+        (out / "report.md").write_text(text)
+        plots = []
+        try:
+            for model, per_model in results.items():
+                for i, (spec, r) in enumerate(per_model.items()):
+                    plots += plot_report(r, out, f"{model}_data{i}")
+        except ImportError:
+            print("no plots: matplotlib is missing (pip install 'rmcore[plots]')", file=sys.stderr)
+        print(text.split("\n## ", 2)[1] if "\n## " in text else text)
+        print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {len(plots)} plots")
+        if args.wandb != "disabled":
+            import wandb
+            run = wandb.init(project=args.project, mode=args.wandb, dir=str(out), job_type="eval")
+            run.log({f"{m}/{s}/{k}": v for m, per in results.items() for s, r in per.items()
+                     for k, v in r.items() if isinstance(v, (int, float))})
+            run.log({p.stem: wandb.Image(str(p)) for p in plots})
+            run.finish()
+    return results
+
+
+def score(args, d):
+    scorer = RewardScorer(args.model, batch_size=args.batch_size, max_length=args.max_length, truncate=args.truncate, d=d)
+    items = []
+    for where, record in iter_records(args.input):
+        if isinstance(record, DataError):
+            raise record
+        if isinstance(record, dict) and isinstance(record.get("text"), str):
+            items.append(record["text"])
+        elif isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
+            items.append((record["prompt"], record["response"]))
+        else:
+            raise DataError(f"{where}: expected a `text` string, or `prompt` and `response` strings")
+    rewards = scorer.score(items, normalize=args.normalize, progress=True)
+    if d.is_main:
+        with open(args.output, "w") as f:
+            for i, r in enumerate(rewards):
+                f.write(json.dumps({"index": i, "reward": r}) + "\n")
+        used = f"normalised with {scorer.normalization()}" if args.normalize else "raw (not normalised)"
+        print(f"scored {len(rewards)} texts -> {args.output}; rewards {used}; template {scorer.template.to_dict()} "
+              f"({scorer.template_source}); {scorer.truncated} truncated from the left")
+    return rewards
+
+
+def normalize(args, d):
+    scorer = RewardScorer(args.model, batch_size=args.batch_size, d=d)
+    data = args.data or scorer.config.get("rmcore", {}).get("train_data")
+    if not data:
+        raise SystemExit("--data is required: the model's config.json does not record its training data")
+    examples, report = read_examples(data, args.format, args.skip_bad_lines, "normalisation data")
+    say(d, report.summary())
+    # the reference texts: each record's prompt + chosen response, the SFT split's texts; like training, texts
+    # over the model's max_length are dropped (and counted), not truncated
+    seqs = scorer.tokenizer.encode_batch([scorer.text_of((e.prompt, e.chosen)) for e in examples], bos=True, eos=True)
+    kept = [s for s in seqs if len(s) <= scorer.max_length]
+    say(d, f"{len(seqs) - len(kept)} of {len(seqs)} reference texts dropped: longer than max_length={scorer.max_length}")
+    rewards = scorer.score_ids(kept, progress=True)
+    if d.is_main:
+        stats = write_normalization(args.model, rewards, list(data))
+        print(f"reward mean {stats['mean']:.4f}, std {stats['std']:.4f} over {stats['count']} texts -> {args.model}/config.json")
+    return rewards
+
+
+def model_name(path: str) -> str:
+    p = Path(path)
+    return p.parent.name if p.name == "export" else p.name  # runs/tiny/rm/export -> rm
+
+
+def say(d, text):
+    if d.is_main:
+        print(text, flush=True)
+
+
+def parse(argv):
+    command = argv[0] if argv and argv[0] in ("score", "normalize") else "evaluate"
+    argv = argv[1:] if command != "evaluate" else argv
+    p = argparse.ArgumentParser(prog=f"eval.py{'' if command == 'evaluate' else ' ' + command}")
+    if command == "evaluate":
+        p.add_argument("--model", action="append", required=True, help="HF-format reward model directory (repeatable)")
+        p.add_argument("--data", action="append", required=True, help="preference file, optionally sliced: f.jsonl[a:b] (repeatable)")
+        p.add_argument("--out", default="runs/eval")
+        p.add_argument("--show", type=int, default=5, help="most confidently wrong/right pairs listed")
+        p.add_argument("--max-length", type=int, help="drop pairs longer than this (default: the model's training max_length)")
+        p.add_argument("--wandb", choices=["disabled", "offline", "online"], default="disabled")
+        p.add_argument("--project", default="rmcore")
+    elif command == "score":
+        p.add_argument("--model", required=True)
+        p.add_argument("--input", required=True)
+        p.add_argument("--output", required=True)
+        p.add_argument("--normalize", action="store_true", help="apply the statistics stored by `eval.py normalize`")
+        p.add_argument("--truncate", choices=["error", "left"], default="error")
+        p.add_argument("--max-length", type=int)
+    else:
+        p.add_argument("--model", required=True)
+        p.add_argument("--data", action="append", help="reference file(s); default: the model's training data")
+    if command != "score":
+        p.add_argument("--format", default="auto")
+        p.add_argument("--skip-bad-lines", action="store_true")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    return command, p.parse_args(argv)
+
+
+def main(argv):
+    command, args = parse(argv)
+    d = init_distributed(args.device)
+    return {"evaluate": evaluate, "score": score, "normalize": normalize}[command](args, d)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    shutdown()

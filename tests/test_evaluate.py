@@ -1,0 +1,158 @@
+"""eval.py and rmcore.evaluate: scoring parity (API, CLI, direct forward), order, truncation, normalisation,
+best-of-n, length baselines on the real file, and the report of the tiny chain's model."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import eval as eval_cli
+import train
+from rmcore.data import DataConfig, Template, load_pairs, read_examples
+from rmcore.evaluate import RewardScorer, evaluate_pairs, rank_responses
+from rmcore.model import ModelConfig, RewardModel
+from rmcore.tokenizer import train_tokenizer
+
+TEMPLATE = Template("<H>", "<A>")  # not the default, so a scorer that ignored config.json would be caught
+
+
+@pytest.fixture(scope="module")
+def model_dir(hh_file, tmp_path_factory):
+    import gzip
+    with gzip.open(hh_file, "rt") as f:
+        texts = [json.loads(line)["chosen"] for _, line in zip(range(300), f)]
+    out = tmp_path_factory.mktemp("rm")
+    tok = train_tokenizer(texts, out, vocab_size=500)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                      max_seq_len=256, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    model = RewardModel(cfg)
+    model.init_weights()
+    model.save_pretrained(out, extra_config={"rmcore": {"template": TEMPLATE.to_dict(), "max_length": 256}})
+    return out
+
+
+def direct(model_dir, items):
+    """One sequence at a time, no padding: BOS + template.render + EOS through the model's forward."""
+    from rmcore.tokenizer import Tokenizer
+    model = RewardModel.from_pretrained(model_dir).eval()
+    tok = Tokenizer.from_pretrained(model_dir)
+    out = []
+    with torch.no_grad():
+        for item in items:
+            text = TEMPLATE.apply(item) if isinstance(item, str) else TEMPLATE.render(*item)
+            out.append(float(model(torch.tensor([tok.encode(text, bos=True, eos=True)]))[0]))
+    return out
+
+
+ITEMS = [
+    ("\n\nHuman: hi\n\nAssistant:", " hello there, how can I help you today?"),
+    "\n\nHuman: what is two plus two?\n\nAssistant: four",
+    ("\n\nHuman: tell me a long story\n\nAssistant:", " once upon a time " * 12),
+    ("\n\nHuman: ok\n\nAssistant:", " ok"),
+    "\n\nHuman: and again\n\nAssistant: sure thing",
+]
+
+
+def test_api_cli_and_direct_forward_agree_in_input_order(model_dir, tmp_path):
+    expected = direct(model_dir, ITEMS)
+    api = RewardScorer(model_dir, batch_size=2).score(ITEMS)  # length-sorted batches of 2, padded
+    assert np.allclose(api, expected, atol=1e-5)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"text": x} if isinstance(x, str) else {"prompt": x[0], "response": x[1]}) + "\n"
+                           for x in ITEMS))
+    eval_cli.main(["score", "--model", str(model_dir), "--input", str(inp), "--output", str(tmp_path / "out.jsonl"),
+                   "--batch-size", "2"])
+    rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(len(ITEMS)))
+    assert np.allclose([r["reward"] for r in rows], expected, atol=1e-5)
+    # a transcript and its (prompt, response) split score the same: one template function
+    assert np.isclose(api[1], RewardScorer(model_dir).score([("\n\nHuman: what is two plus two?\n\nAssistant:", " four")])[0], atol=1e-5)
+
+
+def test_overlong_input_is_an_error_or_truncated_from_the_left(model_dir):
+    long = ("\n\nHuman: " + "tell me more " * 200 + "\n\nAssistant:", " no")
+    with pytest.raises(ValueError, match="more than max_length=64"):
+        RewardScorer(model_dir, max_length=64).score([long])
+    scorer = RewardScorer(model_dir, max_length=64, truncate="left")
+    got = scorer.score([long, ITEMS[3]])
+    assert scorer.truncated == 1
+    ids = scorer.tokenizer.encode(TEMPLATE.render(*long), bos=True, eos=True)
+    kept = [ids[0]] + ids[-63:]
+    with torch.no_grad():
+        want = float(scorer.model(torch.tensor([kept]))[0])
+    assert np.isclose(got[0], want, atol=1e-5) and np.isclose(got[1], direct(model_dir, [ITEMS[3]])[0], atol=1e-5)
+
+
+def test_normalize_stores_statistics_and_score_applies_them(model_dir, hh_file, tmp_path):
+    import shutil
+    local = tmp_path / "m"
+    shutil.copytree(model_dir, local)
+    with pytest.raises(ValueError, match="no reward normalisation statistics"):
+        RewardScorer(local).score(ITEMS, normalize=True)
+    raw = eval_cli.main(["normalize", "--model", str(local), "--data", f"{hh_file}[:30]"])
+    examples, _ = read_examples([f"{hh_file}[:30]"])
+    scorer = RewardScorer(local)
+    kept = [e for e in examples if len(scorer.tokenizer.encode(TEMPLATE.render(e.prompt, e.chosen), bos=True, eos=True)) <= 256]
+    assert 0 < len(kept) < len(examples)  # some are over the model's max_length and dropped, as in training
+    assert np.allclose(raw, direct(local, [(e.prompt, e.chosen) for e in kept]), atol=1e-5)
+    stats = json.loads((local / "config.json").read_text())["rmcore"]["reward_normalization"]
+    assert np.isclose(stats["mean"], np.mean(raw)) and np.isclose(stats["std"], np.std(raw)) and stats["count"] == len(kept)
+    normed = RewardScorer(local).score(ITEMS, normalize=True)
+    assert np.allclose(normed, (np.array(direct(local, ITEMS)) - stats["mean"]) / stats["std"], atol=1e-4)
+
+
+def test_best_of_n_ranks_by_reward(model_dir):
+    scorer = RewardScorer(model_dir)
+    prompt = "\n\nHuman: hi\n\nAssistant:"
+    responses = [" hello", " go away", " hi! how are you?", " ...", " hello"]
+    ranked = rank_responses(scorer, prompt, responses)
+    singles = direct(model_dir, [(prompt, r) for r in responses])
+    assert [r for r, _ in ranked] == [responses[i] for i in sorted(range(5), key=lambda i: -singles[i])]
+    assert np.allclose([s for _, s in ranked], sorted(singles, reverse=True), atol=1e-5)
+
+
+def test_length_baselines_on_the_real_file_match_an_independent_count(model_dir, hh_file):
+    scorer = RewardScorer(model_dir)
+    pairs, _ = load_pairs([f"{hh_file}[:300]"], scorer.tokenizer, DataConfig(max_length=256, human_tag="<H>", assistant_tag="<A>"),
+                          "x", keep_examples=True)
+    report = evaluate_pairs(scorer, pairs)
+    longer = shorter = ties = 0
+    for e in pairs.examples:  # response length = tokens of the whole sequence (the prompt is shared)
+        lc = len(scorer.tokenizer.encode(TEMPLATE.render(e.prompt, e.chosen)))
+        lr = len(scorer.tokenizer.encode(TEMPLATE.render(e.prompt, e.rejected)))
+        longer, shorter, ties = longer + (lc > lr), shorter + (lc < lr), ties + (lc == lr)
+    n = len(pairs)
+    assert report["length"]["longer_wins"] == longer / n and report["length"]["shorter_wins"] == shorter / n
+    assert longer + shorter + ties == n and report["pairs"] == n
+    # and the accuracy is the brute-force count of strict wins
+    r = direct(model_dir, [(e.prompt, e.chosen) for e in pairs.examples] + [(e.prompt, e.rejected) for e in pairs.examples])
+    assert np.isclose(report["accuracy"], np.mean(np.array(r[:n]) > np.array(r[n:])))
+
+
+def test_eval_on_the_tiny_chain_export(tmp_path, monkeypatch):
+    from conftest import DATA_DIR
+    from pathlib import Path
+    repo = Path(train.__file__).resolve().parent
+    monkeypatch.setenv("RMCORE_DATA", str(DATA_DIR))
+    monkeypatch.chdir(tmp_path)
+    train.main(["--config", str(repo / "configs" / "tiny.yaml"), "optim.max_steps=3", "run.eval_every=0",
+                "logging.progress=false", "model.n_layers=2", "run.tokenizer_vocab_size=1000"])
+    export = tmp_path / "runs" / "tiny" / "rm" / "export"
+    data = ["${RMCORE_DATA}/hh-rlhf/harmless-base/test.jsonl.gz[1932:2032]",
+            "${RMCORE_DATA}/hh-rlhf/harmless-base/test.jsonl.gz[2032:]"]
+    # the SFT export has no value head: evaluating it must fail loudly, not score with a random head
+    with pytest.raises(Exception, match="score.weight"):
+        eval_cli.main(["--model", str(tmp_path / "runs" / "tiny" / "sft" / "export"), "--data", data[0], "--out", "ev0"])
+    results = eval_cli.main(["--model", str(export), "--data", data[0], "--data", data[1], "--out", "ev"])
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    md = (tmp_path / "ev" / "report.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "ev").glob("*.png")) == sorted(
+        f"rm_data{i}_{k}.png" for i in (0, 1) for k in ("rewards", "reliability", "accuracy_by_length"))
+    row = re.search(r"^\| rm \| (.+) \|$", md, re.M).group(1).split(" | ")
+    for cell, spec in zip(row, data):
+        r = report["results"]["rm"][spec]
+        assert cell == f"{100 * r['accuracy']:.2f}" and results["rm"][spec]["accuracy"] == r["accuracy"]
+        assert f"mean pairwise loss: {r['loss']:.4f}" in md and f"expected calibration error (10 bins): {r['calibration']['ece']:.4f}" in md
+        assert r["template"]["source"] == "config.json" and r["pairs"] + sum(report["data"][spec]["dropped"].values()) == report["data"][spec]["read"]
