@@ -156,3 +156,31 @@ def test_eval_on_the_tiny_chain_export(tmp_path, monkeypatch):
         assert cell == f"{100 * r['accuracy']:.2f}" and results["rm"][spec]["accuracy"] == r["accuracy"]
         assert f"mean pairwise loss: {r['loss']:.4f}" in md and f"expected calibration error (10 bins): {r['calibration']['ece']:.4f}" in md
         assert r["template"]["source"] == "config.json" and r["pairs"] + sum(report["data"][spec]["dropped"].values()) == report["data"][spec]["read"]
+
+
+def test_score_under_torchrun_equals_one_process(model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"text": x if isinstance(x, str) else x[0] + x[1]}) + "\n" for x in ITEMS * 3))
+    repo = Path(eval_cli.__file__).resolve().parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(repo / "eval.py"),
+           "score", "--model", str(model_dir), "--input", str(inp), "--output", str(tmp_path / "two.jsonl"), "--batch-size", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = [json.loads(x)["reward"] for x in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert np.allclose(two, direct(model_dir, ITEMS * 3), atol=1e-5)
+
+
+def test_wandb_disabled_never_imports_it(tmp_path, hh_file, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "wandb", None)  # any import of wandb would now raise ImportError
+    tok = tmp_path / "tok"
+    import gzip
+    with gzip.open(hh_file, "rt") as f:
+        train_tokenizer([json.loads(line)["chosen"] for _, line in zip(range(200), f)], tok, vocab_size=400)
+    from test_train import args as train_args
+    train.main(train_args("rm", tmp_path / "run", hh_file, str(tok), "optim.max_steps=1", "logging.wandb=disabled"))
+    assert (tmp_path / "run" / "export" / "config.json").is_file()
