@@ -63,12 +63,7 @@ def tokenizer_stage(cfg: TrainConfig) -> dict:
 def sft(cfg: TrainConfig) -> dict:
     """Supervised fine-tuning on block-packed text: masked next-token cross-entropy."""
     d, tok = setup(cfg)
-    train, report = load_blocks(cfg.data.train, tok, cfg.data, "sft train")
-    say(d, report.summary())
-    held_out = None
-    if cfg.data.eval:
-        held_out, report = load_blocks(cfg.data.eval, tok, cfg.data, "sft eval")
-        say(d, report.summary())
+    train, held_out = load_splits(load_blocks, cfg, tok, d)
     model = build_model(CausalLM, d, cfg.run.init_from, model_config(cfg, tok), bf16(cfg), cfg.run.seed)
     sampler = ShardedSampler(len(train), cfg.optim.micro_batch_size, d.rank, d.world_size, cfg.run.seed)
 
@@ -112,12 +107,7 @@ def sft(cfg: TrainConfig) -> dict:
 def rm(cfg: TrainConfig) -> dict:
     """Reward model: Bradley-Terry pairwise loss (+ optional margin, + optional centering) on chosen/rejected pairs."""
     d, tok = setup(cfg)
-    train, report = load_pairs(cfg.data.train, tok, cfg.data, "rm train")
-    say(d, report.summary())
-    held_out = None
-    if cfg.data.eval:
-        held_out, report = load_pairs(cfg.data.eval, tok, cfg.data, "rm eval")
-        say(d, report.summary())
+    train, held_out = load_splits(load_pairs, cfg, tok, d)
     if cfg.loss.margin and np.isnan(train.margin).all():
         raise SystemExit("loss.margin=true, but no training pair carries a margin (a `margin` or `score_chosen`/"
                          "`score_rejected` field): the run would be a no-margin run under a margin label")
@@ -187,10 +177,24 @@ def setup(cfg: TrainConfig):
     out = Path(cfg.run.out_dir)
     if d.is_main:
         save_config(cfg, str(out / "config.yaml"))
+    if not cfg.data.train:
+        raise SystemExit("data.train is empty: name the training file(s), e.g. \"data.train=['pairs.jsonl.gz[:1000]']\"")
     tok_dir = cfg.run.tokenizer or cfg.run.init_from
     if tok_dir is None:
         raise SystemExit("run.tokenizer is not set and there is no run.init_from to take the tokenizer from")
     return d, Tokenizer.from_pretrained(tok_dir)
+
+
+def load_splits(load, cfg: TrainConfig, tok: Tokenizer, d):
+    """(train, held-out or None) through load_blocks or load_pairs; what each dropped is printed."""
+    splits = []
+    for name, specs in (("train", cfg.data.train), ("eval", cfg.data.eval)):
+        data = None
+        if specs:
+            data, report = load(specs, tok, cfg.data, f"{cfg.run.stage} {name}")
+            say(d, report.summary())
+        splits.append(data)
+    return splits
 
 
 def model_config(cfg: TrainConfig, tok: Tokenizer):
