@@ -20,6 +20,7 @@ import numpy as np
 
 from rmcore.data import DataConfig, DataError, iter_records, read_examples, tokenize_pairs
 from rmcore.distributed import init_distributed, shutdown
+from rmcore.errors import UserError, user_errors
 from rmcore.evaluate import RewardScorer, evaluate_pairs, markdown_report, plot_report, write_normalization
 
 
@@ -90,7 +91,7 @@ def normalize(args, d):
     scorer = RewardScorer(args.model, batch_size=args.batch_size, d=d)
     data = args.data or scorer.config.get("rmcore", {}).get("train_data")
     if not data:
-        raise SystemExit("--data is required: the model's config.json does not record its training data")
+        raise UserError("--data is required: the model's config.json does not record its training data")
     examples, report = read_examples(data, args.format, args.skip_bad_lines, "normalisation data")
     say(d, report.summary())
     # the reference texts: each record's prompt + chosen response, the SFT split's texts; like training, texts
@@ -152,5 +153,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with user_errors():  # bad data or model files: one message, no traceback
+        main(sys.argv[1:])
     shutdown()

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmcore.config import TrainConfig, load_stages, parse_cli, save_config
+from rmcore.config import ConfigError, TrainConfig, load_stages, parse_cli, save_config
 from rmcore.data import (
     ShardedSampler, Template, collate_blocks, collate_pairs, load_blocks, load_pairs, read_examples,
 )
@@ -31,7 +31,8 @@ from rmcore.losses import (
     PREFERENCE_SUM_KEYS, centering_loss, count_targets, metrics_from_sums, pairwise_loss, preference_sums,
     sft_loss, shift_targets,
 )
-from rmcore.loop import Trainer, autocast, build_model, seed_everything, set_grad_sync
+from rmcore.errors import user_errors
+from rmcore.loop import Trainer, autocast, build_model, resolve_precision, seed_everything, set_grad_sync
 from rmcore.model import CausalLM, RewardModel
 from rmcore.tokenizer import Tokenizer, train_tokenizer
 
@@ -95,12 +96,14 @@ def sft(cfg: TrainConfig) -> dict:
         n_targets = trainer.global_count(sum(float(shift_targets(b["input_ids"], b["loss_mask"])[1].sum()) for b in batches))
         loss_sum = 0.0
         for i, batch in enumerate(batches):
+            if n_targets == 0:  # assistant-only loss on blocks without assistant text: the step is counted, not taken
+                break
             set_grad_sync(model, i == len(batches) - 1)
             loss, _ = forward_sums(batch)
             (loss / n_targets * d.world_size).backward()
             loss_sum += float(loss.detach())
         tokens = sum(b["input_ids"].numel() for b in batches)
-        trainer.step(step, loss_sum, n_targets, {}, tokens, [i for b in batches for i in b["ids"]])
+        trainer.step(step, {"loss": loss_sum}, n_targets, {}, tokens, [i for b in batches for i in b["ids"]])
     return trainer.finish(tok, export_config(cfg))
 
 
@@ -109,7 +112,7 @@ def rm(cfg: TrainConfig) -> dict:
     d, tok = setup(cfg)
     train, held_out = load_splits(load_pairs, cfg, tok, d)
     if cfg.loss.margin and np.isnan(train.margin).all():
-        raise SystemExit("loss.margin=true, but no training pair carries a margin (a `margin` or `score_chosen`/"
+        raise ConfigError("loss.margin=true, but no training pair carries a margin (a `margin` or `score_chosen`/"
                          "`score_rejected` field): the run would be a no-margin run under a margin label")
     new_head = cfg.run.init_from is not None and not has_value_head(cfg.run.init_from)
     if new_head:
@@ -124,28 +127,34 @@ def rm(cfg: TrainConfig) -> dict:
             r = model(batch["input_ids"].to(d.device), attention_mask=batch["attention_mask"].to(d.device))
         return r.float().chunk(2) if len(r) else (r.float(), r.float())
 
-    def pair_loss(r_chosen, r_rejected, batch):
-        """Summed over the batch's pairs: -logsigmoid(r_c - r_r - m) + coef * (r_c + r_r)^2."""
-        margin = batch["margin"].to(d.device) if cfg.loss.margin else None
-        loss = pairwise_loss(r_chosen, r_rejected, margin, reduction="sum")
+    def pair_losses(r_chosen, r_rejected, batch) -> dict:
+        """Each term summed over the batch's pairs. `loss` is always the plain Bradley-Terry -logsigmoid(r_c - r_r),
+        comparable across runs; `margin_loss` -logsigmoid(r_c - r_r - m) and `center_loss` coef * (r_c + r_r)^2
+        when enabled; `total_loss`, what is optimised: the pairwise term (with margin if enabled) + centering."""
+        terms = {"loss": pairwise_loss(r_chosen, r_rejected, reduction="sum")}
+        if cfg.loss.margin:
+            terms["margin_loss"] = pairwise_loss(r_chosen, r_rejected, batch["margin"].to(d.device), reduction="sum")
         if cfg.loss.center_coef:
-            loss = loss + centering_loss(r_chosen, r_rejected, cfg.loss.center_coef, reduction="sum")
-        return loss
+            terms["center_loss"] = centering_loss(r_chosen, r_rejected, cfg.loss.center_coef, reduction="sum")
+        terms["total_loss"] = terms.get("margin_loss", terms["loss"]) + terms.get("center_loss", 0.0)
+        return terms
 
     @torch.no_grad()
     def evaluate() -> dict:
         model.eval()
-        sums = dict.fromkeys(PREFERENCE_SUM_KEYS, 0.0) | {"loss_sum": 0.0}
+        sums, loss_sums = dict.fromkeys(PREFERENCE_SUM_KEYS, 0.0), {}
         for idx in ShardedSampler(len(held_out), cfg.optim.micro_batch_size, d.rank, d.world_size, shuffle=False):
             batch = collate_pairs(held_out, idx, tok.pad_id)
             r_chosen, r_rejected = rewards(batch)
             for k, v in preference_sums(r_chosen, r_rejected).items():
                 sums[k] += v
-            sums["loss_sum"] += float(pair_loss(r_chosen, r_rejected, batch))
+            for k, v in pair_losses(r_chosen, r_rejected, batch).items():
+                loss_sums[k] = loss_sums.get(k, 0.0) + float(v)
         model.train()
         totals = dict(zip(sums, all_reduce_sum(list(sums.values()), d.device)))
+        loss_sums = dict(zip(loss_sums, all_reduce_sum(list(loss_sums.values()), d.device)))
         metrics = metrics_from_sums(totals)
-        return {"loss": totals["loss_sum"] / max(totals["pairs"], 1), "acc": metrics["accuracy"],
+        return {**{k: v / max(totals["pairs"], 1) for k, v in loss_sums.items()}, "acc": metrics["accuracy"],
                 **{k: metrics[k] for k in ("pairs", "ties", "tie_rate", "margin", "chosen_mean", "rejected_mean", "reward_mean", "reward_std")}}
 
     trainer = Trainer(cfg, d, model, sampler, evaluate if held_out is not None else None)
@@ -153,35 +162,38 @@ def rm(cfg: TrainConfig) -> dict:
     for step, micro_batches in trainer.steps():
         batches = [collate_pairs(train, idx, tok.pad_id) for idx in micro_batches]
         n_pairs = trainer.global_count(sum(len(b["ids"]) for b in batches))  # the denominator: pairs in the whole step
-        loss_sum, wins, ties = 0.0, 0, 0
+        loss_sums, wins, ties = {}, 0, 0
         for i, batch in enumerate(batches):
             set_grad_sync(model, i == len(batches) - 1)
             r_chosen, r_rejected = rewards(batch)
-            loss = pair_loss(r_chosen, r_rejected, batch)
-            (loss / n_pairs * d.world_size).backward()
-            loss_sum += float(loss.detach())
+            terms = pair_losses(r_chosen, r_rejected, batch)
+            (terms["total_loss"] / n_pairs * d.world_size).backward()
+            for k, v in terms.items():
+                loss_sums[k] = loss_sums.get(k, 0.0) + float(v.detach())
             wins += int((r_chosen > r_rejected).sum())
             ties += int((r_chosen == r_rejected).sum())
         wins, ties = all_reduce_sum([wins, ties], d.device)
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        trainer.step(step, loss_sum, n_pairs, {"acc": wins / n_pairs, "ties": int(ties)}, tokens,
+        trainer.step(step, loss_sums, n_pairs, {"acc": wins / n_pairs, "ties": int(ties)}, tokens,
                      [i for b in batches for i in b["ids"]])
     return trainer.finish(tok, export_config(cfg))
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 def setup(cfg: TrainConfig):
-    """Process group, seeds, run directory with the resolved config, tokenizer."""
+    """Process group, seeds, precision, run directory with the resolved config, tokenizer."""
     d = init_distributed(cfg.run.device)
     seed_everything(cfg.run.seed)
+    cfg.run.precision, why = resolve_precision(cfg.run.precision, d.device)
+    say(d, why)
     out = Path(cfg.run.out_dir)
     if d.is_main:
         save_config(cfg, str(out / "config.yaml"))
     if not cfg.data.train:
-        raise SystemExit("data.train is empty: name the training file(s), e.g. \"data.train=['pairs.jsonl.gz[:1000]']\"")
+        raise ConfigError("data.train is empty: name the training file(s), e.g. \"data.train=['pairs.jsonl.gz[:1000]']\"")
     tok_dir = cfg.run.tokenizer or cfg.run.init_from
     if tok_dir is None:
-        raise SystemExit("run.tokenizer is not set and there is no run.init_from to take the tokenizer from")
+        raise ConfigError("run.tokenizer is not set and there is no run.init_from to take the tokenizer from")
     return d, Tokenizer.from_pretrained(tok_dir)
 
 
@@ -228,7 +240,8 @@ def say(d, text: str):
 
 if __name__ == "__main__":
     try:
-        main(sys.argv[1:])
+        with user_errors():  # bad data, config or model files: one message, no traceback
+            main(sys.argv[1:])
     except SystemExit as stop:  # run.halt_at_step ends a run early but cleanly
         if stop.code not in (0, None):
             raise

@@ -15,6 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from rmcore.errors import UserError
+
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 
@@ -22,8 +24,8 @@ BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 IGNORED_CHECKPOINT_KEYS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
-class CheckpointError(ValueError):
-    pass
+class CheckpointError(UserError, ValueError):
+    """A model directory that is missing files or does not match the model class."""
 
 
 def hf_to_rmcore_key(key: str) -> str:
@@ -100,7 +102,8 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", n
             if tuple(tensor.shape) != tuple(expected[key].shape):
                 mismatched.append(f"{hf_key}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[key].shape)}")
                 continue
-            shard[key] = tensor.to(device=device, dtype=dtype)
+            # the value head stays fp32 whatever dtype the trunk is loaded in (RewardModel.forward says why)
+            shard[key] = tensor.to(device=device, dtype=torch.float32 if key == "score.weight" and dtype else dtype)
         model.load_state_dict(shard, strict=False, assign=True)
         loaded.update(shard)
         del shard
@@ -119,7 +122,7 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", n
     model.model.reset_buffers(device=torch.device(device))
     if isinstance(model, RewardModel) and "score.weight" not in loaded:
         model.score.to_empty(device=device)
-        model.score.to(dtype)
+        model.score.float()
         model.init_head()
     return model
 

@@ -37,6 +37,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from rmcore.errors import UserError
+
 T = TypeVar("T")
 
 BASE_KEY = "base"
@@ -48,7 +50,7 @@ USAGE = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file, override or command line that does not fit the config dataclasses."""
 
 
@@ -378,7 +380,7 @@ class RunConfig:
     tokenizer: str | None = None        # tokenizer directory; default: init_from
     tokenizer_vocab_size: int = 8000    # stage tokenizer: vocabulary of the tokenizer it trains
     seed: int = 0
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device has native bf16, else fp32
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_every: int = 0                 # optimizer steps between evaluations; 0 = at the end only
     save_every: int = 0                 # optimizer steps between checkpoints; 0 = none before the end

@@ -46,13 +46,15 @@ from typing import Iterator, Literal
 import numpy as np
 import torch
 
+from rmcore.errors import UserError
+
 HUMAN = "\n\nHuman:"          # HH-RLHF's own markers: the canonical form every record is parsed into
 ASSISTANT = "\n\nAssistant:"
 
 Format = Literal["auto", "hh", "pairs", "conversation", "comparison", "text"]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input that does not fit: the message starts with `path:line:` and says what was expected."""
 
 
@@ -61,8 +63,9 @@ class DataConfig:
     train: list[str] = field(default_factory=list)   # file specs, e.g. ["data/train.jsonl.gz", "data/test.jsonl.gz[:6275]"]
     eval: list[str] = field(default_factory=list)    # held-out file specs
     format: Format = "auto"
-    human_tag: str = "###Human:"           # the template: "\n\nHuman:" is written as this (the recipe's value)
-    assistant_tag: str = "###Assistant:"   # and "\n\nAssistant:" as this; set both to the HH markers for raw text
+    human_tag: str = "###Human:"           # the template: "\n\nHuman:" is written as this (the recipe's value),
+    assistant_tag: str = "###Assistant:"   # "\n\nAssistant:" as this,
+    tag_separator: str = " "               # with this before each tag but one opening the text (see Template)
     max_length: int = 512                  # RM: a pair with either sequence longer (tokens, BOS/EOS included) is dropped
     block_size: int = 1024                 # SFT: tokens per packed block
     sft_loss_on: Literal["all", "assistant"] = "all"   # SFT loss on every token (recipe) or assistant tokens only
@@ -77,20 +80,34 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class Template:
+    """How an HH-form transcript is written for the model. Each "\n\nHuman:" / "\n\nAssistant:" marker becomes
+    `separator + tag`, except at the very start of the text, where it is the tag alone. The recipe's values give
+    the reference model card's form, "###Human: <question> ###Assistant: <answer>"; human="\n\nHuman:",
+    assistant="\n\nAssistant:", separator="" leave HH text as it is."""
     human: str = "###Human:"
     assistant: str = "###Assistant:"
+    separator: str = " "
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> "Template":
-        return cls(cfg.human_tag, cfg.assistant_tag)
+        return cls(cfg.human_tag, cfg.assistant_tag, cfg.tag_separator)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Template":
+        """The template recorded in a model's config.json; exports made before `separator` existed used none."""
+        return cls(d["human"], d["assistant"], d.get("separator", ""))
 
     def apply(self, text: str) -> str:
-        """Rewrite the HH markers: "\\n\\nHuman:" -> human, "\\n\\nAssistant:" -> assistant."""
-        return text.replace(HUMAN, self.human).replace(ASSISTANT, self.assistant)
+        """Rewrite the HH markers: "\n\nHuman:" -> separator + human, "\n\nAssistant:" -> separator + assistant."""
+        return "".join(piece for piece, _ in self._pieces(text))
 
     def invert(self, text: str) -> str:
         """Undo apply (exact for texts that did not already contain the tags)."""
-        return text.replace(self.human, HUMAN).replace(self.assistant, ASSISTANT)
+        for tag, marker in ((self.human, HUMAN), (self.assistant, ASSISTANT)):
+            if text.startswith(tag):
+                text = marker + text[len(tag):]
+            text = text.replace(self.separator + tag, marker)
+        return text
 
     def render(self, prompt: str, response: str = "") -> str:
         """The text the model sees for a prompt (HH form) and a response: apply(prompt + response)."""
@@ -98,20 +115,23 @@ class Template:
 
     def segments(self, prompt: str, response: str) -> list[tuple[str, bool]]:
         """render(prompt, response) cut into (text, is_assistant_content) pieces, in order, joining to the whole."""
-        pieces, rest = [], prompt + response
-        # Split the HH form at every marker; content after an assistant marker is assistant content.
-        parts = re.split(f"({re.escape(HUMAN)}|{re.escape(ASSISTANT)})", rest)
-        in_assistant = False
-        for part in parts:
-            if part == HUMAN or part == ASSISTANT:
+        return self._pieces(prompt + response)
+
+    def _pieces(self, hh_text: str) -> list[tuple[str, bool]]:
+        # Split the HH form at every marker; content after an assistant marker is assistant content, and a
+        # marker (with its separator) belongs to neither side.
+        pieces, in_assistant = [], False
+        for part in re.split(f"({re.escape(HUMAN)}|{re.escape(ASSISTANT)})", hh_text):
+            if part in (HUMAN, ASSISTANT):
                 in_assistant = part == ASSISTANT
-                pieces.append((self.apply(part), False))
+                tag = self.assistant if in_assistant else self.human
+                pieces.append((tag if not pieces else self.separator + tag, False))
             elif part:
                 pieces.append((part, in_assistant))
         return pieces
 
     def to_dict(self) -> dict:
-        return {"human": self.human, "assistant": self.assistant}
+        return {"human": self.human, "assistant": self.assistant, "separator": self.separator}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -127,7 +147,7 @@ class FileSpec:
     @classmethod
     def parse(cls, spec: str) -> "FileSpec":
         # ${RMCORE_DATA} lets shipped configs name the shared data folder wherever it is (default ../shared/data)
-        spec = spec.replace("${RMCORE_DATA}", os.environ.get("RMCORE_DATA", "../shared/data"))
+        spec = spec.replace("${RMCORE_DATA}", str(data_root()))
         m = re.fullmatch(r"(.+?)\[(\d*):(\d*)\]", spec.strip())
         if not m:
             return cls(spec.strip())
@@ -138,6 +158,34 @@ class FileSpec:
         if self.start is None and self.stop is None:
             return self.path
         return f"{self.path}[{'' if self.start is None else self.start}:{'' if self.stop is None else self.stop}]"
+
+
+def data_root() -> Path:
+    """The shared data folder: $RMCORE_DATA, default ../shared/data (relative to the working directory)."""
+    return Path(os.environ.get("RMCORE_DATA", "../shared/data"))
+
+
+# Files the tiny configs and the tests read from the shared data folder, and what they are.
+SHIPPED_FILES = {
+    "hh-rlhf/harmless-base/test.jsonl.gz": (
+        "the HH-RLHF harmless-base test split (2,312 preference pairs, MIT licence) from Anthropic's public "
+        "hh-rlhf repository, https://github.com/anthropics/hh-rlhf (file harmless-base/test.jsonl.gz)"),
+}
+
+
+def _missing_shared_file(path: Path) -> str | None:
+    """For a missing file inside the shared data folder: what it is, where it is expected, how to provide it."""
+    root = data_root()
+    try:
+        rel = path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return None
+    what = SHIPPED_FILES.get(rel, "a file of the shared data folder")
+    setting = (f"RMCORE_DATA={os.environ['RMCORE_DATA']}" if "RMCORE_DATA" in os.environ
+               else f"RMCORE_DATA is unset, so the default {root} relative to the working directory {os.getcwd()}")
+    return (f"{path}: no such file. It is {what}. The tiny configs and the tests read it from the shared data "
+            f"folder ({setting}), expecting it at {root.resolve() / rel}. Put the file there, or set RMCORE_DATA "
+            f"to the folder that holds {rel.split('/')[0]}/, e.g. RMCORE_DATA=/path/to/data python train.py ...")
 
 
 _HUB_NAME = re.compile(r"(hf://|hf:|huggingface:)?[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -158,7 +206,7 @@ def _check_path(spec: FileSpec) -> Path:
             f"    huggingface-cli download --repo-type dataset {name} --local-dir data/{name.split('/')[-1]}\n"
             f"and pass their paths (.jsonl, .jsonl.gz, .json or .parquet), e.g. data.train=[data/.../train.jsonl.gz]"
         )
-    raise DataError(f"{spec.path}: no such file")
+    raise DataError(_missing_shared_file(path) or f"{spec.path}: no such file")
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -557,8 +605,8 @@ def block_positions(doc_index: torch.Tensor) -> torch.Tensor:
     """position_ids restarting at 0 at every document start within each row of a (B, T) doc_index."""
     T = doc_index.shape[-1]
     pos = torch.arange(T).expand_as(doc_index)
-    starts = torch.ones_like(doc_index, dtype=torch.bool)
-    starts[:, 1:] = doc_index[:, 1:] != doc_index[:, :-1]
+    starts = document_starts(doc_index)
+    starts[:, 0] = True
     # the position where the current document started, carried forward along the row
     start_pos = torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), dim=-1).values
     return pos - start_pos
@@ -573,7 +621,8 @@ def document_attn_mask(doc_index: torch.Tensor) -> torch.Tensor:
 
 
 def collate_blocks(data: BlockDataset, indices: list[int], document_mask: bool) -> dict:
-    """input_ids and loss_mask (B, T); with document_mask also per-document position_ids and a block-diagonal mask."""
+    """input_ids and loss_mask (B, T); with document_mask also per-document position_ids, a block-diagonal mask,
+    and no document's first token as a target."""
     idx = np.asarray(indices, dtype=np.int64)
     batch = {"input_ids": torch.from_numpy(data.tokens[idx].astype(np.int64)),
              "loss_mask": torch.from_numpy(data.loss_mask[idx]),
@@ -582,7 +631,16 @@ def collate_blocks(data: BlockDataset, indices: list[int], document_mask: bool) 
         doc = torch.from_numpy(data.doc_index[idx])
         batch["position_ids"] = block_positions(doc)
         batch["attn_mask"] = document_attn_mask(doc)
+        batch["loss_mask"] = batch["loss_mask"] & ~document_starts(doc)
     return batch
+
+
+def document_starts(doc_index: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: a token that begins a new document within its row (never column 0). With document masks such
+    a token is not a target: the previous document's EOS cannot see it coming, so nothing crosses a boundary."""
+    starts = torch.zeros_like(doc_index, dtype=torch.bool)
+    starts[:, 1:] = doc_index[:, 1:] != doc_index[:, :-1]
+    return starts
 
 
 # ----------------------------------------------------------------------------------------------------------------

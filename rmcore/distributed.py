@@ -88,5 +88,8 @@ def apply_fsdp(model: nn.Module, mesh, bf16: bool) -> nn.Module:
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
+    if hasattr(model, "score"):
+        # the reward head keeps fp32 weights in compute (rewards in bf16 tie; see RewardModel.forward)
+        fully_shard(model.score, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model

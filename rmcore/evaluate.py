@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmcore.data import HUMAN, PairDataset, Template, split_transcript
+from rmcore.checkpoint import CheckpointError
+from rmcore.data import HUMAN, DataError, PairDataset, Template, split_transcript
 from rmcore.distributed import Dist
 from rmcore.losses import pairwise_loss, preference_metrics
 from rmcore.metrics import (
@@ -44,7 +45,7 @@ class RewardScorer:
         self.config = json.loads((self.dir / "config.json").read_text())
         info = self.config.get("rmcore", {})
         if "template" in info:
-            self.template, self.template_source = Template(**info["template"]), "config.json"
+            self.template, self.template_source = Template.from_dict(info["template"]), "config.json"
         else:  # a model rmcore did not train: the recipe's template, said out loud in every report
             self.template, self.template_source = Template(), "default (not recorded in config.json)"
         # default: the length limit the model was trained with, else its position limit
@@ -68,7 +69,7 @@ class RewardScorer:
         for i, ids in enumerate(seqs):
             if len(ids) > self.max_length:
                 if self.truncate == "error":
-                    raise ValueError(f"input {i} has {len(ids)} tokens, more than max_length={self.max_length}; "
+                    raise DataError(f"input {i} has {len(ids)} tokens, more than max_length={self.max_length}; "
                                      f"pass truncate='left' (--truncate left) to drop its oldest tokens")
                 ids = [ids[0]] + ids[len(ids) - self.max_length + 1:]  # keep BOS, drop the oldest turns' tokens
                 self.truncated += 1
@@ -120,7 +121,7 @@ class RewardScorer:
     def normalization(self) -> dict:
         stats = self.config.get("rmcore", {}).get("reward_normalization")
         if stats is None:
-            raise ValueError(f"{self.dir}/config.json holds no reward normalisation statistics; "
+            raise CheckpointError(f"{self.dir}/config.json holds no reward normalisation statistics; "
                              f"compute them first: python eval.py normalize --model {self.dir} --data FILE")
         return stats
 
@@ -155,6 +156,13 @@ def excerpt(text: str, n: int = 200) -> str:
     return text if len(text) <= n else "..." + text[-n:]
 
 
+def response_lengths(pairs: PairDataset, tokenizer, template: Template) -> tuple[np.ndarray, np.ndarray]:
+    """Response tokens of each side: the sequence (BOS ... EOS) minus BOS, EOS and the prompt's tokens."""
+    prompt_len = np.array([len(tokenizer.encode(template.render(e.prompt))) for e in pairs.examples], dtype=np.int64)
+    sides = (np.array([len(s) for s in seqs], dtype=np.int64) - 2 - prompt_len for seqs in (pairs.chosen, pairs.rejected))
+    return tuple(sides)
+
+
 def evaluate_pairs(scorer: RewardScorer, pairs: PairDataset, show: int = 5, progress: bool = False) -> dict:
     """Every figure of the report for one preference set (pairs.examples must be kept)."""
     n = len(pairs)
@@ -163,10 +171,7 @@ def evaluate_pairs(scorer: RewardScorer, pairs: PairDataset, show: int = 5, prog
     tc, tr = torch.from_numpy(r_c), torch.from_numpy(r_r)
     stats = preference_metrics(tc, tr) if n else {}
     ex = pairs.examples
-    # response lengths in tokens: the sequence minus the shared prompt's tokens
-    prompt_len = [len(scorer.tokenizer.encode(scorer.template.apply(e.prompt))) for e in ex]
-    len_c = np.array([len(c) for c in pairs.chosen]) - prompt_len
-    len_r = np.array([len(r) for r in pairs.rejected]) - prompt_len
+    len_c, len_r = response_lengths(pairs, scorer.tokenizer, scorer.template)
     correct = (r_c > r_r).astype(float)
     mean_len = (len_c + len_r) / 2
     n_turns = np.array([turns(e.prompt) for e in ex])
@@ -237,7 +242,8 @@ def markdown_report(results: dict[str, dict[str, dict]], drops: dict[str, dict])
                     f"- length baselines: longer wins {100 * r['length']['longer_wins']:.2f}%, shorter wins "
                     f"{100 * r['length']['shorter_wins']:.2f}%; Spearman(reward, response length) "
                     f"{r['length']['spearman_reward_length']:.4f}",
-                    f"- template: {r['template']['human']!r} / {r['template']['assistant']!r} ({r['template']['source']})",
+                    f"- template: {r['template']['human']!r} / {r['template']['assistant']!r}, separator "
+                    f"{r['template']['separator']!r} ({r['template']['source']})",
                     ""]
             out += ["| mean response tokens | pairs | accuracy (%) |", "|---|---|---|"]
             out += [f"| [{b['lo']:.0f}, {b['hi']:.0f}] | {b['count']} | {_pct(b['accuracy'])} |" for b in r["length"]["accuracy_by_length"]]

@@ -24,13 +24,58 @@ from rmcore.distributed import Dist, all_reduce_sum, apply_fsdp, barrier, broadc
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
+# ------------------------------------------------------------------------------------------------ precision
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """(whether `device` multiplies bf16 matrices natively, why)."""
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"{torch.cuda.get_device_name(device)} {'supports' if ok else 'does not support'} bf16"
+    if torch.cpu._is_amx_tile_supported():
+        return True, "this CPU has AMX tiles (native bf16 matmuls)"
+    if torch.cpu._is_avx512_bf16_supported():
+        return True, "this CPU has AVX512-BF16 (native bf16 matmuls)"
+    return False, "this CPU has neither AMX nor AVX512-BF16, so bf16 matmuls are emulated"
+
+
+def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
+    """(bf16 | fp32, a one-line reason). auto: bf16 where the device has native bf16, else fp32. An explicit bf16
+    on a CPU without native bf16 is honoured, with a warning that measures how much slower its matmuls are."""
+    native, why = native_bf16(device)
+    if requested == "auto":
+        return ("bf16" if native else "fp32"), f"precision=auto: {why} -> {'bf16' if native else 'fp32'}"
+    if requested == "bf16" and not native:
+        warnings.warn(f"precision=bf16 although {why}: a bf16 matmul measured here is {bf16_slowdown():.0f}x "
+                      f"slower than fp32; precision=auto would pick fp32", stacklevel=2)
+    return requested, f"precision={requested} (asked for; {why})"
+
+
+def bf16_slowdown(n: int = 256, reps: int = 3) -> float:
+    """Time of an n^3 bf16 matmul over an fp32 one on this CPU (best of `reps`)."""
+    def best(dtype):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    best(torch.float32)  # warm-up
+    return best(torch.bfloat16) / best(torch.float32)
+
+
 # ------------------------------------------------------------------------------------------------ schedule
+def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
+    """ceil(warmup_ratio * total_steps), as HF's TrainingArguments.get_warmup_steps."""
+    return math.ceil(warmup_ratio * total_steps)
+
+
 def lr_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int = 0, schedule: str = "linear",
           min_lr_ratio: float = 0.0) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup to peak, then linear or cosine decay to
-    min_lr_ratio * peak at `total_steps` (HF's get_linear_schedule_with_warmup when min_lr_ratio=0)."""
+    """Learning rate for optimizer step `step` (0-based): peak * step / warmup_steps while step < warmup_steps,
+    then linear or cosine decay to min_lr_ratio * peak at `total_steps`. With min_lr_ratio=0 this is exactly HF's
+    get_linear_schedule_with_warmup / get_cosine_schedule_with_warmup, step 0 of a warmup included (lr 0)."""
     if warmup_steps > 0 and step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
+        return peak_lr * step / warmup_steps
     if schedule == "constant":
         return peak_lr
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -208,7 +253,8 @@ def export_pretrained(model, out: Path, d: Dist, tokenizer=None, extra_config: d
     if d.is_main:
         model.save_pretrained(out, state_dict=full, extra_config=extra_config)
         if tokenizer is not None:
-            tokenizer.save_pretrained(out)
+            # transformers' tokenizer(text) must give what the model was trained on: a reward model reads EOS
+            tokenizer.save_pretrained(out, add_eos=model.hf_architecture == "LlamaForSequenceClassification")
     barrier()
 
 
@@ -284,7 +330,7 @@ class Trainer:
 
         for step, micro_batches in trainer.steps():      # one optimizer step's micro-batches (index lists)
             ... forward, loss / global count * world_size, backward, per micro-batch ...
-            trainer.step(step, loss_sum, count, metrics, tokens, ids)
+            trainer.step(step, {"loss": loss_sum}, count, metrics, tokens, ids)
     """
 
     def __init__(self, cfg, d: Dist, model, sampler, evaluate=None):
@@ -293,14 +339,14 @@ class Trainer:
         self.out = Path(cfg.run.out_dir)
         per_epoch = math.ceil(len(sampler) / o.grad_accum)
         self.total_steps = per_epoch * o.epochs if o.max_steps is None else min(o.max_steps, per_epoch * o.epochs)
-        self.warmup = int(o.warmup_ratio * self.total_steps)
+        self.warmup = warmup_steps(o.warmup_ratio, self.total_steps)
         self.optimizer = make_optimizer(model, o.lr, o.weight_decay, tuple(o.betas), o.eps)
         self.ckpt = Checkpointer(self.out, d, cfg.run.keep)
-        self.start_step, self.skipped = 0, 0
+        self.start_step, self.skipped, self.empty = 0, 0, 0
         found = self.ckpt.resolve(cfg.run.resume)
         if found is not None:
             state = self.ckpt.load(found, model, self.optimizer)
-            self.start_step, self.skipped = state["step"], state.get("skipped", 0)
+            self.start_step, self.skipped, self.empty = state["step"], state.get("skipped", 0), state.get("empty", 0)
             sampler.load_state_dict(state["sampler"])
         from rmcore.config import config_to_dict
         lg = cfg.logging
@@ -330,31 +376,42 @@ class Trainer:
         """The step's number of pairs / target tokens over all ranks: the losses' denominator."""
         return all_reduce_sum([local], self.d.device)[0]
 
-    def step(self, step: int, loss_sum: float, count: float, metrics: dict, tokens: int, ids: list[str]):
+    def step(self, step: int, loss_sums: dict[str, float], count: float, metrics: dict, tokens: int, ids: list[str]):
         """After the micro-batches' backward passes: NaN guard, clip, lr, optimizer step, log, eval, checkpoint.
 
-        loss_sum, tokens and ids are this rank's; count is the step's global denominator (global_count)."""
+        loss_sums ({name: summed loss}), tokens and ids are this rank's; count is the step's global denominator
+        (global_count), by which every summed loss is divided for the log. A step whose count is 0 (no target
+        token in any of its micro-batches) has no gradient: it is counted in `empty_steps`, not taken."""
         cfg, d = self.cfg, self.d
-        loss_sum, tokens = all_reduce_sum([loss_sum, tokens], d.device)
-        grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip)
+        names = list(loss_sums)
+        *totals, tokens = all_reduce_sum([*loss_sums.values(), tokens], d.device)
+        losses = {k: (v / count if count else math.nan) for k, v in zip(names, totals)}
         lr = lr_at(step, self.total_steps, cfg.optim.lr, self.warmup, cfg.optim.schedule, cfg.optim.min_lr_ratio)
-        if math.isfinite(loss_sum) and math.isfinite(grad_norm):
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
+        grad_norm = math.nan
+        if count == 0:
+            self.empty += 1
+            self.log.print(f"step {step}: no target token in the whole step, nothing to learn "
+                           f"({self.empty} such step(s) so far)")
         else:
-            all_ids = gather_objects(ids)
-            where = (f"non-finite loss ({loss_sum}) or gradient norm ({grad_norm}) at step {step}; records in the "
-                     f"step: {', '.join(all_ids[:20])}{' ...' if len(all_ids) > 20 else ''}")
-            if cfg.run.on_nonfinite == "stop":
-                self.log.close()
-                raise NonFiniteLoss(f"{where}. Last good checkpoint: {self.last_ckpt or 'none'} "
-                                    f"(resume with run.resume=auto, or set run.on_nonfinite=skip)")
-            self.skipped += 1
-            self.log.print(f"skipped: {where} ({self.skipped} skipped so far)")
+            grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip)
+            if all(map(math.isfinite, totals)) and math.isfinite(grad_norm):
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                self.optimizer.step()
+            else:
+                all_ids = gather_objects(ids)
+                shown = ", ".join(f"{k} {v}" for k, v in losses.items())
+                where = (f"non-finite loss ({shown}) or gradient norm ({grad_norm}) at step {step}; records in the "
+                         f"step: {', '.join(all_ids[:20])}{' ...' if len(all_ids) > 20 else ''}")
+                if cfg.run.on_nonfinite == "stop":
+                    self.log.close()
+                    raise NonFiniteLoss(f"{where}. Last good checkpoint: {self.last_ckpt or 'none'} "
+                                        f"(resume with run.resume=auto, or set run.on_nonfinite=skip)")
+                self.skipped += 1
+                self.log.print(f"skipped: {where} ({self.skipped} skipped so far)")
         self.optimizer.zero_grad(set_to_none=True)
-        self.log.log(step + 1, {"loss": loss_sum / max(count, 1), **metrics, "lr": lr, "grad_norm": grad_norm,
-                                "skipped_steps": self.skipped, "epoch": self.sampler.epoch}, tokens=int(tokens))
+        self.log.log(step + 1, {**losses, **metrics, "lr": lr, "grad_norm": grad_norm, "skipped_steps": self.skipped,
+                                "empty_steps": self.empty, "epoch": self.sampler.epoch}, tokens=int(tokens))
         done = step + 1
         if self.evaluate is not None and cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < self.total_steps:
             self.log.log(done, {f"eval_{k}": v for k, v in self.evaluate().items()}, advance=False)
@@ -367,7 +424,8 @@ class Trainer:
 
     def save(self, step: int):
         self.last_ckpt = self.ckpt.save(self.model, self.optimizer, step,
-                                        {"sampler": self.sampler.state_dict(), "skipped": self.skipped})
+                                        {"sampler": self.sampler.state_dict(), "skipped": self.skipped,
+                                         "empty": self.empty})
 
     def finish(self, tokenizer, extra_config: dict) -> dict:
         """Final evaluation, final checkpoint, HF export; returns the final evaluation metrics."""
@@ -382,6 +440,8 @@ class Trainer:
             self.log.print(f"exported {self.out / 'export'}")
         if self.skipped:
             self.log.print(f"{self.skipped} step(s) skipped for non-finite loss")
+        if self.empty:
+            self.log.print(f"{self.empty} step(s) had no target token and changed nothing")
         self.log.close()
         return final
 

@@ -337,11 +337,21 @@ class RewardModel(_Pretrained):
         init_linear(self.score, 1.0 / math.sqrt(self.cfg.dim + 1))
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, attn_mask=None):
-        """Rewards (B,)."""
+        """Rewards (B,), fp32 whatever the trunk's precision."""
         h = self.model(input_ids, attention_mask, position_ids, attn_mask)
         if attention_mask is None:
             last = h[:, -1]
         else:
-            last = h[torch.arange(h.shape[0], device=h.device), last_real_index(attention_mask)]
+            index = last_real_index(attention_mask)
+            if bool((index < 0).any()):
+                rows = (index < 0).nonzero().flatten().tolist()
+                raise ValueError(f"row(s) {rows[:10]} of the batch have no real token (attention_mask all 0): "
+                                 "there is no last token to read a reward from")
+            last = h[torch.arange(h.shape[0], device=h.device), index]
+        # The head runs in fp32 even under bf16 autocast: bf16 keeps 8 significant bits, so nearby rewards would
+        # round to the same value and count as ties. FSDP2 gives `score` its own fp32 unit (apply_fsdp), and
+        # from_pretrained keeps the head's weight fp32 when the trunk is loaded in bf16.
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            reward = self.score(last.to(self.score.weight.dtype)).float()
         # [:, 0] of a fresh (B, 1) tensor would be a view; FSDP2 cannot hook a view's backward safely
-        return self.score(last).sum(-1)
+        return reward.sum(-1)

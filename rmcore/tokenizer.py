@@ -23,6 +23,8 @@ import sentencepiece as spm
 import tokenizers
 from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors
 
+from rmcore.errors import UserError
+
 SP_FILE, HF_FILE = "tokenizer.model", "tokenizer.json"
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # later files override earlier, as in transformers
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3 in every tokenizer trained here
@@ -30,6 +32,10 @@ SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3 in every tokenizer trai
 # Touches leading, repeated and trailing spaces, newlines, digits, non-ASCII and a literal special token: the
 # cases where a converted SentencePiece model could disagree with the original.
 _PROBE = "  Hi  there,\n\n  I'm 12345 years old.   \té ’ ほん 👍🏾 \uf04a a literal </s> and <s>\n "
+
+
+class TokenizerError(UserError, ValueError):
+    """A tokenizer directory that is missing its files or names special tokens it does not have."""
 
 
 class Tokenizer:
@@ -87,11 +93,11 @@ class Tokenizer:
             try:
                 sp.load(str(sp_file))
             except (RuntimeError, OSError) as e:
-                raise ValueError(f"{sp_file} is not a SentencePiece model: {e}") from e
+                raise TokenizerError(f"{sp_file} is not a SentencePiece model: {e}") from e
             return cls._from_sp(sp, names, sp_file)
         if hf_file.is_file():
             return cls._from_hf(tokenizers.Tokenizer.from_file(str(hf_file)), names, hf_file)
-        raise FileNotFoundError(
+        raise TokenizerError(
             f"no tokenizer in {d}: looked for {SP_FILE} (SentencePiece) and {HF_FILE} (HF tokenizers)"
         )
 
@@ -102,12 +108,12 @@ class Tokenizer:
                 return default
             i = sp.piece_to_id(names[key])
             if sp.id_to_piece(i) != names[key]:  # piece_to_id maps unknown strings to unk
-                raise ValueError(f"{key} {names[key]!r} named in the config files is not a piece of {where}")
+                raise TokenizerError(f"{key} {names[key]!r} named in the config files is not a piece of {where}")
             return i
 
         bos, eos = piece_id("bos_token", sp.bos_id()), piece_id("eos_token", sp.eos_id())
         if bos < 0 or eos < 0:
-            raise ValueError(f"{where} has no bos/eos piece; name bos_token and eos_token in tokenizer_config.json")
+            raise TokenizerError(f"{where} has no bos/eos piece; name bos_token and eos_token in tokenizer_config.json")
         pad = piece_id("pad_token", sp.pad_id() if sp.pad_id() >= 0 else sp.unk_id())
         return cls(sp, bos, eos, pad)
 
@@ -119,14 +125,17 @@ class Tokenizer:
             name = names.get(key, default)
             i = tok.token_to_id(name) if name is not None else None
             if i is None:
-                raise ValueError(f"{key} {name!r} is not in {where}; name it in tokenizer_config.json")
+                raise TokenizerError(f"{key} {name!r} is not in {where}; name it in tokenizer_config.json")
             return i
 
         pad_default = "<pad>" if tok.token_to_id("<pad>") is not None else unk
         return cls(tok, token_id("bos_token", "<s>"), token_id("eos_token", "</s>"), token_id("pad_token", pad_default))
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write the model plus the config files that transformers' AutoTokenizer needs to rebuild it exactly."""
+    def save_pretrained(self, path: str | Path, add_eos: bool = False) -> None:
+        """Write the model plus the config files that transformers' AutoTokenizer needs to rebuild it exactly.
+
+        add_eos: transformers' tokenizer(text) then gives BOS + text + EOS, the sequences a reward model is trained
+        and scored on (its reward is read at the EOS); a causal LM's tokenizer adds BOS only, for generation."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if self.is_sp:
@@ -136,13 +145,16 @@ class Tokenizer:
             # the .model avoids both; it is checked against SentencePiece before it is trusted.
             hf = _sp_to_hf(self.backend, self._piece(self.bos_id))
             if hf.encode(_PROBE, add_special_tokens=False).ids == self.backend.encode(_PROBE):
+                hf.post_processor = self._post_processor(add_eos)
                 hf.save(str(path / HF_FILE))
             else:
                 warnings.warn(f"a {HF_FILE} converted from this {SP_FILE} does not reproduce it (not a LLaMA-style "
                               f"BPE model?), so only {SP_FILE} was written: transformers will convert it itself, "
                               f"which needs protobuf and may not match SentencePiece", stacklevel=2)
         else:
-            self.backend.save(str(path / HF_FILE))
+            hf = tokenizers.Tokenizer.from_str(self.backend.to_str())  # a copy: our own encoder stays as it is
+            hf.post_processor = self._post_processor(add_eos)
+            hf.save(str(path / HF_FILE))
         tokens = {"bos_token": self._piece(self.bos_id), "eos_token": self._piece(self.eos_id),
                   "pad_token": self._piece(self.pad_id)}
         if self.unk_id is not None:
@@ -153,12 +165,16 @@ class Tokenizer:
             "tokenizer_class": "PreTrainedTokenizerFast" if has_hf_file else "LlamaTokenizer",
             **tokens,
             "add_bos_token": True,  # LLaMA convention: tok(text) starts with BOS, i.e. encode(text, bos=True)
-            "add_eos_token": False,
+            "add_eos_token": add_eos,
             "split_special_tokens": True,  # text is text, as in encode()
             "clean_up_tokenization_spaces": False,
         }
         (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         (path / "special_tokens_map.json").write_text(json.dumps(tokens, indent=2, ensure_ascii=False) + "\n")
+
+    def _post_processor(self, add_eos: bool):
+        bos, eos = (self._piece(self.bos_id), self.bos_id), (self._piece(self.eos_id), self.eos_id)
+        return _special_template(bos, eos if add_eos else None)
 
     # -------------------------------------------------------------------------------------------------------
     # encoding and decoding
@@ -271,14 +287,17 @@ def _sp_to_hf(sp: spm.SentencePieceProcessor, bos: str) -> tokenizers.Tokenizer:
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
     tok.add_special_tokens([AddedToken(sp.id_to_piece(i), special=True, normalized=False) for i in special])
-    tok.post_processor = _bos_template(bos, vocab[bos])
+    tok.post_processor = _special_template((bos, vocab[bos]))
     tok.encode_special_tokens = True
     return tok
 
 
-def _bos_template(bos: str, bos_id: int):
-    return processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
-                                         special_tokens=[(bos, bos_id)])
+def _special_template(bos: tuple[str, int], eos: tuple[str, int] | None = None):
+    """What transformers' tokenizer(text) adds around a text: BOS, and EOS when `eos` is given."""
+    end = f" {eos[0]}:0" if eos else ""
+    end_b = f" {eos[0]}:1" if eos else ""
+    return processors.TemplateProcessing(single=f"{bos[0]}:0 $A:0{end}", pair=f"{bos[0]}:0 $A:0{end} {bos[0]}:1 $B:1{end_b}",
+                                         special_tokens=[bos] + ([eos] if eos else []))
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -318,7 +337,7 @@ def train_tokenizer(texts: Iterable[str], out_dir, vocab_size: int = 8000, kind:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
         hf.train_from_iterator(texts, trainer)
-        hf.post_processor = _bos_template("<s>", hf.token_to_id("<s>"))
+        hf.post_processor = _special_template(("<s>", hf.token_to_id("<s>")))
         tok = Tokenizer._from_hf(hf, {}, "the trained model")
     else:
         raise ValueError(f"kind must be 'sentencepiece' or 'bpe', got {kind!r}")

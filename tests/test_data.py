@@ -12,6 +12,7 @@ from rmcore.data import (
     collate_blocks, collate_pairs, document_attn_mask, document_tokens, iter_records, load_blocks, load_pairs,
     pack_blocks, read_examples,
 )
+from rmcore.losses import shift_targets
 from rmcore.model import CausalLM, ModelConfig
 from rmcore.tokenizer import train_tokenizer
 
@@ -103,9 +104,33 @@ def test_template_round_trips_on_real_records(hh_rows):
             out = t.apply(text)
             assert HUMAN not in out and ASSISTANT not in out
             assert t.invert(out) == text
-    assert t.apply("\n\nHuman: hi\n\nAssistant: hello") == "###Human: hi###Assistant: hello"
-    raw = Template(HUMAN, ASSISTANT)
+    raw = Template(HUMAN, ASSISTANT, separator="")
     assert raw.apply(hh_rows[0]["chosen"]) == hh_rows[0]["chosen"]
+
+
+# The first example of the reference model card (weqweasdas/hh_rlhf_rm_open_llama_3b), as the card writes it
+CARD_TEXT = ("###Human: My daughter wants to know how to convert fractions to decimals, but I'm not sure how to explain "
+             "it. Can you help? ###Assistant: Sure. So one way of converting fractions to decimals is to ask “how many "
+             "halves are there?” and then write this as a decimal number. But that's a little tricky. Here's a simpler "
+             "way:  if a fraction is expressed as a/b, then it's decimal equivalent is just a/b * 1.0  So, for example, "
+             "the decimal equivalent of 1/2 is 1/2 * 1.0 = 0.5.")
+
+
+def test_recipe_template_renders_the_model_cards_text():
+    question, answer = CARD_TEXT.removeprefix("###Human: ").split(" ###Assistant: ")
+    hh = f"\n\nHuman: {question}\n\nAssistant: {answer}"
+    assert Template().apply(hh) == CARD_TEXT
+    prompt, response = hh.split("\n\nAssistant:")
+    assert Template().render(prompt + "\n\nAssistant:", response) == CARD_TEXT
+    # every later turn's tag gets one space too, and the recipe's configs use that template
+    assert Template().apply("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d") == \
+        "###Human: a ###Assistant: b ###Human: c ###Assistant: d"
+    assert Template.from_config(DataConfig()) == Template("###Human:", "###Assistant:", " ")
+    # other templates stay expressible: tags and separator are config
+    chat = Template.from_config(DataConfig(human_tag="<|user|>", assistant_tag="<|bot|>", tag_separator="\n"))
+    assert chat.apply("\n\nHuman: a\n\nAssistant: b") == "<|user|> a\n<|bot|> b"
+    # exports written before the separator existed were trained without one, and are scored that way
+    assert Template.from_dict({"human": "###Human:", "assistant": "###Assistant:"}).apply(hh).count("? ###") == 0
 
 
 def test_template_is_the_same_in_pairs_and_sft(hh_file, tok):
@@ -169,6 +194,22 @@ def test_document_mask_never_crosses_a_boundary():
             assert pos[b, t] == t - start
             for s in range(T):
                 assert mask[b, 0, t, s] == (s <= t and doc[b, s] == doc[b, t])
+
+
+def test_document_mask_learns_no_target_across_documents():
+    docs = [([1, 10 + i, 20 + i, 2], [True] * 4) for i in range(7)]  # BOS x y EOS, every token learned
+    blocks = pack_blocks(docs, 6)
+    batch = collate_blocks(blocks, list(range(len(blocks))), document_mask=True)
+    doc = torch.from_numpy(blocks.doc_index)
+    targets, target_mask = shift_targets(batch["input_ids"], batch["loss_mask"])
+    B, T = doc.shape
+    for b in range(B):
+        for t in range(T - 1):
+            # a target is learned iff it is the next token of the same document
+            assert bool(target_mask[b, t]) == bool(doc[b, t] == doc[b, t + 1]), (b, t)
+    # without document masks (the recipe) every next token is learned, EOS -> BOS included
+    plain = collate_blocks(blocks, list(range(len(blocks))), document_mask=False)
+    assert shift_targets(plain["input_ids"], plain["loss_mask"])[1][:, :-1].all()
 
 
 def test_document_masked_block_equals_documents_run_alone():
@@ -273,6 +314,18 @@ def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(DataError, match=r"rmcore\[parquet\]"):
         read_examples([str(tmp_path / "a.parquet")])
+
+
+def test_missing_shared_file_says_what_it_is_and_where(tmp_path, monkeypatch):
+    monkeypatch.setenv("RMCORE_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError) as err:
+        read_examples(["${RMCORE_DATA}/hh-rlhf/harmless-base/test.jsonl.gz[:10]"])
+    msg = str(err.value)
+    for part in ("RMCORE_DATA", "harmless-base/test.jsonl.gz", "MIT", "github.com/anthropics/hh-rlhf",
+                 str(tmp_path / "nowhere" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz")):
+        assert part in msg, part
+    with pytest.raises(DataError, match=r"^elsewhere\.jsonl: no such file$"):  # not a shared file: plain message
+        read_examples(["elsewhere.jsonl"])
 
 
 def test_hub_name_is_a_clear_error():

@@ -6,26 +6,31 @@ import torch
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from rmcore.distributed import Dist
-from rmcore.loop import Checkpointer, lr_at, make_optimizer
+from rmcore.loop import Checkpointer, lr_at, make_optimizer, warmup_steps
 
 
 @pytest.mark.parametrize("schedule,reference", [("linear", get_linear_schedule_with_warmup),
                                                 ("cosine", get_cosine_schedule_with_warmup)])
-@pytest.mark.parametrize("warmup", [0, 7])
+@pytest.mark.parametrize("warmup", [0, 1, 7])
 def test_lr_at_matches_transformers_schedulers(schedule, reference, warmup):
     total, peak = 50, 2e-5
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
     sched = reference(opt, num_warmup_steps=warmup, num_training_steps=total)
     for step in range(total):
-        # HF's warmup starts at lr 0 for step 0; rmcore's first step already uses peak/warmup (a step at lr 0
-        # is wasted compute), so warmup steps compare one step ahead
-        ref = opt.param_groups[0]["lr"]
-        if step >= warmup:
-            assert lr_at(step, total, peak, warmup, schedule) == pytest.approx(ref, rel=1e-9, abs=1e-15)
-        else:
-            assert lr_at(step, total, peak, warmup, schedule) == pytest.approx(peak * (step + 1) / warmup)
+        # every step, the warmup's first (lr 0, as in HF) included
+        assert lr_at(step, total, peak, warmup, schedule) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-15)
         opt.step()
         sched.step()
+
+
+@pytest.mark.parametrize("ratio,total", [(0.05, 164), (0.05, 231), (0.03, 10), (0.1, 100), (0.0, 7)])
+def test_warmup_length_matches_transformers(ratio, total):
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+    # HF's own method (a ratio is passed as warmup_steps < 1), called without building TrainingArguments,
+    # which would need accelerate
+    assert warmup_steps(ratio, total) == TrainingArguments.get_warmup_steps(SimpleNamespace(warmup_steps=ratio), total)
 
 
 def test_lr_floor_and_constant():

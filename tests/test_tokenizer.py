@@ -10,7 +10,7 @@ import pytest
 import sentencepiece as spm
 import tokenizers
 
-from rmcore.tokenizer import Tokenizer, train_tokenizer, _iter_texts
+from rmcore.tokenizer import Tokenizer, TokenizerError, train_tokenizer, _iter_texts
 
 # Edges where SentencePiece and a converted HF tokenizer have been known to part ways.
 EDGE_TEXTS = ["", " ", "  leading spaces", "trailing  \n", "a\tb\r\nc", "12345 + 0.5", "literal </s> and <s> <pad>",
@@ -177,7 +177,7 @@ def test_config_names_special_tokens(no_pad_dir, tmp_path):
 
 def test_missing_tokenizer_names_dir_and_files(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(TokenizerError) as e:  # a UserError: the scripts print it without a traceback
         Tokenizer.from_pretrained(tmp_path)
     assert str(tmp_path) in str(e.value) and "tokenizer.model" in str(e.value) and "tokenizer.json" in str(e.value)
 

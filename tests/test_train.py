@@ -153,7 +153,8 @@ def test_two_process_fsdp_matches_one_process(stage, tmp_path, hh_file, tok_dir)
     evals = [[json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
              for r in ("one", "two")]
     assert len(evals[0]) == 2 and all(abs(a["eval_loss"] - b["eval_loss"]) < 1e-5 for a, b in zip(*evals))
-    assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
+    # as with accumulation: where a gradient is ~0, Adam's 1/sqrt(v) magnifies fp32 summation-order noise (~3e-5)
+    assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-4)
 
 
 def test_two_process_resume(tmp_path, hh_file, tok_dir):
@@ -192,7 +193,7 @@ def test_local_sweep_runner_tables_each_runs_final_metrics(tmp_path, hh_file, to
     cwd = os.getcwd()
     os.chdir(REPO)
     try:
-        rows = sweep.main([str(spec), "--out", str(tmp_path / "runs"), "run.init_from=null", "optim.max_steps=2",
+        rows = sweep.main([str(spec), "--out", str(tmp_path / "runs"), "run.init_from=null", "optim.max_steps=3",
                            *args("rm", "unused", hh_file, tok_dir)[2:]])
     finally:
         os.chdir(cwd)
