@@ -10,7 +10,8 @@ import torch
 import eval as eval_cli
 import train
 from rmcore.data import DataConfig, Template, load_pairs, read_examples
-from rmcore.evaluate import RewardScorer, evaluate_pairs, rank_responses
+from rmcore.evaluate import RewardScorer, evaluate_pairs, rank_responses, response_lengths
+from rmcore.metrics import quantile_edges
 from rmcore.model import ModelConfig, RewardModel
 from rmcore.tokenizer import train_tokenizer
 
@@ -125,26 +126,45 @@ def test_length_baselines_on_the_real_file_match_an_independent_count(model_dir,
         longer, shorter, ties = longer + (lc > lr), shorter + (lc < lr), ties + (lc == lr)
     n = len(pairs)
     assert report["length"]["longer_wins"] == longer / n and report["length"]["shorter_wins"] == shorter / n
+    # response lengths are the response's own tokens: no BOS, no EOS, no prompt
+    prompt_len = np.array([len(scorer.tokenizer.encode(TEMPLATE.render(e.prompt))) for e in pairs.examples])
+    lc, lr = response_lengths(pairs, scorer.tokenizer, scorer.template)
+    assert (lc == [len(scorer.tokenizer.encode(TEMPLATE.render(e.prompt, e.chosen))) for e in pairs.examples] - prompt_len).all()
+    assert (lr == [len(scorer.tokenizer.encode(TEMPLATE.render(e.prompt, e.rejected))) for e in pairs.examples] - prompt_len).all()
+    edges = [b["lo"] for b in report["length"]["accuracy_by_length"]] + [report["length"]["accuracy_by_length"][-1]["hi"]]
+    assert edges == quantile_edges((lc + lr) / 2, 4)
     assert longer + shorter + ties == n and report["pairs"] == n
     # and the accuracy is the brute-force count of strict wins
     r = direct(model_dir, [(e.prompt, e.chosen) for e in pairs.examples] + [(e.prompt, e.rejected) for e in pairs.examples])
     assert np.isclose(report["accuracy"], np.mean(np.array(r[:n]) > np.array(r[n:])))
 
 
-def test_eval_on_the_tiny_chain_export(tmp_path, monkeypatch):
-    from conftest import DATA_DIR
+@pytest.fixture(scope="module")
+def tiny_chain(tmp_path_factory):
+    """The README's main job, configs/tiny.yaml (tokenizer -> SFT -> RM on the shipped file), cut short; its run dir."""
     from pathlib import Path
+
+    from conftest import DATA_DIR
     repo = Path(train.__file__).resolve().parent
+    root = tmp_path_factory.mktemp("tiny")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RMCORE_DATA", str(DATA_DIR))
+        mp.chdir(root)
+        train.main(["--config", str(repo / "configs" / "tiny.yaml"), "optim.max_steps=3", "run.eval_every=0",
+                    "logging.progress=false", "model.n_layers=2", "run.tokenizer_vocab_size=1000"])
+    return root / "runs" / "tiny"
+
+
+def test_eval_on_the_tiny_chain_export(tiny_chain, tmp_path, monkeypatch):
+    from conftest import DATA_DIR
     monkeypatch.setenv("RMCORE_DATA", str(DATA_DIR))
     monkeypatch.chdir(tmp_path)
-    train.main(["--config", str(repo / "configs" / "tiny.yaml"), "optim.max_steps=3", "run.eval_every=0",
-                "logging.progress=false", "model.n_layers=2", "run.tokenizer_vocab_size=1000"])
-    export = tmp_path / "runs" / "tiny" / "rm" / "export"
+    export = tiny_chain / "rm" / "export"
     data = ["${RMCORE_DATA}/hh-rlhf/harmless-base/test.jsonl.gz[1932:2032]",
             "${RMCORE_DATA}/hh-rlhf/harmless-base/test.jsonl.gz[2032:]"]
     # the SFT export has no value head: evaluating it must fail loudly, not score with a random head
     with pytest.raises(Exception, match="score.weight"):
-        eval_cli.main(["--model", str(tmp_path / "runs" / "tiny" / "sft" / "export"), "--data", data[0], "--out", "ev0"])
+        eval_cli.main(["--model", str(tiny_chain / "sft" / "export"), "--data", data[0], "--out", "ev0"])
     results = eval_cli.main(["--model", str(export), "--data", data[0], "--data", data[1], "--out", "ev"])
     report = json.loads((tmp_path / "ev" / "report.json").read_text())
     md = (tmp_path / "ev" / "report.md").read_text()
@@ -156,6 +176,45 @@ def test_eval_on_the_tiny_chain_export(tmp_path, monkeypatch):
         assert cell == f"{100 * r['accuracy']:.2f}" and results["rm"][spec]["accuracy"] == r["accuracy"]
         assert f"mean pairwise loss: {r['loss']:.4f}" in md and f"expected calibration error (10 bins): {r['calibration']['ece']:.4f}" in md
         assert r["template"]["source"] == "config.json" and r["pairs"] + sum(report["data"][spec]["dropped"].values()) == report["data"][spec]["read"]
+        assert r["template"]["separator"] == " "  # the card's form, recorded at export
+
+
+# raw strings in the reference model card's form, of different lengths: one padded batch
+CARD_STYLE = [
+    "###Human: hi ###Assistant: hello",
+    "###Human: What is two plus two? ###Assistant: Four.",
+    "###Human: Can you help me convert fractions to decimals? ###Assistant: Sure. Divide the top by the bottom: "
+    "1/2 is 0.5, 3/4 is 0.75. ###Human: And 1/3? ###Assistant: About 0.333, the 3 repeats forever.",
+    "###Human: ok ###Assistant: ok",
+    "###Human: Tell me a story. ###Assistant: " + "Once upon a time there was a tiny reward model. " * 6,
+    "###Human: Why is the sky blue? ###Assistant: Sunlight scatters off air molecules, blue light the most.",
+]
+
+
+def test_tiny_chain_export_scores_the_same_in_transformers(tiny_chain, tmp_path):
+    """pipeline("text-classification") and AutoModelForSequenceClassification with the export's own tokenizer, on raw
+    strings, give eval.py score's rewards: the export's tokenizer appends the EOS the reward is read at."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+    export = tiny_chain / "rm" / "export"
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"text": t}) + "\n" for t in CARD_STYLE))
+    eval_cli.main(["score", "--model", str(export), "--input", str(inp), "--output", str(tmp_path / "out.jsonl")])
+    ours = np.array([json.loads(x)["reward"] for x in (tmp_path / "out.jsonl").read_text().splitlines()])
+
+    tok = AutoTokenizer.from_pretrained(export)
+    model = AutoModelForSequenceClassification.from_pretrained(export, dtype=torch.float32).eval()
+    batch = tok(CARD_STYLE, padding=True, return_tensors="pt")
+    assert batch["attention_mask"].sum(-1).unique().numel() == len(CARD_STYLE)  # all lengths differ: real padding
+    assert (batch["input_ids"][torch.arange(len(CARD_STYLE)), batch["attention_mask"].sum(-1) - 1] == tok.eos_token_id).all()
+    with torch.no_grad():
+        auto = model(**batch).logits[:, 0].numpy()
+    assert np.allclose(auto, ours, atol=1e-4), (auto, ours)
+    pipe = pipeline("text-classification", model=model, tokenizer=tok, function_to_apply="none")
+    piped = np.array([r["score"] for r in pipe(CARD_STYLE, batch_size=len(CARD_STYLE))])
+    assert np.allclose(piped, ours, atol=1e-4), (piped, ours)
+    # the SFT export's tokenizer stays BOS-only, so generation prompts do not end in EOS
+    sft_tok = AutoTokenizer.from_pretrained(tiny_chain / "sft" / "export")
+    assert sft_tok("###Human: hi").input_ids[-1] != sft_tok.eos_token_id
 
 
 def test_score_under_torchrun_equals_one_process(model_dir, tmp_path):

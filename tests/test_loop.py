@@ -6,7 +6,8 @@ import torch
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from rmcore.distributed import Dist
-from rmcore.loop import Checkpointer, lr_at, make_optimizer, warmup_steps
+from rmcore import loop
+from rmcore.loop import Checkpointer, lr_at, make_optimizer, resolve_precision, warmup_steps
 
 
 @pytest.mark.parametrize("schedule,reference", [("linear", get_linear_schedule_with_warmup),
@@ -73,3 +74,21 @@ def test_checkpoint_partial_save_is_never_resumed(tmp_path):
         ckpt.save(model, opt, step, {})
     assert [p.name for p in ckpt.complete()] == ["step_0000004", "step_0000005"]
     assert json.loads((ckpt.latest() / "trainer.json").read_text())["step"] == 5
+
+
+@pytest.mark.parametrize("amx,avx512_bf16,expected", [(False, False, "fp32"), (True, False, "bf16"),
+                                                      (False, True, "bf16")])
+def test_precision_auto_follows_native_bf16(monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    precision, why = resolve_precision("auto", torch.device("cpu"))
+    assert precision == expected and f"-> {expected}" in why
+    assert resolve_precision("fp32", torch.device("cpu"))[0] == "fp32"
+
+
+def test_explicit_bf16_without_native_bf16_runs_with_a_measured_warning(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(loop, "bf16_slowdown", lambda: 123.0)
+    with pytest.warns(UserWarning, match=r"bf16 matmul measured here is 123x slower than fp32"):
+        assert resolve_precision("bf16", torch.device("cpu"))[0] == "bf16"

@@ -109,6 +109,34 @@ def test_reward_is_read_at_last_real_token_whatever_padding(rm_dir):
             assert torch.allclose(ours(ids, attention_mask=mask), alone, atol=1e-5), side
 
 
+def test_row_without_a_real_token_is_an_error_naming_it(rm_dir):
+    ours = RewardModel.from_pretrained(rm_dir).eval()
+    ids, mask, _ = padded_batch([4, 6, 5], "right")
+    mask[1] = 0  # an empty row: there is no last real token to read a reward from
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\] .*no real token"):
+        ours(ids, attention_mask=mask)
+
+
+def test_rewards_are_fp32_under_bf16_autocast_and_bf16_weights(rm_dir):
+    """The value head computes in fp32 on the (bf16) hidden state: rewards keep 24 significant bits, not 8."""
+    ours = RewardModel.from_pretrained(rm_dir).eval()
+    ids, mask, _ = padded_batch([4, 6, 5, 8], "right")
+    rows = torch.arange(4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        r = ours(ids, attention_mask=mask)
+        h = ours.model(ids, attention_mask=mask)[rows, mask.sum(-1) - 1]
+        plain_head = ours.score(h)  # what a head left to autocast returns
+    assert r.dtype == torch.float32 and plain_head.dtype == torch.bfloat16
+    # the fp32 head on the autocast trunk's hidden state, which bf16 rounding would not reproduce
+    want = h.float() @ ours.score.weight.float()[0]
+    assert torch.allclose(r, want, rtol=1e-6, atol=0) and not torch.equal(r, r.bfloat16().float())
+    # loaded in bf16, the trunk is bf16 and the head stays fp32
+    half = RewardModel.from_pretrained(rm_dir, dtype=torch.bfloat16).eval()
+    assert half.score.weight.dtype == torch.float32 and half.model.norm.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert half(ids, attention_mask=mask).dtype == torch.float32
+
+
 def test_last_real_index_when_pad_equals_eos():
     # PAD == EOS and the real sequence ends with EOS: a "first pad token" rule would stop at the EOS inside
     # the sequence or at column 0; the mask says where the sequence ends.

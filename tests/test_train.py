@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -203,3 +204,90 @@ def test_local_sweep_runner_tables_each_runs_final_metrics(tmp_path, hh_file, to
         assert r["eval_acc"] == rec[-1]["eval_acc"] and r["train_loss"] == rec[-2]["loss"]
     table = (tmp_path / "runs" / "results.md").read_text()
     assert f"{100 * rows[1]['eval_acc']:.2f}" in table and rows[0]["train_loss"] != rows[1]["train_loss"]
+
+
+# ---------------------------------------------------------------------------------------------------------------- fidelity
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_precision_auto_is_resolved_and_recorded(native, tmp_path, hh_file, tok_dir, monkeypatch):
+    import yaml
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    argv = [a for a in args("rm", tmp_path, hh_file, tok_dir) if not a.startswith("run.precision=")]
+    train.main(argv + ["run.precision=auto", "optim.max_steps=0", "data.eval=[]"])  # no step: bf16 speed never matters
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["run"]["precision"] == ("bf16" if native else "fp32")
+
+
+def test_bf16_training_eval_counts_the_ties_eval_py_counts(tmp_path, hh_file, tok_dir):
+    """In-training evaluation under bf16 autocast and eval.py in fp32, same weights and pairs: the same ties, since
+    rewards stay fp32. The held-out pairs are ones where bf16-rounded rewards do tie."""
+    import eval as eval_cli
+    from rmcore.data import DataConfig, load_pairs
+    from rmcore.evaluate import RewardScorer
+    out = tmp_path / "rm"
+    # a fresh model evaluated without a step: cheap even where bf16 is emulated (AVX2-only CPUs)
+    train.main(args("rm", out, hh_file, tok_dir, "run.precision=bf16", "optim.max_steps=0"))
+    in_training = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    report = eval_cli.main(["--model", str(out / "export"), "--data", f"{hh_file}[2200:2230]", "--out", str(tmp_path / "ev")])
+    evaluated = report["rm"][f"{hh_file}[2200:2230]"]
+    assert in_training["eval_pairs"] == evaluated["pairs"] == 16
+    assert in_training["eval_ties"] == evaluated["ties"] == 0  # (accuracy may differ: the trunk ran in bf16)
+    # the teeth: rounded to bf16, these very rewards would tie
+    scorer = RewardScorer(out / "export")
+    pairs, _ = load_pairs([f"{hh_file}[2200:2230]"], scorer.tokenizer, DataConfig(max_length=256), "x")
+    r = torch.from_numpy(scorer.score_ids(pairs.chosen + pairs.rejected)).float()
+    r_c, r_r = r.bfloat16().chunk(2)
+    assert int((r_c == r_r).sum()) > 0
+
+
+def test_logged_eval_loss_is_the_plain_pairwise_loss_eval_py_reports(tmp_path, hh_file, tok_dir):
+    import eval as eval_cli
+    out = tmp_path / "rm"
+    train.main(args("rm", out, hh_file, tok_dir, "loss.center_coef=0.1", "optim.max_steps=3"))
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    final = records[-1]
+    report = eval_cli.main(["--model", str(out / "export"), "--data", f"{hh_file}[2200:2230]", "--out", str(tmp_path / "ev")])
+    assert abs(final["eval_loss"] - report["rm"][f"{hh_file}[2200:2230]"]["loss"]) < 1e-4
+    # the centering term and the optimised total are logged under their own names, in training and eval alike
+    for rec, prefix in ((records[0], ""), (final, "eval_")):
+        assert rec[f"{prefix}center_loss"] > 0
+        assert abs(rec[f"{prefix}total_loss"] - rec[f"{prefix}loss"] - rec[f"{prefix}center_loss"]) < 1e-6
+
+
+def test_sft_steps_without_targets_are_counted_not_fatal(tmp_path, hh_file, tok_dir):
+    """Assistant-only loss on 16-token blocks: some blocks hold only human text. Such a step changes nothing and is
+    counted; it used to be a 0/0 loss that stopped the run as non-finite."""
+    from rmcore.data import DataConfig, ShardedSampler, load_blocks
+    from rmcore.losses import shift_targets
+    from rmcore.tokenizer import Tokenizer
+    extra = ["data.sft_loss_on=assistant", "data.block_size=16", "optim.micro_batch_size=1", "optim.max_steps=30",
+             "data.eval=[]"]
+    train.main(args("sft", tmp_path / "sft", hh_file, tok_dir, *extra))
+    records = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    # independent count: the same blocks in the sampler's order, and which have no target token
+    blocks, _ = load_blocks([f"{hh_file}[:40]"], Tokenizer.from_pretrained(tok_dir),
+                            DataConfig(block_size=16, sft_loss_on="assistant"), "x")
+    order = [b[0] for _, b in zip(range(30), ShardedSampler(len(blocks), 1, seed=0))]
+    empty = [int(shift_targets(torch.from_numpy(blocks.tokens[[i]]).long(), torch.from_numpy(blocks.loss_mask[[i]]))[1].sum() == 0)
+             for i in order]
+    assert sum(empty) > 0
+    assert [r["empty_steps"] for r in records] == np.cumsum(empty).tolist()
+    assert all((r["loss"] != r["loss"]) == bool(e) for r, e in zip(records, empty))  # nan loss only on empty steps
+    assert records[-1]["skipped_steps"] == 0 and (tmp_path / "sft" / "export" / "model.safetensors").is_file()
+
+
+def test_missing_data_and_model_files_are_one_clear_message(tmp_path):
+    env = {**os.environ, "RMCORE_DATA": str(tmp_path / "no-data-here"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny.yaml")],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    for part in ("error:", "RMCORE_DATA", "harmless-base/test.jsonl.gz", "MIT", "github.com/anthropics/hh-rlhf",
+                 str(tmp_path / "no-data-here" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz")):
+        assert part in proc.stderr, part
+    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), "score", "--model", str(tmp_path / "nope"),
+                           "--input", "x.jsonl", "--output", "y.jsonl"], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: ") and "no config.json" in proc.stderr
