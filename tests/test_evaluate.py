@@ -243,3 +243,16 @@ def test_wandb_disabled_never_imports_it(tmp_path, hh_file, monkeypatch):
     from test_train import args as train_args
     train.main(train_args("rm", tmp_path / "run", hh_file, str(tok), "optim.max_steps=1", "logging.wandb=disabled"))
     assert (tmp_path / "run" / "export" / "config.json").is_file()
+
+
+def test_readme_python_example_gives_one_reward_three_ways(tiny_chain, monkeypatch):
+    """The README's Python block, run as written against the tiny chain's export: API, by hand, transformers."""
+    from pathlib import Path
+    readme = (Path(train.__file__).resolve().parent / "README.md").read_text()
+    block = re.search(r"## Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tiny_chain.parent.parent)  # the README's paths are runs/tiny/...
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["text"].startswith("###Human: ") and " ###Assistant: " in scope["text"]
+    assert abs(scope["reward"] - scope["reward_by_hand"]) < 1e-5
+    assert abs(scope["reward"] - scope["reward_in_transformers"]) < 1e-4
