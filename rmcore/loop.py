@@ -385,15 +385,16 @@ class Trainer:
         cfg, d = self.cfg, self.d
         names = list(loss_sums)
         *totals, tokens = all_reduce_sum([*loss_sums.values(), tokens], d.device)
-        losses = {k: (v / count if count else math.nan) for k, v in zip(names, totals)}
+        losses = {k: v / count for k, v in zip(names, totals)} if count else {}  # an empty step logs no loss
         lr = lr_at(step, self.total_steps, cfg.optim.lr, self.warmup, cfg.optim.schedule, cfg.optim.min_lr_ratio)
-        grad_norm = math.nan
+        grad = {}
         if count == 0:
             self.empty += 1
             self.log.print(f"step {step}: no target token in the whole step, nothing to learn "
                            f"({self.empty} such step(s) so far)")
         else:
             grad_norm = clip_grad_norm(self.model, cfg.optim.grad_clip)
+            grad = {"grad_norm": grad_norm}
             if all(map(math.isfinite, totals)) and math.isfinite(grad_norm):
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
@@ -410,7 +411,7 @@ class Trainer:
                 self.skipped += 1
                 self.log.print(f"skipped: {where} ({self.skipped} skipped so far)")
         self.optimizer.zero_grad(set_to_none=True)
-        self.log.log(step + 1, {**losses, **metrics, "lr": lr, "grad_norm": grad_norm, "skipped_steps": self.skipped,
+        self.log.log(step + 1, {**losses, **metrics, "lr": lr, **grad, "skipped_steps": self.skipped,
                                 "empty_steps": self.empty, "epoch": self.sampler.epoch}, tokens=int(tokens))
         done = step + 1
         if self.evaluate is not None and cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < self.total_steps:
