@@ -24,7 +24,7 @@ import torch
 
 from rmcore.config import ConfigError, TrainConfig, load_stages, parse_cli, save_config
 from rmcore.data import (
-    ShardedSampler, Template, collate_blocks, collate_pairs, load_blocks, load_pairs, read_examples,
+    ShardedSampler, Template, collate_blocks, collate_pairs, load_blocks, load_pairs, read_examples, require_data,
 )
 from rmcore.distributed import all_reduce_sum, barrier, init_distributed, shutdown
 from rmcore.losses import (
@@ -33,6 +33,7 @@ from rmcore.losses import (
 )
 from rmcore.errors import user_errors
 from rmcore.loop import Trainer, autocast, build_model, resolve_precision, seed_everything, set_grad_sync
+from rmcore.rundir import RunLock, prepare_run_dir
 from rmcore.model import CausalLM, RewardModel
 from rmcore.tokenizer import Tokenizer, train_tokenizer
 
@@ -41,7 +42,9 @@ def main(argv: list[str]) -> dict:
     path, overrides = parse_cli(argv, "train.py")
     result = {}
     for cfg in load_stages(path, overrides):
-        result = {"tokenizer": tokenizer_stage, "sft": sft, "rm": rm}[cfg.run.stage](cfg)
+        d = init_distributed(cfg.run.device)
+        with RunLock(cfg.run.out_dir, d):  # one run per out_dir; a second one stops here, naming the first
+            result = {"tokenizer": tokenizer_stage, "sft": sft, "rm": rm}[cfg.run.stage](cfg)
     return result
 
 
@@ -53,6 +56,7 @@ def tokenizer_stage(cfg: TrainConfig) -> dict:
     if d.is_main:
         examples, report = read_examples(cfg.data.train, cfg.data.format, cfg.data.skip_bad_lines, "tokenizer data")
         print(report.summary())
+        require_data(len(examples), report, cfg.data.train, "data.train (tokenizer)", "texts")
         template = Template.from_config(cfg.data)
         texts = [template.render(e.prompt, r) for e in examples for r in (e.chosen, e.rejected) if r is not None]
         tok = train_tokenizer(texts, out, cfg.run.tokenizer_vocab_size)
@@ -186,6 +190,7 @@ def setup(cfg: TrainConfig):
     seed_everything(cfg.run.seed)
     cfg.run.precision, why = resolve_precision(cfg.run.precision, d.device)
     say(d, why)
+    prepare_run_dir(cfg, d)  # a checkpoint of another run is never resumed; resume=never moves the old run aside
     out = Path(cfg.run.out_dir)
     if d.is_main:
         save_config(cfg, str(out / "config.yaml"))
@@ -198,13 +203,16 @@ def setup(cfg: TrainConfig):
 
 
 def load_splits(load, cfg: TrainConfig, tok: Tokenizer, d):
-    """(train, held-out or None) through load_blocks or load_pairs; what each dropped is printed."""
+    """(train, held-out or None) through load_blocks or load_pairs; what each dropped is printed. A split that
+    comes out empty stops the run, saying why."""
     splits = []
     for name, specs in (("train", cfg.data.train), ("eval", cfg.data.eval)):
         data = None
         if specs:
             data, report = load(specs, tok, cfg.data, f"{cfg.run.stage} {name}")
             say(d, report.summary())
+            require_data(len(data), report, specs, f"data.{name} ({cfg.run.stage})",
+                         "blocks" if cfg.run.stage == "sft" else "pairs")
         splits.append(data)
     return splits
 

@@ -257,8 +257,7 @@ def _read_yaml(cls: type, path: str, chain: tuple[str, ...] = ()) -> dict[str, A
     real = os.path.realpath(path)
     if real in chain:
         raise ConfigError(f"{path}: `base:` files form a cycle: {' -> '.join(chain + (real,))}")
-    with open(path, encoding="utf-8") as fh:
-        raw = yaml.load(fh, Loader=_Loader)
+    raw = _load_yaml_file(path)
     if raw is None:  # an empty file is an empty config
         raw = {}
     if not isinstance(raw, dict):
@@ -274,6 +273,24 @@ def _read_yaml(cls: type, path: str, chain: tuple[str, ...] = ()) -> dict[str, A
             raise ConfigError(f"{path}: base file {base!r} not found (looked for {base_path})")
         merged = _read_yaml(cls, base_path, chain + (real,))
     return _merge(merged, _check_section(cls, raw, "", path))
+
+
+def _load_yaml_file(path: str) -> Any:
+    """The YAML document in `path`; a missing file or a syntax error is a ConfigError naming the file (and line)."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: is a directory; expected a YAML config file")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.load(fh, Loader=_Loader)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}{where}: YAML syntax error: {what}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -387,6 +404,7 @@ class RunConfig:
     keep: int = 2                       # checkpoints kept on disk
     resume: str = "auto"                # auto (latest complete checkpoint, if any) | never | a checkpoint path
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or its batch is skipped and counted
+    max_skips_in_a_row: int = 10        # with skip: this many non-finite steps in a row stop the run
     halt_at_step: int | None = None     # stop after this step as if killed (resume tests and debugging)
     export: bool = True                 # write out_dir/export (HF format + tokenizer) at the end
 
@@ -435,11 +453,34 @@ def load_stages(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
     """The configs to run: one, or each file of a chain (`chain: [a.yaml, b.yaml]`, paths relative to the chain
     file), every one with the same command-line overrides."""
     if path is not None:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.load(fh, Loader=_Loader) or {}
+        data = _load_yaml_file(path) or {}
         if isinstance(data, dict) and "chain" in data:
             if set(data) != {"chain"} or not isinstance(data["chain"], list):
                 raise ConfigError(f"{path}: a chain file holds only `chain: [stage.yaml, ...]`")
             here = os.path.dirname(path)
-            return [load_config(TrainConfig, os.path.join(here, p), overrides) for p in data["chain"]]
-    return [load_config(TrainConfig, path, overrides)]
+            stages = [load_config(TrainConfig, os.path.join(here, p), overrides) for p in data["chain"]]
+            for cfg, p in zip(stages, data["chain"]):
+                check_train_config(cfg, os.path.join(here, p))
+            return stages
+    cfg = load_config(TrainConfig, path, overrides)
+    check_train_config(cfg, path or "the command line")
+    return [cfg]
+
+
+# sizes that must be >= 1 (None, where allowed, means "no limit")
+POSITIVE = ("optim.micro_batch_size", "optim.grad_accum", "optim.epochs", "optim.max_steps", "data.block_size",
+            "data.max_length", "run.keep", "run.max_skips_in_a_row", "run.tokenizer_vocab_size")
+NON_NEGATIVE = ("optim.lr", "optim.warmup_ratio", "optim.weight_decay", "optim.grad_clip", "run.eval_every",
+                "run.save_every", "loss.center_coef", "model.dim", "model.n_layers")
+
+
+def check_train_config(cfg: "TrainConfig", source: str) -> None:
+    """Values the types allow but a run cannot use: zero or negative sizes, a warmup ratio above 1."""
+    for keys, ok, want in ((POSITIVE, lambda v: v >= 1, ">= 1"), (NON_NEGATIVE, lambda v: v >= 0, ">= 0")):
+        for key in keys:
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            if value is not None and not ok(value):
+                raise ConfigError(f"{source}: {key}={value!r}; expected {want}")
+    if cfg.optim.warmup_ratio > 1:
+        raise ConfigError(f"{source}: optim.warmup_ratio={cfg.optim.warmup_ratio}; expected a fraction in [0, 1]")

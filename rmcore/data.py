@@ -147,11 +147,16 @@ class FileSpec:
     @classmethod
     def parse(cls, spec: str) -> "FileSpec":
         # ${RMCORE_DATA} lets shipped configs name the shared data folder wherever it is (default ../shared/data)
-        spec = spec.replace("${RMCORE_DATA}", str(data_root()))
-        m = re.fullmatch(r"(.+?)\[(\d*):(\d*)\]", spec.strip())
+        spec = spec.replace("${RMCORE_DATA}", str(data_root())).strip()
+        m = re.fullmatch(r"(.+?)\[(\d*):(\d*)\]", spec)
         if not m:
-            return cls(spec.strip())
+            if re.search(r"\[[^\]]*\]$", spec) and not Path(spec).exists():
+                raise DataError(f"{spec}: bad slice {spec[spec.rindex('['):]!r}; expected [start:stop] with "
+                                f"non-negative integers and no spaces, e.g. file.jsonl[:1000] or file.jsonl[1000:]")
+            return cls(spec)
         a, b = (int(x) if x else None for x in m.group(2, 3))
+        if a is not None and b is not None and a > b:
+            raise DataError(f"{spec}: bad slice [{a}:{b}]: it is reversed (start after stop), so it selects no record")
         return cls(m.group(1), a, b)
 
     def __str__(self):
@@ -317,6 +322,27 @@ class Report:
         return {"name": self.name, "read": self.read, "kept": self.kept, "dropped": dict(self.dropped), "notes": list(self.notes)}
 
 
+def require_data(count: int, report: Report, specs: list[str], what: str, unit: str = "examples"):
+    """Stop, saying why, when a split came out empty: an empty file, a slice past its end, every record dropped."""
+    if count:
+        return
+    if report.read == 0:
+        reasons = []
+        for spec in map(FileSpec.parse, specs):
+            total = sum(1 for _ in iter_records(FileSpec(spec.path)))
+            if total == 0:
+                reasons.append(f"{spec.path} holds no records (an empty file)")
+            else:
+                reasons.append(f"{spec} selects no record: the file has {total:,} records (indices 0..{total - 1})")
+        why = "; ".join(reasons)
+    elif report.kept == 0:
+        why = f"all {report.read:,} records read were dropped: " + "; ".join(
+            f"{n:,} {reason}" for reason, n in sorted(report.dropped.items(), key=lambda kv: -kv[1]))
+    else:
+        why = f"{report.kept:,} records were kept, but they make no {unit}"
+    raise DataError(f"{what}: no {unit} ({why}); nothing is trained or written")
+
+
 def detect_format(record: object, where: str) -> str:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -413,6 +439,9 @@ def parse_record(record: object, fmt: str, where: str, report: Report) -> Exampl
         elif record.get("score_chosen") is not None or record.get("score_rejected") is not None:
             sc, sr = (_field(record, k, where, fmt, (int, float)) for k in ("score_chosen", "score_rejected"))
             example.margin = float(sc - sr)
+        if example.margin is not None and not math.isfinite(example.margin):
+            raise DataError(f"{where}: the margin is {example.margin} (from `margin` or `score_chosen` - "
+                            f"`score_rejected`); expected a finite number")
     elif fmt == "conversation":
         chosen = _messages(_field(record, "chosen", where, fmt, list), "chosen", where)
         rejected = _messages(_field(record, "rejected", where, fmt, list), "rejected", where)
@@ -598,6 +627,9 @@ def load_blocks(specs: list[str], tokenizer, cfg: DataConfig, name: str) -> tupl
     total = sum(len(ids) for ids, _ in docs)
     report.notes.append(f"{total:,} tokens in {len(docs):,} documents -> {len(blocks):,} blocks of {cfg.block_size}; "
                         f"the last partial block's {blocks.dropped_tail:,} tokens are dropped")
+    if docs and not len(blocks):
+        raise DataError(f"{name}: the {total:,} tokens of its {len(docs):,} documents are fewer than one block "
+                        f"(data.block_size={cfg.block_size}): no block to train on; nothing is trained or written")
     return blocks, report
 
 

@@ -80,6 +80,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def gather_objects(obj) -> list:
+    """Concatenate a list from every rank (rank order)."""
+    if not dist.is_initialized():
+        return list(obj)
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, list(obj))
+    return [x for part in out for x in part]
+
+
 def apply_fsdp(model: nn.Module, mesh, bf16: bool) -> nn.Module:
     """FSDP2 as torchtitan applies it: each transformer block is its own unit, then the root (embeddings,
     final norm, head). bf16 computes in bf16 and reduces gradients in fp32; masters stay fp32."""

@@ -106,7 +106,7 @@ class RewardScorer:
         if bar is not None:
             bar.close()
         if self.d.enabled:
-            from rmcore.loop import gather_objects
+            from rmcore.distributed import gather_objects
             found = dict(gather_objects(list(found.items())))
         return np.array([found[i] for i in range(len(seqs))], dtype=np.float64)
 

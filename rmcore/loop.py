@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
 import time
 import warnings
 from contextlib import nullcontext
@@ -18,7 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmcore.distributed import Dist, all_reduce_sum, apply_fsdp, barrier, broadcast_object
+from rmcore.distributed import Dist, all_reduce_sum, apply_fsdp, gather_objects
+from rmcore.config import config_to_dict
+from rmcore.errors import UserError
+from rmcore.rundir import Checkpointer, export_pretrained, run_identity, trim_metrics
 
 # one process saving a DCP checkpoint without a process group is a supported, intended case here
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -157,107 +158,6 @@ def set_grad_sync(model, sync: bool):
         model.set_requires_gradient_sync(sync)
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-class Checkpointer:
-    """Sharded training checkpoints with torch.distributed.checkpoint, in `out_dir/checkpoints/step_NNNNNNN`.
-
-    Each is written to `step_N.partial` and renamed only after every rank has finished and rank 0 has written
-    `trainer.json`, so a crash or a full disk mid-save leaves a `.partial` directory that `latest()` never picks.
-    Holds the model and optimizer (sharded), the step, the data-loader position and each rank's RNG states.
-    """
-
-    def __init__(self, out_dir: str | Path, d: Dist, keep: int = 2):
-        self.root = Path(out_dir) / "checkpoints"
-        self.d = d
-        self.keep = keep
-
-    def complete(self) -> list[Path]:
-        return sorted(p for p in self.root.glob("step_*") if not p.name.endswith(".partial")
-                      and (p / "trainer.json").is_file())
-
-    def latest(self) -> Path | None:
-        done = self.complete()
-        return done[-1] if done else None
-
-    def save(self, model, optimizer, step: int, trainer_state: dict):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        final = self.root / f"step_{step:07d}"
-        partial = final.with_name(final.name + ".partial")
-        if self.d.is_main:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-        barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
-        torch.save(rng_state(), partial / f"rng_rank{self.d.rank}.pt")
-        barrier()
-        if self.d.is_main:
-            (partial / "trainer.json").write_text(json.dumps({"step": step, **trainer_state}))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial, final)
-            for old in self.complete()[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        barrier()
-        return final
-
-    def load(self, path: Path, model, optimizer) -> dict:
-        """Restore model, optimizer and RNG in place; return trainer.json (step, loader state, ...)."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        rng_file = path / f"rng_rank{self.d.rank}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
-        return json.loads((path / "trainer.json").read_text())
-
-    def resolve(self, resume: str) -> Path | None:
-        """resume: 'auto' (latest complete checkpoint, if any), 'never', or a checkpoint path."""
-        if resume == "never":
-            return None
-        if resume == "auto":
-            found = self.latest() if self.d.is_main else None
-            found = broadcast_object(str(found) if found else None)
-            return Path(found) if found else None
-        path = Path(resume)
-        if not (path / "trainer.json").is_file():
-            raise FileNotFoundError(f"run.resume={resume}: not a complete rmcore checkpoint (no trainer.json)")
-        return path
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def export_pretrained(model, out: Path, d: Dist, tokenizer=None, extra_config: dict | None = None):
-    """Write an HF-format directory (config.json, safetensors, tokenizer files) from a plain or FSDP2 model."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if d.is_main:
-        model.save_pretrained(out, state_dict=full, extra_config=extra_config)
-        if tokenizer is not None:
-            # transformers' tokenizer(text) must give what the model was trained on: a reward model reads EOS
-            tokenizer.save_pretrained(out, add_eos=model.hf_architecture == "LlamaForSequenceClassification")
-    barrier()
-
-
 # ------------------------------------------------------------------------------------------------ logging
 class Logger:
     """Rank 0 writes metrics.jsonl, shows a progress bar (loss, accuracy, lr, tokens/s, ETA) and, when enabled,
@@ -319,7 +219,7 @@ class Logger:
 
 
 # ------------------------------------------------------------------------------------------------ the step cycle
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserError):
     """A NaN or inf loss or gradient norm, with where it happened and where to restart from."""
 
 
@@ -342,13 +242,17 @@ class Trainer:
         self.warmup = warmup_steps(o.warmup_ratio, self.total_steps)
         self.optimizer = make_optimizer(model, o.lr, o.weight_decay, tuple(o.betas), o.eps)
         self.ckpt = Checkpointer(self.out, d, cfg.run.keep)
-        self.start_step, self.skipped, self.empty = 0, 0, 0
-        found = self.ckpt.resolve(cfg.run.resume)
+        self.identity = run_identity(cfg, d.world_size)
+        self.start_step, self.skipped, self.in_a_row, self.empty = 0, 0, 0, 0
+        found, state = self.ckpt.load_latest(cfg.run.resume, model, self.optimizer)
         if found is not None:
-            state = self.ckpt.load(found, model, self.optimizer)
             self.start_step, self.skipped, self.empty = state["step"], state.get("skipped", 0), state.get("empty", 0)
             sampler.load_state_dict(state["sampler"])
-        from rmcore.config import config_to_dict
+        if d.is_main:
+            dropped = trim_metrics(self.out / "metrics.jsonl", self.start_step)
+            if dropped:
+                print(f"metrics.jsonl: {dropped} record(s) after step {self.start_step} removed (an interrupted "
+                      f"run's; they are logged again as the run redoes those steps)", flush=True)
         lg = cfg.logging
         self.log = Logger(self.out, d, self.total_steps, config_to_dict(cfg), lg.wandb, lg.project, lg.run_name,
                           lg.progress, self.start_step)
@@ -399,17 +303,24 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 self.optimizer.step()
+                self.in_a_row = 0
             else:
                 all_ids = gather_objects(ids)
                 shown = ", ".join(f"{k} {v}" for k, v in losses.items())
-                where = (f"non-finite loss ({shown}) or gradient norm ({grad_norm}) at step {step}; records in the "
-                         f"step: {', '.join(all_ids[:20])}{' ...' if len(all_ids) > 20 else ''}")
+                # step + 1: the number metrics.jsonl gives this step
+                where = (f"non-finite loss ({shown}) or gradient norm ({grad_norm}) at step {step + 1}; records in "
+                         f"the step: {', '.join(all_ids[:20])}{' ...' if len(all_ids) > 20 else ''}")
                 if cfg.run.on_nonfinite == "stop":
                     self.log.close()
                     raise NonFiniteLoss(f"{where}. Last good checkpoint: {self.last_ckpt or 'none'} "
                                         f"(resume with run.resume=auto, or set run.on_nonfinite=skip)")
-                self.skipped += 1
+                self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
                 self.log.print(f"skipped: {where} ({self.skipped} skipped so far)")
+                if self.in_a_row >= cfg.run.max_skips_in_a_row:
+                    self.log.close()
+                    raise NonFiniteLoss(f"stopped: {self.in_a_row} steps in a row had a non-finite loss or gradient "
+                                        f"(run.max_skips_in_a_row={cfg.run.max_skips_in_a_row}); the last: {where}. "
+                                        f"Last good checkpoint: {self.last_ckpt or 'none'}")
         self.optimizer.zero_grad(set_to_none=True)
         self.log.log(step + 1, {**losses, **metrics, "lr": lr, **grad, "skipped_steps": self.skipped,
                                 "empty_steps": self.empty, "epoch": self.sampler.epoch}, tokens=int(tokens))
@@ -426,16 +337,19 @@ class Trainer:
     def save(self, step: int):
         self.last_ckpt = self.ckpt.save(self.model, self.optimizer, step,
                                         {"sampler": self.sampler.state_dict(), "skipped": self.skipped,
-                                         "empty": self.empty})
+                                         "empty": self.empty, "identity": self.identity})
 
     def finish(self, tokenizer, extra_config: dict) -> dict:
         """Final evaluation, final checkpoint, HF export; returns the final evaluation metrics."""
         final = {}
         if self.evaluate is not None:
             final = self.evaluate()
-            self.log.log(self.total_steps, {f"eval_{k}": v for k, v in final.items()}, advance=False)
+            if self.start_step < self.total_steps:  # a finished run re-run logs nothing twice
+                self.log.log(self.total_steps, {f"eval_{k}": v for k, v in final.items()}, advance=False)
         if self.start_step < self.total_steps:
             self.save(self.total_steps)
+        else:
+            self.log.print(f"nothing to train: the run was already complete at step {self.total_steps}")
         if self.cfg.run.export:
             export_pretrained(self.model, self.out / "export", self.d, tokenizer, extra_config)
             self.log.print(f"exported {self.out / 'export'}")
@@ -445,13 +359,3 @@ class Trainer:
             self.log.print(f"{self.empty} step(s) had no target token and changed nothing")
         self.log.close()
         return final
-
-
-def gather_objects(obj) -> list:
-    """Concatenate a list from every rank (rank order)."""
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        return list(obj)
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, list(obj))
-    return [x for part in out for x in part]

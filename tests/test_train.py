@@ -126,7 +126,7 @@ def test_nonfinite_loss_stops_with_step_ids_and_checkpoint(tmp_path, hh_file, to
     with pytest.raises(NonFiniteLoss) as err:
         train.main(args("rm", tmp_path / "stop", hh_file, tok_dir, *common, "data.eval=[]"))
     msg = str(err.value)
-    assert "at step 2" in msg and f"{hh_file}:" in msg and "step_0000002" in msg
+    assert "at step 3" in msg and f"{hh_file}:" in msg and "step_0000002" in msg  # step 3 as metrics.jsonl counts
 
     calls["n"] = 0
     train.main(args("rm", tmp_path / "skip", hh_file, tok_dir, *common, "data.eval=[]", "run.on_nonfinite=skip"))
@@ -215,7 +215,8 @@ def test_precision_auto_is_resolved_and_recorded(native, tmp_path, hh_file, tok_
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     argv = [a for a in args("rm", tmp_path, hh_file, tok_dir) if not a.startswith("run.precision=")]
-    train.main(argv + ["run.precision=auto", "optim.max_steps=0", "data.eval=[]"])  # no step: bf16 speed never matters
+    # one step of one pair: cheap even where bf16 is emulated (AVX2-only CPUs)
+    train.main(argv + ["run.precision=auto", "optim.max_steps=1", "optim.micro_batch_size=1", "data.eval=[]"])
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["run"]["precision"] == ("bf16" if native else "fp32")
 
@@ -227,8 +228,10 @@ def test_bf16_training_eval_counts_the_ties_eval_py_counts(tmp_path, hh_file, to
     from rmcore.data import DataConfig, load_pairs
     from rmcore.evaluate import RewardScorer
     out = tmp_path / "rm"
-    # a fresh model evaluated without a step: cheap even where bf16 is emulated (AVX2-only CPUs)
-    train.main(args("rm", out, hh_file, tok_dir, "run.precision=bf16", "optim.max_steps=0"))
+    # one step of one pair, then the evaluation: cheap even where bf16 is emulated (AVX2-only CPUs); the tiny lr
+    # keeps the rewards of the fresh init, which crowd together
+    train.main(args("rm", out, hh_file, tok_dir, "run.precision=bf16", "optim.max_steps=1", "optim.micro_batch_size=1",
+                    "optim.lr=1e-9"))
     in_training = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
     report = eval_cli.main(["--model", str(out / "export"), "--data", f"{hh_file}[2200:2230]", "--out", str(tmp_path / "ev")])
     evaluated = report["rm"][f"{hh_file}[2200:2230]"]

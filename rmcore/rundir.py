@@ -1,0 +1,350 @@
+"""The run directory: one run per `out_dir`, checkpoints that only that run resumes, weights that are never
+written non-finite, and a metrics log that holds each step once.
+
+    out_dir/.lock                   PID and host of the run using the directory (a dead holder's lock is taken over)
+    out_dir/config.yaml             the resolved config of the run
+    out_dir/metrics.jsonl           one record per step (and per evaluation); trimmed to the resumed step on resume
+    out_dir/checkpoints/step_N/     DCP shards of model + optimizer, RNG per rank, trainer.json (step, loader
+                                    position, and the run's identity: the config keys that define the run)
+    out_dir/export/                 HF-format model + tokenizer, written at the end
+    out_dir/replaced-<time>/        an earlier run's files, moved aside by run.resume=never
+
+run.resume=auto continues only a checkpoint whose identity equals this run's: any difference (model shape, data,
+optimizer, loss, seed, world size, ...) is an error naming the keys. A checkpoint that cannot be read is reported
+and the previous complete one is used.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rmcore.checkpoint import CheckpointError
+from rmcore.config import ConfigError, config_to_dict
+from rmcore.distributed import Dist, all_reduce_sum, barrier, broadcast_object
+from rmcore.errors import UserError
+
+# Keys that do not change what a run computes: how often it evaluates, saves or logs, where its directory is.
+NOT_IDENTITY = ("run.out_dir", "run.resume", "run.halt_at_step", "run.eval_every", "run.save_every", "run.keep",
+                "run.export", "run.device", "logging.")
+
+
+class RunDirError(UserError):
+    """The run directory is in use, or holds another run."""
+
+
+class NonFiniteWeights(UserError):
+    """Weights hold NaN or inf: nothing is written from them."""
+
+
+# ------------------------------------------------------------------------------------------------ lock
+class RunLock:
+    """`with RunLock(out_dir, d):` one run at a time per directory. Rank 0 creates out_dir/.lock atomically; a lock
+    whose holder is a dead process on this host is taken over (said out loud); a live holder is an error naming it."""
+
+    def __init__(self, out_dir: str | Path, d: Dist):
+        self.path, self.d, self.held = Path(out_dir) / ".lock", d, False
+
+    def __enter__(self):
+        error = None
+        if self.d.is_main:
+            try:
+                self._acquire()
+            except RunDirError as e:
+                error = str(e)
+        error = broadcast_object(error)
+        if error:
+            raise RunDirError(error)
+        return self
+
+    def _acquire(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and not self._dead(holder):
+                    raise RunDirError(
+                        f"{self.path.parent} is in use by another run (PID {holder.get('pid')} on "
+                        f"{holder.get('host')}, since {holder.get('since')}); wait for it, or choose another "
+                        f"run.out_dir. If that process is gone, delete {self.path}.") from None
+                print(f"taking over {self.path}: its holder ({holder or 'unreadable lock'}) is no longer running",
+                      flush=True)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise RunDirError(f"could not take {self.path}: another run took it at the same moment")
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _dead(holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return False  # another machine's process: its liveness cannot be checked from here
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, ValueError, TypeError):
+            return False
+        return False
+
+    def __exit__(self, *exc):
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ identity
+def run_identity(cfg, world_size: int) -> dict:
+    """The flattened config keys that define what a run computes, plus the world size."""
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix[:-1]] = value
+
+    walk("", config_to_dict(cfg))
+    flat = {k: v for k, v in flat.items() if not k.startswith(NOT_IDENTITY)}
+    flat["world_size"] = world_size
+    return flat
+
+
+def identity_diff(saved: dict, current: dict) -> list[str]:
+    """'key: checkpoint X, this run Y' for every key whose value differs (or exists on one side only)."""
+    missing = object()
+    return [f"{k}: checkpoint {saved.get(k, '(absent)')!r}, this run {current.get(k, '(absent)')!r}"
+            for k in sorted(set(saved) | set(current)) if saved.get(k, missing) != current.get(k, missing)]
+
+
+def prepare_run_dir(cfg, d: Dist) -> None:
+    """Before the run writes anything: with resume=auto (or a path), the checkpoint to resume must be this run's;
+    with resume=never, an earlier run's files are moved aside to out_dir/replaced-<time>/ and that is printed."""
+    out = Path(cfg.run.out_dir)
+    ckpt = Checkpointer(out, d)
+    error = None
+    if d.is_main:
+        if cfg.run.resume == "never":
+            old = [p for p in (out / "checkpoints", out / "metrics.jsonl", out / "export", out / "config.yaml") if p.exists()]
+            if old:
+                aside = out / time.strftime("replaced-%Y%m%d-%H%M%S")
+                aside.mkdir(parents=True)
+                for p in old:
+                    shutil.move(str(p), aside / p.name)
+                print(f"run.resume=never: the earlier run's {', '.join(p.name for p in old)} moved to {aside}", flush=True)
+        else:
+            candidates = ckpt.candidates(cfg.run.resume)
+            if candidates:
+                try:
+                    saved = read_trainer_json(candidates[-1]).get("identity")
+                except CheckpointError:
+                    saved = None  # unreadable: the Trainer reports it and falls back
+                if saved is not None:
+                    diff = identity_diff(saved, run_identity(cfg, d.world_size))
+                    if diff:
+                        error = (f"{out} holds checkpoints of a different run ({candidates[-1].name}); it will not be "
+                                 f"resumed with another config. Differences:\n  " + "\n  ".join(diff) +
+                                 f"\nUse a new run.out_dir, or run.resume=never to move the earlier run aside.")
+    error = broadcast_object(error)
+    if error:
+        raise RunDirError(error)
+
+
+def read_trainer_json(path: Path) -> dict:
+    try:
+        return json.loads((path / "trainer.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / 'trainer.json'}: unreadable ({e})") from None
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+class Checkpointer:
+    """Sharded training checkpoints with torch.distributed.checkpoint, in `out_dir/checkpoints/step_NNNNNNN`.
+
+    Each is written to `step_N.partial` and renamed only after every rank has finished and rank 0 has written
+    `trainer.json`, so a crash or a full disk mid-save leaves a `.partial` directory that is never resumed.
+    Holds the model and optimizer (sharded), the step, the data-loader position, each rank's RNG states and the
+    run's identity. Loading checks every model tensor's presence and shape against the checkpoint's metadata.
+    """
+
+    def __init__(self, out_dir: str | Path, d: Dist, keep: int = 2):
+        self.root = Path(out_dir) / "checkpoints"
+        self.d = d
+        self.keep = keep
+
+    def complete(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("step_*") if not p.name.endswith(".partial")
+                      and (p / "trainer.json").is_file())
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def candidates(self, resume: str) -> list[Path]:
+        """Checkpoints to try, oldest first (the last is tried first): resume auto -> every complete one,
+        never -> none, a path -> that one."""
+        if resume == "never":
+            return []
+        if resume == "auto":
+            return self.complete()
+        path = Path(resume)
+        if not (path / "trainer.json").is_file():
+            raise ConfigError(f"run.resume={resume}: not a complete rmcore checkpoint (no trainer.json)")
+        return [path]
+
+    def save(self, model, optimizer, step: int, trainer_state: dict):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        check_finite(model, self.d, f"checkpoint at step {step}")
+        final = self.root / f"step_{step:07d}"
+        partial = final.with_name(final.name + ".partial")
+        if self.d.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
+        torch.save(rng_state(), partial / f"rng_rank{self.d.rank}.pt")
+        barrier()
+        if self.d.is_main:
+            (partial / "trainer.json").write_text(json.dumps({"step": step, **trainer_state}))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            for old in self.complete()[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return final
+
+    def load(self, path: Path, model, optimizer) -> dict:
+        """Restore model, optimizer and RNG in place; return trainer.json (step, loader state, ...)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        state_json = read_trainer_json(path)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        check_tensors(path, model_sd)
+        state = {"model": model_sd, "optim": optim_sd}
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except Exception as e:  # DCP wraps per-rank read errors; the cause is in the message
+            raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e).strip()[:300]})") from None
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        rng_file = path / f"rng_rank{self.d.rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return state_json
+
+    def load_latest(self, resume: str, model, optimizer) -> tuple[Path | None, dict]:
+        """Load the newest readable candidate; an unreadable one is reported and the one before it is tried."""
+        candidates = broadcast_object([str(p) for p in self.candidates(resume)] if self.d.is_main else None)
+        failures = []
+        for path in map(Path, reversed(candidates)):
+            try:
+                state, error = self.load(path, model, optimizer), None
+            except CheckpointError as e:
+                state, error = None, str(e)
+            if all_reduce_sum([error is not None], self.d.device)[0] == 0:
+                if failures:
+                    warnings.warn(f"resumed from {path} instead: " + "; ".join(failures), stacklevel=2)
+                return path, state
+            failures.append(error or f"{path}: another rank could not read it")
+            if self.d.is_main:
+                print(f"warning: checkpoint {path} cannot be resumed ({failures[-1]}); trying the one before",
+                      flush=True)
+        if failures:
+            raise CheckpointError("no checkpoint could be resumed:\n  " + "\n  ".join(failures) +
+                                  "\n(run.resume=never starts over, moving these aside)")
+        return None, {}
+
+
+def check_tensors(path: Path, model_sd: dict):
+    """Every model tensor of this run must be in the checkpoint with the same shape, and nothing else."""
+    import torch.distributed.checkpoint as dcp
+    try:
+        meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:
+        raise CheckpointError(f"{path}/.metadata: unreadable ({type(e).__name__}: {str(e)[:200]})") from None
+    saved = {k[len("model."):]: tuple(v.size) for k, v in meta.items() if k.startswith("model.") and hasattr(v, "size")}
+    want = {k: tuple(v.shape) for k, v in model_sd.items()}
+    missing = sorted(set(want) - set(saved))
+    unexpected = sorted(set(saved) - set(want))
+    shapes = [f"{k}: checkpoint {saved[k]}, model {want[k]}" for k in sorted(set(want) & set(saved)) if saved[k] != want[k]]
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"{path} does not fit this model\n  missing tensors: {missing[:20]}\n  unexpected "
+                              f"tensors: {unexpected[:20]}\n  shape mismatches: {shapes[:20]}")
+
+
+def check_finite(model, d: Dist, what: str):
+    """Refuse to write `what` from weights holding NaN or inf (checked on every rank's shards)."""
+    bad = next((name for name, p in model.state_dict().items()
+                if p.is_floating_point() and not bool(torch.isfinite(_local(p)).all())), None)
+    if all_reduce_sum([bad is not None], d.device)[0]:
+        raise NonFiniteWeights(f"not writing the {what}: the weights hold NaN or inf"
+                               + (f" (first: {bad})" if bad else " (on another rank)"))
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def export_pretrained(model, out: Path, d: Dist, tokenizer=None, extra_config: dict | None = None):
+    """Write an HF-format directory (config.json, safetensors, tokenizer files) from a plain or FSDP2 model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    check_finite(model, d, f"export to {out}")
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if d.is_main:
+        model.save_pretrained(out, state_dict=full, extra_config=extra_config)
+        if tokenizer is not None:
+            # transformers' tokenizer(text) must give what the model was trained on: a reward model reads EOS
+            tokenizer.save_pretrained(out, add_eos=model.hf_architecture == "LlamaForSequenceClassification")
+    barrier()
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def trim_metrics(path: Path, step: int) -> int:
+    """Keep the records of steps <= `step` (where a resumed run picks up); return how many were dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = [x for x in lines if x.strip() and json.loads(x).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(x + "\n" for x in kept))
+    return len(lines) - len(kept)
