@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rmcore.data import DataConfig, DataError, iter_records, read_examples, tokenize_pairs
+from rmcore.data import DataConfig, DataError, iter_records, read_examples, require_data, tokenize_pairs
 from rmcore.distributed import init_distributed, shutdown
 from rmcore.errors import UserError, user_errors
 from rmcore.evaluate import RewardScorer, evaluate_pairs, markdown_report, plot_report, write_normalization
@@ -35,6 +35,7 @@ def evaluate(args, d) -> dict:
             examples, report = read_examples([spec], args.format, args.skip_bad_lines, spec)
             pairs = tokenize_pairs(examples, scorer.tokenizer, scorer.template, max_length, report, keep_examples=True)
             say(d, report.summary())
+            require_data(len(pairs), report, [spec], f"--data {spec}", "pairs to evaluate")
             drops[spec] = report.to_dict()
             results.setdefault(name, {})[spec] = evaluate_pairs(scorer, pairs, args.show, progress=True)
             r = results[name][spec]
@@ -67,12 +68,17 @@ def evaluate(args, d) -> dict:
 def score(args, d):
     scorer = RewardScorer(args.model, batch_size=args.batch_size, max_length=args.max_length, truncate=args.truncate, d=d)
     items = []
-    for where, record in iter_records(args.input):
+    # output i is input line i: a blank or unscorable line is an error, never skipped
+    for where, record in iter_records(args.input, blank_lines="error"):
         if isinstance(record, DataError):
             raise record
         if isinstance(record, dict) and isinstance(record.get("text"), str):
+            if not record["text"].strip():
+                raise DataError(f"{where}: empty `text`; there is nothing to score")
             items.append(record["text"])
         elif isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
+            if not record["response"].strip():
+                raise DataError(f"{where}: empty `response`; there is nothing to score")
             items.append((record["prompt"], record["response"]))
         else:
             raise DataError(f"{where}: expected a `text` string, or `prompt` and `response` strings")

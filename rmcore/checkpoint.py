@@ -42,7 +42,10 @@ def read_hf_config(path: Path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path}: no config.json (expected an HF-format model directory)")
-    return json.loads(config_file.read_text())
+    try:
+        return json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_file}: malformed JSON ({e}); expected an HF model config") from None
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -58,12 +61,16 @@ def weight_files(path: Path) -> list[Path]:
 
 def iter_shard(file: Path):
     """(key, tensor) pairs of one weight file, one tensor in memory at a time for safetensors."""
-    if file.suffix == ".safetensors":
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
-    else:
-        yield from torch.load(file, map_location="cpu", mmap=True, weights_only=True).items()
+    try:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        else:
+            yield from torch.load(file, map_location="cpu", mmap=True, weights_only=True).items()
+    except Exception as e:  # safetensors' SafetensorError, pickle/zip errors: a corrupt or truncated file
+        raise CheckpointError(f"{file}: unreadable weights ({type(e).__name__}: {str(e)[:200]}); the file is "
+                              f"corrupt or truncated") from None
 
 
 def load_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", new_head: bool = False):

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
@@ -199,6 +200,8 @@ _SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 
 def _check_path(spec: FileSpec) -> Path:
     path = Path(spec.path)
+    if path.is_dir():
+        raise DataError(f"{spec.path}: is a directory; expected a data file ({', '.join(_SUFFIXES)})")
     if path.is_file():
         if not spec.path.endswith(_SUFFIXES):
             raise DataError(f"{spec.path}: unsupported file type; expected one of {', '.join(_SUFFIXES)}")
@@ -216,15 +219,22 @@ def _check_path(spec: FileSpec) -> Path:
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            yield n, line
+    n = 0
+    try:
+        with opener(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                yield n, line
+    except (OSError, EOFError, zlib.error) as e:  # not gzip, truncated, or corrupt compressed data
+        raise DataError(f"{path}: unreadable after line {n} ({type(e).__name__}: {e}); the file is corrupt or "
+                        f"truncated (a .gz must be complete gzip data)") from None
 
 
-def iter_records(spec: FileSpec | str) -> Iterator[tuple[str, object]]:
+def iter_records(spec: FileSpec | str, blank_lines: str = "skip") -> Iterator[tuple[str, object]]:
     """Yield (location "path:line", record or DataError) for the records of a spec, in file order.
 
-    Errors are yielded, not raised, so the caller decides between stopping and skipping (and counting).
+    Errors in a record are yielded, not raised, so the caller decides between stopping and skipping (and
+    counting); a file that cannot be read on (corrupt or truncated compression, a broken parquet) raises.
+    blank_lines="error" makes a blank .jsonl line an error (where records are matched to outputs by position).
     """
     spec = FileSpec.parse(spec) if isinstance(spec, str) else spec
     path = _check_path(spec)
@@ -234,7 +244,7 @@ def iter_records(spec: FileSpec | str) -> Iterator[tuple[str, object]]:
     elif path.name.endswith(".json"):
         rows = _json_rows(path)
     else:
-        rows = _jsonl_rows(path)
+        rows = _jsonl_rows(path, blank_lines)
     for index, (where, record) in enumerate(rows):
         if stop is not None and index >= stop:
             break
@@ -242,7 +252,7 @@ def iter_records(spec: FileSpec | str) -> Iterator[tuple[str, object]]:
             yield f"{spec.path}:{where}", record
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
+def _jsonl_rows(path: Path, blank_lines: str = "skip") -> Iterator[tuple[str, object]]:
     for n, raw in _lines(path):
         try:
             text = raw.decode("utf-8")
@@ -250,6 +260,9 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
             yield str(n), DataError(f"{path}:{n}: invalid UTF-8 at byte {e.start} of the line; expected UTF-8 text")
             continue
         if not text.strip():
+            if blank_lines == "error":
+                yield str(n), DataError(f"{path}:{n}: blank line; expected one JSON record per line (a skipped "
+                                        f"line would shift every later index)")
             continue  # a blank line (often the last) is not a record
         try:
             yield str(n), json.loads(text)
@@ -276,10 +289,13 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, object]]:
     except ImportError:
         raise DataError(f"{path}: reading .parquet needs pyarrow: pip install 'rmcore[parquet]' (or pip install pyarrow)") from None
     row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for record in batch.to_pylist():
-            yield f"row {row}", record
-            row += 1
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                yield f"row {row}", record
+                row += 1
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid / ArrowIOError derive from these
+        raise DataError(f"{path}: unreadable parquet after row {row} ({type(e).__name__}: {e})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

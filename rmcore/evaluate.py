@@ -50,6 +50,9 @@ class RewardScorer:
             self.template, self.template_source = Template(), "default (not recorded in config.json)"
         # default: the length limit the model was trained with, else its position limit
         self.max_length = max_length or info.get("max_length") or self.model.cfg.max_seq_len
+        if self.max_length > self.model.cfg.max_seq_len:
+            raise DataError(f"max_length={self.max_length} is above the model's position limit "
+                            f"(max_position_embeddings={self.model.cfg.max_seq_len} in {self.dir}/config.json)")
         if truncate not in ("error", "left"):
             raise ValueError(f"truncate must be 'error' or 'left', got {truncate!r}")
         self.truncate, self.truncated = truncate, 0
@@ -108,7 +111,12 @@ class RewardScorer:
         if self.d.enabled:
             from rmcore.distributed import gather_objects
             found = dict(gather_objects(list(found.items())))
-        return np.array([found[i] for i in range(len(seqs))], dtype=np.float64)
+        rewards = np.array([found[i] for i in range(len(seqs))], dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(rewards))
+        if len(bad):
+            raise CheckpointError(f"{self.dir}: non-finite reward for input(s) {bad[:10].tolist()} "
+                                  f"({rewards[bad[0]]}); the model's weights or activations overflow")
+        return rewards
 
     def score(self, items, normalize: bool = False, progress: bool = False) -> list[float]:
         """Rewards of transcripts or (prompt, response) pairs, in input order."""

@@ -244,7 +244,7 @@ class Trainer:
         self.ckpt = Checkpointer(self.out, d, cfg.run.keep)
         self.identity = run_identity(cfg, d.world_size)
         self.start_step, self.skipped, self.in_a_row, self.empty = 0, 0, 0, 0
-        found, state = self.ckpt.load_latest(cfg.run.resume, model, self.optimizer)
+        found, state = self.ckpt.load_latest(cfg.run.resume, model, self.optimizer, self.identity)
         if found is not None:
             self.start_step, self.skipped, self.empty = state["step"], state.get("skipped", 0), state.get("empty", 0)
             sampler.load_state_dict(state["sampler"])

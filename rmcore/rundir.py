@@ -237,12 +237,17 @@ class Checkpointer:
         barrier()
         return final
 
-    def load(self, path: Path, model, optimizer) -> dict:
-        """Restore model, optimizer and RNG in place; return trainer.json (step, loader state, ...)."""
+    def load(self, path: Path, model, optimizer, identity: dict | None = None) -> dict:
+        """Restore model, optimizer and RNG in place; return trainer.json (step, loader state, ...). With
+        `identity`, a checkpoint of another run is refused."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         state_json = read_trainer_json(path)
+        diff = identity_diff(state_json.get("identity", identity), identity) if identity is not None else []
+        if diff:
+            raise RunDirError(f"{path} is a checkpoint of a different run; differences:\n  " + "\n  ".join(diff) +
+                              "\nUse a new run.out_dir, or run.resume=never to move the earlier run aside.")
         model_sd, optim_sd = get_state_dict(model, optimizer)
         check_tensors(path, model_sd)
         state = {"model": model_sd, "optim": optim_sd}
@@ -256,13 +261,13 @@ class Checkpointer:
             set_rng_state(torch.load(rng_file, weights_only=False))
         return state_json
 
-    def load_latest(self, resume: str, model, optimizer) -> tuple[Path | None, dict]:
+    def load_latest(self, resume: str, model, optimizer, identity: dict | None = None) -> tuple[Path | None, dict]:
         """Load the newest readable candidate; an unreadable one is reported and the one before it is tried."""
         candidates = broadcast_object([str(p) for p in self.candidates(resume)] if self.d.is_main else None)
         failures = []
         for path in map(Path, reversed(candidates)):
             try:
-                state, error = self.load(path, model, optimizer), None
+                state, error = self.load(path, model, optimizer, identity), None
             except CheckpointError as e:
                 state, error = None, str(e)
             if all_reduce_sum([error is not None], self.d.device)[0] == 0:

@@ -96,7 +96,11 @@ class Tokenizer:
                 raise TokenizerError(f"{sp_file} is not a SentencePiece model: {e}") from e
             return cls._from_sp(sp, names, sp_file)
         if hf_file.is_file():
-            return cls._from_hf(tokenizers.Tokenizer.from_file(str(hf_file)), names, hf_file)
+            try:
+                backend = tokenizers.Tokenizer.from_file(str(hf_file))
+            except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+                raise TokenizerError(f"{hf_file}: not a valid tokenizer.json ({str(e)[:200]})") from None
+            return cls._from_hf(backend, names, hf_file)
         raise TokenizerError(
             f"no tokenizer in {d}: looked for {SP_FILE} (SentencePiece) and {HF_FILE} (HF tokenizers)"
         )
@@ -259,7 +263,11 @@ def _special_token_names(d: Path) -> dict:
     names = {}
     for f in CONFIG_FILES:
         if (d / f).is_file():
-            for key, value in json.loads((d / f).read_text()).items():
+            try:
+                config = json.loads((d / f).read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise TokenizerError(f"{d / f}: malformed JSON ({e})") from None
+            for key, value in config.items():
                 if key in ("bos_token", "eos_token", "pad_token") and value is not None:
                     names[key] = value["content"] if isinstance(value, dict) else value
     return names
