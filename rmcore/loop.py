@@ -316,14 +316,14 @@ class Trainer:
                                         f"(resume with run.resume=auto, or set run.on_nonfinite=skip)")
                 self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
                 self.log.print(f"skipped: {where} ({self.skipped} skipped so far)")
-                if self.in_a_row >= cfg.run.max_skips_in_a_row:
-                    self.log.close()
-                    raise NonFiniteLoss(f"stopped: {self.in_a_row} steps in a row had a non-finite loss or gradient "
-                                        f"(run.max_skips_in_a_row={cfg.run.max_skips_in_a_row}); the last: {where}. "
-                                        f"Last good checkpoint: {self.last_ckpt or 'none'}")
         self.optimizer.zero_grad(set_to_none=True)
         self.log.log(step + 1, {**losses, **metrics, "lr": lr, **grad, "skipped_steps": self.skipped,
                                 "empty_steps": self.empty, "epoch": self.sampler.epoch}, tokens=int(tokens))
+        if self.in_a_row >= cfg.run.max_skips_in_a_row:
+            self.log.close()
+            raise NonFiniteLoss(f"stopped: {self.in_a_row} steps in a row had a non-finite loss or gradient "
+                                f"(run.max_skips_in_a_row={cfg.run.max_skips_in_a_row}), the last at step {step + 1}. "
+                                f"Last good checkpoint: {self.last_ckpt or 'none'}")
         done = step + 1
         if self.evaluate is not None and cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < self.total_steps:
             self.log.log(done, {f"eval_{k}": v for k, v in self.evaluate().items()}, advance=False)

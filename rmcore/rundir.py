@@ -251,9 +251,10 @@ class Checkpointer:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         check_tensors(path, model_sd)
         state = {"model": model_sd, "optim": optim_sd}
+        from torch.distributed.checkpoint.api import CheckpointException
         try:
             dcp.load(state, checkpoint_id=str(path))
-        except Exception as e:  # DCP wraps per-rank read errors; the cause is in the message
+        except (Exception, CheckpointException) as e:  # DCP's wrapper of per-rank read errors is a BaseException
             raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e).strip()[:300]})") from None
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rng_file = path / f"rng_rank{self.d.rank}.pt"
@@ -287,9 +288,10 @@ class Checkpointer:
 def check_tensors(path: Path, model_sd: dict):
     """Every model tensor of this run must be in the checkpoint with the same shape, and nothing else."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     try:
         meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    except Exception as e:
+    except (Exception, CheckpointException) as e:
         raise CheckpointError(f"{path}/.metadata: unreadable ({type(e).__name__}: {str(e)[:200]})") from None
     saved = {k[len("model."):]: tuple(v.size) for k, v in meta.items() if k.startswith("model.") and hasattr(v, "size")}
     want = {k: tuple(v.shape) for k, v in model_sd.items()}
