@@ -15,3 +15,39 @@ def hh_file() -> Path:
     if not HH_TEST.is_file():
         pytest.fail(f"shipped data not found at {HH_TEST}; set RMCORE_DATA to the folder holding hh-rlhf/")
     return HH_TEST
+
+
+# Tests that write non-finite weights by hand (never through training) to check what reads them.
+HAND_WRITTEN_NON_FINITE = ("test_a_nan_reward_is_an_erro",)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_is_non_finite(tmp_path_factory):
+    """After the whole session: every export (safetensors) and every checkpoint (DCP) that any test wrote is finite."""
+    yield
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+    root = tmp_path_factory.getbasetemp()
+    bad = []
+    for f in root.rglob("*.safetensors"):
+        if any(name in str(f) for name in HAND_WRITTEN_NON_FINITE):
+            continue
+        try:
+            tensors = load_file(str(f))
+        except Exception:
+            continue  # a file a test truncated on purpose
+        bad += [f"{f}:{k}" for k, t in tensors.items() if not torch.isfinite(t).all()]
+    for ckpt in {p.parent for p in root.rglob(".metadata")}:
+        try:
+            meta = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+        except Exception:
+            continue  # a checkpoint a test truncated on purpose
+        state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in meta.items()
+                 if k.startswith("model.") and hasattr(v, "size")}
+        try:
+            dcp.load(state, checkpoint_id=str(ckpt))
+        except BaseException:
+            continue
+        bad += [f"{ckpt}:{k}" for k, t in state.items() if not torch.isfinite(t).all()]
+    assert not bad, f"non-finite weights written: {bad[:10]}"

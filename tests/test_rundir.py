@@ -113,21 +113,27 @@ def test_resumed_metrics_hold_each_step_once(tmp_path, hh_file, tok_dir):
 def test_second_run_on_a_directory_stops_naming_the_first(tmp_path, hh_file, tok_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = tmp_path / "run"
+    # the second run is started first, with everything imported, and enters train.py's main the moment the first
+    # run holds the lock: the two overlap however fast the machine is
+    second_argv = args("rm", run, hh_file, tok_dir, "optim.max_steps=8", "optim.micro_batch_size=2", "optim.lr=5e-3")
+    waiter = (f"import os, runpy, sys, time; sys.path.insert(0, {str(REPO)!r}); import train\n"
+              f"while not os.path.exists({str(run / '.lock')!r}): time.sleep(0.005)\n"
+              f"sys.argv = ['train.py'] + {second_argv!r}\n"
+              f"runpy.run_path({str(REPO / 'train.py')!r}, run_name='__main__')\n")
+    second = subprocess.Popen([sys.executable, "-c", waiter], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
     first = subprocess.Popen([sys.executable, str(REPO / "train.py"),
-                              *args("rm", run, hh_file, tok_dir, "optim.max_steps=40", "optim.lr=2e-3")],
-                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (run / ".lock").exists() and first.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    second = subprocess.run([sys.executable, str(REPO / "train.py"),
-                             *args("rm", run, hh_file, tok_dir, "optim.max_steps=40", "optim.lr=5e-3")],
-                            env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    out, err = first.communicate(timeout=300)
-    assert second.returncode != 0 and "Traceback" not in second.stderr
-    assert f"in use by another run (PID {first.pid} on" in second.stderr, second.stderr
-    assert first.returncode == 0, err[-2000:]
-    saved = (run / "config.yaml").read_text()
-    assert "lr: 0.002" in saved and json.loads((run / "export" / "config.json").read_text())["rmcore"]["stage"] == "rm"
+                              *args("rm", run, hh_file, tok_dir, "optim.max_steps=8", "optim.micro_batch_size=2",
+                                    "optim.lr=2e-3")], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    _, first_err = first.communicate(timeout=300)
+    _, second_err = second.communicate(timeout=300)
+    assert first.returncode == 0, first_err[-2000:]
+    assert second.returncode != 0 and "Traceback" not in second_err, second_err[-2000:]
+    assert f"{run} is in use by another run (PID {first.pid} on" in second_err, second_err
+    assert "lr: 0.002" in (run / "config.yaml").read_text()  # the first run's config, matching its export
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["lr"] == pytest.approx(2e-3)
     assert not (run / ".lock").exists()  # released at the end
 
 
