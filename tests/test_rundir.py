@@ -297,3 +297,28 @@ def test_a_nan_reward_is_an_error(tmp_path, tok_dir):
     tok.save_pretrained(tmp_path)
     with pytest.raises(UserError, match=r"non-finite reward for input\(s\) \[0, 1\]"):
         RewardScorer(tmp_path).score(["\n\nHuman: hi\n\nAssistant: a", "\n\nHuman: hi\n\nAssistant: b"])
+
+
+def test_corrupt_parquet_gzip_and_json_files_are_named(tmp_path):
+    from rmcore.checkpoint import read_hf_config
+    from rmcore.data import DataError, read_examples
+    (tmp_path / "x.parquet").write_bytes(b"not a parquet file at all")
+    with pytest.raises(DataError, match=r"x\.parquet: unreadable parquet"):
+        read_examples([str(tmp_path / "x.parquet")])
+    (tmp_path / "plain.jsonl.gz").write_text('{"text": "not gzip"}\n')
+    with pytest.raises(DataError, match=r"plain\.jsonl\.gz: unreadable after line 0 .*corrupt or truncated"):
+        read_examples([str(tmp_path / "plain.jsonl.gz")])
+    (tmp_path / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(UserError, match=r"config\.json: malformed JSON"):
+        read_hf_config(tmp_path)
+
+
+def test_malformed_trainer_json_falls_back_too(tmp_path, hh_file, tok_dir):
+    common = ["optim.micro_batch_size=4", "optim.max_steps=5", "run.save_every=2", "run.keep=3", "run.eval_every=0"]
+    with pytest.raises(SystemExit):
+        train.main(args("rm", tmp_path / "cut", hh_file, tok_dir, *common, "run.halt_at_step=4"))
+    (tmp_path / "cut" / "checkpoints" / "step_0000004" / "trainer.json").write_text("{not json")
+    with pytest.warns(UserWarning, match=r"step_0000002 instead: .*trainer\.json: unreadable"):
+        train.main(args("rm", tmp_path / "cut", hh_file, tok_dir, *common))
+    train.main(args("rm", tmp_path / "full", hh_file, tok_dir, *common))
+    assert_same_weights(tmp_path / "full", tmp_path / "cut", atol=0)
