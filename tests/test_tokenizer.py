@@ -159,14 +159,14 @@ def test_model_without_pad_uses_unk(no_pad_dir, hh_texts, tmp_path):
     assert hf.encode(hh_texts[0]) == tok.encode(hh_texts[0], bos=True)
 
 
-def test_config_names_special_tokens(no_pad_dir, tmp_path):
+def test_config_names_special_tokens(no_pad_dir, tmp_path, capsys):
     (tmp_path / "tokenizer.model").write_bytes((no_pad_dir / "tokenizer.model").read_bytes())
     config = tmp_path / "tokenizer_config.json"
     config.write_text(json.dumps({"pad_token": {"content": "<s>"}, "eos_token": "</s>"}))
     assert Tokenizer.from_pretrained(tmp_path).pad_id == 1
-    config.write_text(json.dumps({"pad_token": "</s>"}))
-    with pytest.raises(ValueError, match="pad id 2 equals eos id 2"):
-        Tokenizer.from_pretrained(tmp_path)
+    config.write_text(json.dumps({"pad_token": "</s>"}))  # PAD = EOS, as modern checkpoints ship it
+    assert Tokenizer.from_pretrained(tmp_path).pad_id == 0  # another existing special pads instead, said once
+    assert "padding with '<unk>' (id 0) instead" in capsys.readouterr().out
     config.write_text(json.dumps({"pad_token": "<nope>"}))
     with pytest.raises(ValueError, match="<nope>"):
         Tokenizer.from_pretrained(tmp_path)
