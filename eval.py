@@ -16,9 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from rmcore.data import DataConfig, DataError, iter_records, read_examples, require_data, tokenize_pairs
+from rmcore.data import DataError, iter_records, read_examples, require_data, tokenize_pairs
 from rmcore.distributed import init_distributed, shutdown
 from rmcore.errors import UserError, user_errors
 from rmcore.evaluate import RewardScorer, evaluate_pairs, markdown_report, plot_report, write_normalization

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from rmcore.checkpoint import CheckpointError
-from rmcore.data import HUMAN, DataError, PairDataset, Template, split_transcript
+from rmcore.data import HUMAN, DataError, PairDataset, Template
 from rmcore.distributed import Dist
 from rmcore.losses import pairwise_loss, preference_metrics
 from rmcore.metrics import (

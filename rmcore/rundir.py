@@ -165,7 +165,7 @@ def prepare_run_dir(cfg, d: Dist) -> None:
                     if diff:
                         error = (f"{out} holds checkpoints of a different run ({candidates[-1].name}); it will not be "
                                  f"resumed with another config. Differences:\n  " + "\n  ".join(diff) +
-                                 f"\nUse a new run.out_dir, or run.resume=never to move the earlier run aside.")
+                                 "\nUse a new run.out_dir, or run.resume=never to move the earlier run aside.")
     error = broadcast_object(error)
     if error:
         raise RunDirError(error)

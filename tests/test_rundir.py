@@ -1,15 +1,12 @@
 """A run never lies: no model without data, one run per directory, checkpoints only their own run resumes (with
 fallback past a corrupt one), finite weights only, corrupt inputs named. Tiny models, fp32."""
-import gzip
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
