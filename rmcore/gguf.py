@@ -85,8 +85,8 @@ def gguf_config(reader) -> ModelConfig:
     """ModelConfig from the file's `llama.*` metadata and tokenizer ids; other architectures are an error."""
     arch = _field(reader, "general.architecture")
     if arch != "llama":
-        raise CheckpointError(f"{reader.data.filename if hasattr(reader.data, 'filename') else 'GGUF file'}: "
-                              f"architecture {arch!r} is not supported; rmcore loads LLaMA-architecture files (llama)")
+        raise CheckpointError(f"GGUF file: architecture {arch!r} is not supported; rmcore loads LLaMA-architecture "
+                              f"files (llama)")
     if _field(reader, "llama.rope.scaling.type") not in (None, "none") or "rope_freqs.weight" in _tensor_names(reader):
         raise CheckpointError("GGUF file: scaled RoPE (rope scaling / rope_freqs) is not supported, only default RoPE")
     tokens = _field(reader, "tokenizer.ggml.tokens") or []
@@ -148,9 +148,10 @@ def gguf_tensors(reader, cfg: ModelConfig):
         yield names[t.name], w
 
 
-def load_gguf(cls, path: str | Path, dtype: torch.dtype | None = None, new_head: bool = False):
+def load_gguf(cls, path_or_reader, dtype: torch.dtype | None = None, new_head: bool = False):
     """CausalLM (or RewardModel with a fresh value head, new_head=True) from a LLaMA-architecture GGUF file."""
-    reader = read_gguf(path)
+    reader = path_or_reader if hasattr(path_or_reader, "fields") else read_gguf(path_or_reader)
+    path = reader.data.filename
     cfg = gguf_config(reader)
     with torch.device("meta"):
         model = cls(cfg)
@@ -222,11 +223,12 @@ PRE_TOKENIZERS = {"default": _byte_level, "gpt2": _byte_level, "smollm": _smollm
 def convert(path: str | Path, out: str | Path) -> Path:
     """Write a GGUF file as a plain HF directory: model.safetensors, config.json and tokenizer files."""
     from rmcore.model import CausalLM
-    reader = read_gguf(path)
-    model = load_gguf(CausalLM, resolve_gguf(path))
+    source = resolve_gguf(path)
+    reader = read_gguf(source)
+    model = load_gguf(CausalLM, reader)
     tok = gguf_tokenizer(reader)
     model.cfg.pad_id = tok.pad_id  # the exported config names the PAD the tokenizer uses (never EOS)
     out = Path(out)
-    model.save_pretrained(out, extra_config={"rmcore": {"converted_from": str(resolve_gguf(path))}})
+    model.save_pretrained(out, extra_config={"rmcore": {"converted_from": str(source)}})
     tok.save_pretrained(out)
     return out

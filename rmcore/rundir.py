@@ -131,11 +131,17 @@ def run_identity(cfg, world_size: int) -> dict:
     return flat
 
 
-def identity_diff(saved: dict, current: dict) -> list[str]:
-    """'key: checkpoint X, this run Y' for every key whose value differs (or exists on one side only)."""
+def check_identity(path: Path, saved: dict | None, current: dict):
+    """Refuse checkpoint `path` unless its stored identity equals this run's, listing every key that differs."""
+    if saved is None:  # written before identities were stored
+        return
     missing = object()
-    return [f"{k}: checkpoint {saved.get(k, '(absent)')!r}, this run {current.get(k, '(absent)')!r}"
+    diff = [f"{k}: checkpoint {saved.get(k, '(absent)')!r}, this run {current.get(k, '(absent)')!r}"
             for k in sorted(set(saved) | set(current)) if saved.get(k, missing) != current.get(k, missing)]
+    if diff:
+        raise RunDirError(f"{path} is a checkpoint of a different run; it will not be resumed with another config. "
+                          f"Differences:\n  " + "\n  ".join(diff) +
+                          "\nUse a new run.out_dir, or run.resume=never to move the earlier run aside.")
 
 
 def prepare_run_dir(cfg, d: Dist) -> None:
@@ -157,15 +163,12 @@ def prepare_run_dir(cfg, d: Dist) -> None:
             candidates = ckpt.candidates(cfg.run.resume)
             if candidates:
                 try:
-                    saved = read_trainer_json(candidates[-1]).get("identity")
+                    check_identity(candidates[-1], read_trainer_json(candidates[-1]).get("identity"),
+                                   run_identity(cfg, d.world_size))
                 except CheckpointError:
-                    saved = None  # unreadable: the Trainer reports it and falls back
-                if saved is not None:
-                    diff = identity_diff(saved, run_identity(cfg, d.world_size))
-                    if diff:
-                        error = (f"{out} holds checkpoints of a different run ({candidates[-1].name}); it will not be "
-                                 f"resumed with another config. Differences:\n  " + "\n  ".join(diff) +
-                                 "\nUse a new run.out_dir, or run.resume=never to move the earlier run aside.")
+                    pass  # unreadable: the Trainer reports it and falls back
+                except RunDirError as e:
+                    error = str(e)
     error = broadcast_object(error)
     if error:
         raise RunDirError(error)
@@ -244,10 +247,8 @@ class Checkpointer:
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         state_json = read_trainer_json(path)
-        diff = identity_diff(state_json.get("identity", identity), identity) if identity is not None else []
-        if diff:
-            raise RunDirError(f"{path} is a checkpoint of a different run; differences:\n  " + "\n  ".join(diff) +
-                              "\nUse a new run.out_dir, or run.resume=never to move the earlier run aside.")
+        if identity is not None:
+            check_identity(path, state_json.get("identity"), identity)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         check_tensors(path, model_sd)
         state = {"model": model_sd, "optim": optim_sd}

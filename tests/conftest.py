@@ -21,33 +21,36 @@ def hh_file() -> Path:
 HAND_WRITTEN_NON_FINITE = ("test_a_nan_reward_is_an_erro",)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def nothing_written_is_non_finite(tmp_path_factory):
-    """After the whole session: every export (safetensors) and every checkpoint (DCP) that any test wrote is finite."""
-    yield
+def non_finite_tensors(root: Path, skip=()) -> list[str]:
+    """'file:tensor' for every non-finite tensor in the safetensors files and DCP checkpoints (model part) below
+    root; files a test corrupted on purpose (unreadable) and paths containing a `skip` string are passed over."""
     import torch
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
-    root = tmp_path_factory.getbasetemp()
     bad = []
-    for f in root.rglob("*.safetensors"):
-        if any(name in str(f) for name in HAND_WRITTEN_NON_FINITE):
+    for f in Path(root).rglob("*.safetensors"):
+        if any(name in str(f) for name in skip):
             continue
         try:
             tensors = load_file(str(f))
         except Exception:
-            continue  # a file a test truncated on purpose
+            continue
         bad += [f"{f}:{k}" for k, t in tensors.items() if not torch.isfinite(t).all()]
-    for ckpt in {p.parent for p in root.rglob(".metadata")}:
+    for ckpt in {p.parent for p in Path(root).rglob(".metadata")}:
         try:
             meta = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
-        except Exception:
-            continue  # a checkpoint a test truncated on purpose
-        state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in meta.items()
-                 if k.startswith("model.") and hasattr(v, "size")}
-        try:
+            state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in meta.items()
+                     if k.startswith("model.") and hasattr(v, "size")}
             dcp.load(state, checkpoint_id=str(ckpt))
-        except BaseException:
+        except BaseException:  # DCP's CheckpointException is a BaseException
             continue
         bad += [f"{ckpt}:{k}" for k, t in state.items() if not torch.isfinite(t).all()]
+    return bad
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_is_non_finite(tmp_path_factory):
+    """After the whole session: every export (safetensors) and every checkpoint (DCP) that any test wrote is finite."""
+    yield
+    bad = non_finite_tensors(tmp_path_factory.getbasetemp(), skip=HAND_WRITTEN_NON_FINITE)
     assert not bad, f"non-finite weights written: {bad[:10]}"
