@@ -14,15 +14,13 @@ therefore never change the math.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rmcore.config import ConfigError, TrainConfig, load_stages, parse_cli, save_config
+from rmcore.config import ConfigError, TrainConfig, load_stages, parse_cli
 from rmcore.data import (
     ShardedSampler, Template, collate_blocks, collate_pairs, load_blocks, load_pairs, read_examples, require_data,
 )
@@ -32,10 +30,11 @@ from rmcore.losses import (
     sft_loss, shift_targets,
 )
 from rmcore.errors import user_errors
-from rmcore.loop import Trainer, autocast, build_model, resolve_precision, seed_everything, set_grad_sync
-from rmcore.rundir import RunLock, prepare_run_dir
+from rmcore.loop import Trainer, autocast, build_model, set_grad_sync
 from rmcore.model import CausalLM, RewardModel
-from rmcore.tokenizer import Tokenizer, train_tokenizer
+from rmcore.rundir import RunLock
+from rmcore.runner import bf16, export_config, has_value_head, load_splits, model_config, say, setup
+from rmcore.tokenizer import train_tokenizer
 
 
 def main(argv: list[str]) -> dict:
@@ -68,8 +67,9 @@ def tokenizer_stage(cfg: TrainConfig) -> dict:
 def sft(cfg: TrainConfig) -> dict:
     """Supervised fine-tuning on block-packed text: masked next-token cross-entropy."""
     d, tok = setup(cfg)
-    train, held_out = load_splits(load_blocks, cfg, tok, d)
-    model = build_model(CausalLM, d, cfg.run.init_from, model_config(cfg, tok), bf16(cfg), cfg.run.seed)
+    train, held_out = load_splits(load_blocks, cfg, tok, d, "blocks")
+    model = build_model(CausalLM, d, cfg.run.init_from, model_config(cfg, tok), bf16(cfg), cfg.run.seed,
+                        activation_checkpointing=cfg.model.activation_checkpointing)
     sampler = ShardedSampler(len(train), cfg.optim.micro_batch_size, d.rank, d.world_size, cfg.run.seed)
 
     def forward_sums(batch):
@@ -114,14 +114,15 @@ def sft(cfg: TrainConfig) -> dict:
 def rm(cfg: TrainConfig) -> dict:
     """Reward model: Bradley-Terry pairwise loss (+ optional margin, + optional centering) on chosen/rejected pairs."""
     d, tok = setup(cfg)
-    train, held_out = load_splits(load_pairs, cfg, tok, d)
+    train, held_out = load_splits(load_pairs, cfg, tok, d, "pairs")
     if cfg.loss.margin and np.isnan(train.margin).all():
         raise ConfigError("loss.margin=true, but no training pair carries a margin (a `margin` or `score_chosen`/"
                          "`score_rejected` field): the run would be a no-margin run under a margin label")
     new_head = cfg.run.init_from is not None and not has_value_head(cfg.run.init_from)
     if new_head:
         say(d, f"{cfg.run.init_from} has no value head (a causal LM): starting a fresh one, std 1/sqrt(dim+1)")
-    model = build_model(RewardModel, d, cfg.run.init_from, model_config(cfg, tok), bf16(cfg), cfg.run.seed, new_head)
+    model = build_model(RewardModel, d, cfg.run.init_from, model_config(cfg, tok), bf16(cfg), cfg.run.seed, new_head,
+                        cfg.model.activation_checkpointing)
     lengths = train.lengths() if cfg.data.group_by_length else None
     sampler = ShardedSampler(len(train), cfg.optim.micro_batch_size, d.rank, d.world_size, cfg.run.seed, lengths=lengths)
 
@@ -184,66 +185,8 @@ def rm(cfg: TrainConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def setup(cfg: TrainConfig):
-    """Process group, seeds, precision, run directory with the resolved config, tokenizer."""
-    d = init_distributed(cfg.run.device)
-    seed_everything(cfg.run.seed)
-    cfg.run.precision, why = resolve_precision(cfg.run.precision, d.device)
-    say(d, why)
-    prepare_run_dir(cfg, d)  # a checkpoint of another run is never resumed; resume=never moves the old run aside
-    out = Path(cfg.run.out_dir)
-    if d.is_main:
-        save_config(cfg, str(out / "config.yaml"))
-    if not cfg.data.train:
-        raise ConfigError("data.train is empty: name the training file(s), e.g. \"data.train=['pairs.jsonl.gz[:1000]']\"")
-    tok_dir = cfg.run.tokenizer or cfg.run.init_from
-    if tok_dir is None:
-        raise ConfigError("run.tokenizer is not set and there is no run.init_from to take the tokenizer from")
-    return d, Tokenizer.from_pretrained(tok_dir)
-
-
-def load_splits(load, cfg: TrainConfig, tok: Tokenizer, d):
-    """(train, held-out or None) through load_blocks or load_pairs; what each dropped is printed. A split that
-    comes out empty stops the run, saying why."""
-    splits = []
-    for name, specs in (("train", cfg.data.train), ("eval", cfg.data.eval)):
-        data = None
-        if specs:
-            data, report = load(specs, tok, cfg.data, f"{cfg.run.stage} {name}")
-            say(d, report.summary())
-            require_data(len(data), report, specs, f"data.{name} ({cfg.run.stage})",
-                         "blocks" if cfg.run.stage == "sft" else "pairs")
-        splits.append(data)
-    return splits
-
-
-def model_config(cfg: TrainConfig, tok: Tokenizer):
-    """cfg.model with the tokenizer's vocabulary and special ids (a fresh init must agree with its tokenizer)."""
-    return dataclasses.replace(cfg.model, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
-
-
-def has_value_head(path: str) -> bool:
-    config = json.loads((Path(path) / "config.json").read_text())
-    return "LlamaForSequenceClassification" in config.get("architectures", [])
-
-
-def export_config(cfg: TrainConfig) -> dict:
-    """Recorded in the exported config.json, so evaluation and scoring apply the template the model was trained with."""
-    return {"rmcore": {"stage": cfg.run.stage, "template": Template.from_config(cfg.data).to_dict(),
-                       "max_length": cfg.data.max_length, "train_data": list(cfg.data.train)}}
-
-
-def bf16(cfg: TrainConfig) -> bool:
-    return cfg.run.precision == "bf16"
-
-
 def to(x, d):
     return None if x is None else x.to(d.device)
-
-
-def say(d, text: str):
-    if d.is_main:
-        print(text, flush=True)
 
 
 if __name__ == "__main__":

@@ -442,7 +442,7 @@ class LoggingConfig:
 @dataclasses.dataclass
 class TrainConfig:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # used for a fresh init only
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # a fresh init's shape; activation_checkpointing always
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)

@@ -67,6 +67,8 @@ class DataConfig:
     human_tag: str = "###Human:"           # the template: "\n\nHuman:" is written as this (the recipe's value),
     assistant_tag: str = "###Assistant:"   # "\n\nAssistant:" as this,
     tag_separator: str = " "               # with this before each tag but one opening the text (see Template)
+    template: Literal["tags", "chatml"] = "tags"   # tags: the three settings above; chatml: ChatML, as chat models
+    system_prompt: str = ""                # chatml only: a system turn opening every text ("" = none)
     max_length: int = 512                  # RM: a pair with either sequence longer (tokens, BOS/EOS included) is dropped
     block_size: int = 1024                 # SFT: tokens per packed block
     sft_loss_on: Literal["all", "assistant"] = "all"   # SFT loss on every token (recipe) or assistant tokens only
@@ -82,21 +84,41 @@ class DataConfig:
 @dataclass(frozen=True)
 class Template:
     """How an HH-form transcript is written for the model. Each "\n\nHuman:" / "\n\nAssistant:" marker becomes
-    `separator + tag`, except at the very start of the text, where it is the tag alone. The recipe's values give
-    the reference model card's form, "###Human: <question> ###Assistant: <answer>"; human="\n\nHuman:",
-    assistant="\n\nAssistant:", separator="" leave HH text as it is."""
+    `separator + tag`, except at the very start of the text, where it is the tag alone; `prefix` opens every HH
+    transcript (text without a marker is left as written).
+    With strip_space, the one space HH puts after a marker is dropped. special_tokens: the tags are written in
+    the tokenizer's special tokens (ChatML's <|im_start|>), which encoding then reads as those tokens.
+
+    The recipe's values give the reference model card's form, "###Human: <question> ###Assistant: <answer>";
+    human="\n\nHuman:", assistant="\n\nAssistant:", separator="" leave HH text as it is; Template.chatml() gives
+    "<|im_start|>user\n<question><|im_end|>\n<|im_start|>assistant\n<answer>" + EOS (<|im_end|> in ChatML models)."""
     human: str = "###Human:"
     assistant: str = "###Assistant:"
     separator: str = " "
+    strip_space: bool = False
+    prefix: str = ""
+    special_tokens: bool = False
+
+    @classmethod
+    def chatml(cls, system: str = "") -> "Template":
+        """ChatML (SmolLM2, Qwen, ...): every turn is <|im_start|>role\n content <|im_end|>\n."""
+        return cls("<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>\n", strip_space=True,
+                   prefix=f"<|im_start|>system\n{system}<|im_end|>\n" if system else "", special_tokens=True)
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> "Template":
+        if cfg.template == "chatml":
+            return cls.chatml(cfg.system_prompt)
+        if cfg.system_prompt:
+            raise DataError("data.system_prompt is set but data.template=tags has no system turn; use "
+                            "data.template=chatml, or write the system text into the data")
         return cls(cfg.human_tag, cfg.assistant_tag, cfg.tag_separator)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Template":
         """The template recorded in a model's config.json; exports made before `separator` existed used none."""
-        return cls(d["human"], d["assistant"], d.get("separator", ""))
+        return cls(d["human"], d["assistant"], d.get("separator", ""), d.get("strip_space", False),
+                   d.get("prefix", ""), d.get("special_tokens", False))
 
     def apply(self, text: str) -> str:
         """Rewrite the HH markers: "\n\nHuman:" -> separator + human, "\n\nAssistant:" -> separator + assistant."""
@@ -104,10 +126,12 @@ class Template:
 
     def invert(self, text: str) -> str:
         """Undo apply (exact for texts that did not already contain the tags)."""
+        text = text[len(self.prefix):] if self.prefix and text.startswith(self.prefix) else text
+        space = " " if self.strip_space else ""
         for tag, marker in ((self.human, HUMAN), (self.assistant, ASSISTANT)):
             if text.startswith(tag):
-                text = marker + text[len(tag):]
-            text = text.replace(self.separator + tag, marker)
+                text = marker + space + text[len(tag):]
+            text = text.replace(self.separator + tag, marker + space)
         return text
 
     def render(self, prompt: str, response: str = "") -> str:
@@ -121,18 +145,41 @@ class Template:
     def _pieces(self, hh_text: str) -> list[tuple[str, bool]]:
         # Split the HH form at every marker; content after an assistant marker is assistant content, and a
         # marker (with its separator) belongs to neither side.
-        pieces, in_assistant = [], False
+        pieces, in_assistant, after_marker = [], False, False
         for part in re.split(f"({re.escape(HUMAN)}|{re.escape(ASSISTANT)})", hh_text):
             if part in (HUMAN, ASSISTANT):
                 in_assistant = part == ASSISTANT
                 tag = self.assistant if in_assistant else self.human
                 pieces.append((tag if not pieces else self.separator + tag, False))
-            elif part:
+                after_marker = True
+                continue
+            if after_marker and self.strip_space and part.startswith(" "):
+                part = part[1:]
+            if part:
                 pieces.append((part, in_assistant))
-        return pieces
+            after_marker = False
+        # the prefix opens a transcript; text without an HH marker (already templated, or plain) stays as written
+        return [(self.prefix, False)] + pieces if self.prefix and has_hh_marker(hh_text) else pieces
+
+    def check(self, tokenizer) -> "Template":
+        """A template written in special tokens needs a tokenizer that has them; anything else would be read as
+        plain characters and train the model on a format it was never given."""
+        if self.special_tokens:
+            have = {tokenizer.decode([i], skip_special_tokens=False) for i in tokenizer.special_ids}
+            wanted = set(re.findall(r"<\|[^|<>]*\|>", self.human + self.assistant + self.separator + self.prefix))
+            if wanted - have:
+                raise DataError(f"the template is written in the special tokens {sorted(wanted)}, but the tokenizer "
+                                f"lacks {sorted(wanted - have)} as special tokens (it has {sorted(have)}); use "
+                                f"data.template=tags with this tokenizer, or a ChatML model's tokenizer")
+        return self
 
     def to_dict(self) -> dict:
-        return {"human": self.human, "assistant": self.assistant, "separator": self.separator}
+        return {"human": self.human, "assistant": self.assistant, "separator": self.separator,
+                "strip_space": self.strip_space, "prefix": self.prefix, "special_tokens": self.special_tokens}
+
+
+def has_hh_marker(text: str) -> bool:
+    return HUMAN in text or ASSISTANT in text
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -553,7 +600,7 @@ def tokenize_pairs(examples: list[Example], tokenizer, template: Template, max_l
     for i in range(0, len(examples), batch):
         part = examples[i:i + batch]
         texts = [template.render(e.prompt, e.chosen) for e in part] + [template.render(e.prompt, e.rejected) for e in part]
-        tokens = tokenizer.encode_batch(texts, bos=True, eos=True)
+        tokens = tokenizer.encode_batch(texts, bos=True, eos=True, specials=template.special_tokens)
         for e, c, r in zip(part, tokens[:len(part)], tokens[len(part):]):
             if max_length is not None and max(len(c), len(r)) > max_length:
                 report.drop(too_long, e.id)
@@ -571,7 +618,7 @@ def load_pairs(specs: list[str], tokenizer, cfg: DataConfig, name: str, keep_exa
     examples, report = read_examples(specs, cfg.format, cfg.skip_bad_lines, name)
     if examples and examples[0].rejected is None:
         raise DataError(f"{examples[0].id}: a reward model needs pairs; this file holds single texts (format 'text')")
-    return tokenize_pairs(examples, tokenizer, Template.from_config(cfg), cfg.max_length, report, keep_examples), report
+    return tokenize_pairs(examples, tokenizer, Template.from_config(cfg).check(tokenizer), cfg.max_length, report, keep_examples), report
 
 
 def collate_pairs(data: PairDataset, indices: list[int], pad_id: int) -> dict:
@@ -608,17 +655,18 @@ def document_tokens(example: Example, tokenizer, template: Template, loss_on: st
     """BOS + render(prompt, chosen) + EOS, and which tokens the loss covers (all, or assistant content + EOS)."""
     text = template.render(example.prompt, example.chosen)
     if loss_on == "all":
-        ids = tokenizer.encode(text, bos=True, eos=True)
+        ids = tokenizer.encode(text, bos=True, eos=True, specials=template.special_tokens)
         return ids, [True] * len(ids)
     # Assistant-only: the same whole-text encoding; a token is learned when its first character lies in
     # assistant content.
-    ids, starts = tokenizer.encode_with_starts(text)
+    ids, starts = tokenizer.encode_with_starts(text, specials=template.special_tokens)
     is_assistant = np.zeros(len(text) + 1, dtype=bool)
     at = 0
     for piece, assistant in template.segments(example.prompt, example.chosen):
         is_assistant[at:at + len(piece)] = assistant
         at += len(piece)
-    return [tokenizer.bos_id] + ids + [tokenizer.eos_id], [False] + is_assistant[starts].tolist() + [True]
+    bos = [tokenizer.bos_id] if tokenizer.add_bos else []
+    return bos + ids + [tokenizer.eos_id], [False] * len(bos) + is_assistant[starts].tolist() + [True]
 
 
 def pack_blocks(docs: list[tuple[list[int], list[bool]]], block_size: int) -> BlockDataset:
@@ -637,7 +685,7 @@ def pack_blocks(docs: list[tuple[list[int], list[bool]]], block_size: int) -> Bl
 def load_blocks(specs: list[str], tokenizer, cfg: DataConfig, name: str) -> tuple[BlockDataset, Report]:
     """SFT data: every record's prompt + chosen response, packed into blocks."""
     examples, report = read_examples(specs, cfg.format, cfg.skip_bad_lines, name)
-    template = Template.from_config(cfg)
+    template = Template.from_config(cfg).check(tokenizer)
     docs = [document_tokens(e, tokenizer, template, cfg.sft_loss_on) for e in examples]
     blocks = pack_blocks(docs, cfg.block_size)
     total = sum(len(ids) for ids, _ in docs)

@@ -45,7 +45,7 @@ class RewardScorer:
         self.config = json.loads((self.dir / "config.json").read_text())
         info = self.config.get("rmcore", {})
         if "template" in info:
-            self.template, self.template_source = Template.from_dict(info["template"]), "config.json"
+            self.template, self.template_source = Template.from_dict(info["template"]).check(self.tokenizer), "config.json"
         else:  # a model rmcore did not train: the recipe's template, said out loud in every report
             self.template, self.template_source = Template(), "default (not recorded in config.json)"
         # default: the length limit the model was trained with, else its position limit
@@ -67,14 +67,16 @@ class RewardScorer:
         return self.template.render(prompt, response)
 
     def encode(self, items) -> list[list[int]]:
-        seqs = self.tokenizer.encode_batch([self.text_of(x) for x in items], bos=True, eos=True)
+        seqs = self.tokenizer.encode_batch([self.text_of(x) for x in items], bos=True, eos=True,
+                                           specials=self.template.special_tokens)
         out = []
         for i, ids in enumerate(seqs):
             if len(ids) > self.max_length:
                 if self.truncate == "error":
                     raise DataError(f"input {i} has {len(ids)} tokens, more than max_length={self.max_length}; "
                                      f"pass truncate='left' (--truncate left) to drop its oldest tokens")
-                ids = [ids[0]] + ids[len(ids) - self.max_length + 1:]  # keep BOS, drop the oldest turns' tokens
+                keep = int(self.tokenizer.add_bos)  # keep BOS (where the model has one), drop the oldest turns' tokens
+                ids = ids[:keep] + ids[len(ids) - self.max_length + keep:]
                 self.truncated += 1
             out.append(ids)
         if self.truncated and self.truncate == "left":
@@ -165,9 +167,11 @@ def excerpt(text: str, n: int = 200) -> str:
 
 
 def response_lengths(pairs: PairDataset, tokenizer, template: Template) -> tuple[np.ndarray, np.ndarray]:
-    """Response tokens of each side: the sequence (BOS ... EOS) minus BOS, EOS and the prompt's tokens."""
-    prompt_len = np.array([len(tokenizer.encode(template.render(e.prompt))) for e in pairs.examples], dtype=np.int64)
-    sides = (np.array([len(s) for s in seqs], dtype=np.int64) - 2 - prompt_len for seqs in (pairs.chosen, pairs.rejected))
+    """Response tokens of each side: the sequence ([BOS] ... EOS) minus BOS, EOS and the prompt's tokens."""
+    prompt_len = np.array([len(tokenizer.encode(template.render(e.prompt), specials=template.special_tokens))
+                           for e in pairs.examples], dtype=np.int64)
+    ends = 1 + tokenizer.add_bos  # EOS, and BOS where the model adds one
+    sides = (np.array([len(s) for s in seqs], dtype=np.int64) - ends - prompt_len for seqs in (pairs.chosen, pairs.rejected))
     return tuple(sides)
 
 

@@ -2,22 +2,27 @@
 
 Prompts are left-padded so every row's next token lands in the same cache slot; `attention_mask` keeps the
 padding out of attention and position ids count only real tokens, so a padded prompt generates exactly what it
-would alone. Rows stop at EOS independently; after its EOS a row emits pad_id.
+would alone. A row stops at EOS or when its decoded response contains a stop string; everything after its stop is
+padding (pad_id, never EOS).
+
+Safe under FSDP2: every forward is a collective there, so all ranks take the same number of decoding steps — a
+rank whose rows are all done keeps stepping (on padding) until every rank is done.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from rmcore.model import CausalLM, KVCache, default_position_ids
 
 
 @contextmanager
-def kv_cache(model: CausalLM, batch_size: int, max_len: int):
-    """Attach a fresh KV cache to every attention layer for the duration of the block."""
-    cfg, dtype = model.cfg, model.lm_head.weight.dtype
-    device = model.lm_head.weight.device
+def kv_cache(model: CausalLM, batch_size: int, max_len: int, dtype: torch.dtype, device):
+    """Attach a fresh KV cache (in the compute dtype) to every attention layer for the duration of the block."""
+    cfg = model.cfg
     for layer in model.model.layers:
         layer.self_attn.kv_cache = KVCache(batch_size, max_len, cfg.n_kv_heads, cfg.head_dim, dtype, device)
     try:
@@ -29,7 +34,7 @@ def kv_cache(model: CausalLM, batch_size: int, max_len: int):
 
 def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> (input_ids, attention_mask), padded on the left to the longest prompt."""
-    width = max(len(p) for p in prompts)
+    width = max((len(p) for p in prompts), default=0)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
@@ -45,7 +50,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
@@ -59,41 +64,109 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[token]: the log-probability the sampler gave each token (temperature 0
+    and 1 both mean the raw logits)."""
+    logits = logits.float() / (temperature if temperature > 0 else 1.0)
+    return torch.gather(logits.log_softmax(-1), -1, tokens[..., None]).squeeze(-1)
+
+
+def cut_at_stop(text: str, stop_strings: tuple[str, ...] = ()) -> tuple[str, bool]:
+    """(text before the first stop string, whether one was found): the one place a response is cut, used by
+    generation, scoring and training alike."""
+    cuts = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
+    return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+@dataclass
+class Rollout:
+    """Prompts and sampled responses, as a training step needs them.
+
+    sequences (B, P + T): the left-padded prompts, then the responses right-padded with pad_id.
+    attention_mask (B, P + T): 1 on real tokens (prompt, and response up to and including its stop).
+    response_mask (B, T): 1 on response tokens up to and including the token that stopped the row.
+    logprobs (B, T) or None: log-prob of each sampled token under logits / temperature; 0 on padding.
+    stopped (B,): the row ended at EOS or a stop string (False: cut at max_new_tokens).
+    """
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor | None
+    stopped: torch.Tensor
+    prompt_width: int
+
+    def responses(self) -> list[list[int]]:
+        """Each row's response tokens, up to and including its stop."""
+        rows = self.sequences[:, self.prompt_width:].tolist()
+        return [r[:n] for r, n in zip(rows, self.response_mask.sum(-1).tolist())]
+
+
 @torch.no_grad()
-def generate(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None) -> list[list[int]]:
-    """Sample continuations of token-id prompts; returns the new tokens of each row, ending at its EOS
-    (included) or after max_new_tokens."""
+def rollout(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
+            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+            generator: torch.Generator | None = None, with_logprobs: bool = False,
+            stop_strings: tuple[str, ...] = (), tokenizer=None, dtype: torch.dtype | None = None) -> Rollout:
+    """Sample a response for every prompt (token lists). dtype: the compute dtype, that of the KV cache (default:
+    autocast's when autocast is on, else the weights'). stop_strings need the tokenizer to read the responses."""
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode the responses")
     device = model.lm_head.weight.device
+    if dtype is None:
+        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                 else model.lm_head.weight.dtype)
     input_ids, attention_mask = left_pad(prompts, pad_id, device)
     B, P = input_ids.shape
-    total = P + max_new_tokens
     mask = torch.cat([attention_mask, torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)], 1)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, max_new_tokens, device=device) if with_logprobs else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    stopped = torch.zeros(B, dtype=torch.bool, device=device)
     was_training = model.training
     model.eval()
-    with kv_cache(model, B, total):
+    steps = 0
+    with kv_cache(model, B, P + max_new_tokens, dtype, device):
         # prefill: the whole prompt at slots 0..P-1
-        slots = torch.arange(P, device=device)
         logits = model(input_ids, attention_mask=mask, position_ids=default_position_ids(attention_mask),
-                       cache_slots=slots)[:, -1]
+                       cache_slots=torch.arange(P, device=device))[:, -1]
         position = attention_mask.sum(-1)  # next position of each row = its number of real tokens
         for t in range(max_new_tokens):
             token = sample_next(logits, temperature, top_k, top_p, generator)
             token = torch.where(done, torch.full_like(token, pad_id), token)
             out[:, t] = token
             mask[:, P + t] = (~done).long()
-            done |= token == eos_id
-            if done.all() or t == max_new_tokens - 1:
+            if logprobs is not None:
+                logprobs[:, t] = torch.where(done, 0.0, token_logprobs(logits, token, temperature))
+            ended = ~done & (token == eos_id)
+            if stop_strings:
+                for row in (~done & ~ended).nonzero().flatten().tolist():
+                    text = tokenizer.decode(out[row, :t + 1].tolist())
+                    ended[row] = cut_at_stop(text, stop_strings)[1]
+            stopped |= ended
+            done |= ended
+            steps = t + 1
+            if t == max_new_tokens - 1 or _all_ranks_done(bool(done.all()), device):
                 break
-            slot = torch.tensor([P + t], device=device)
             logits = model(token[:, None], attention_mask=mask, position_ids=position[:, None],
-                           cache_slots=slot)[:, -1]
+                           cache_slots=torch.tensor([P + t], device=device))[:, -1]
             position = position + 1
     model.train(was_training)
-    result = []
-    for row, finished in zip(out.tolist(), done.tolist()):
-        result.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
-    return result
+    response_mask = mask[:, P:].clone()
+    response_mask[:, steps:] = 0
+    return Rollout(torch.cat([input_ids, out], 1), mask, response_mask, logprobs, stopped, P)
+
+
+def _all_ranks_done(local_done: bool, device) -> bool:
+    """True when every rank's rows are done; one tiny collective per decoding step under torchrun."""
+    if not dist.is_initialized():
+        return local_done
+    flag = torch.tensor([0 if local_done else 1], device=device)
+    dist.all_reduce(flag)
+    return int(flag) == 0
+
+
+def generate(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             generator: torch.Generator | None = None, **kwargs) -> list[list[int]]:
+    """The new tokens of each row, ending at its EOS (included) or stop, or after max_new_tokens."""
+    return rollout(model, prompts, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p, generator,
+                   **kwargs).responses()

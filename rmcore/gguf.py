@@ -2,7 +2,7 @@
 
     model = load_gguf(CausalLM, "model.gguf")              # config from the metadata, tensors dequantized
     tok = gguf_tokenizer("model.gguf")                       # the embedded byte-level BPE vocabulary
-    python -m rmcore.checkpoint convert --gguf smollm2 --out models/smollm2-135m   # a plain HF directory
+    python -m rmcore.checkpoint convert --gguf smollm2 --out models/smollm2-135m-instruct   # a plain HF directory
 
 Tensors are dequantized with the `gguf` package (`pip install gguf`) to fp32, then cast to the requested dtype.
 llama.cpp's converter permutes the rows of the query and key projections for its RoPE layout (pairs of adjacent
@@ -203,6 +203,7 @@ def gguf_tokenizer(path_or_reader):
     names = {f"{k if k != 'padding' else 'pad'}_token": tokens[int(v)] for k, v in ids.items() if v is not None}
     tok = Tokenizer._from_hf(backend, names, "the GGUF file's tokenizer")
     tok.add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", True))
+    tok.chat_template = _field(reader, "tokenizer.chat_template", None)
     return tok
 
 
@@ -230,5 +231,5 @@ def convert(path: str | Path, out: str | Path) -> Path:
     model.cfg.pad_id = tok.pad_id  # the exported config names the PAD the tokenizer uses (never EOS)
     out = Path(out)
     model.save_pretrained(out, extra_config={"rmcore": {"converted_from": str(source)}})
-    tok.save_pretrained(out)
+    tok.save_pretrained(out, split_special_tokens=False)  # a chat model: "<|im_start|>" in text is the token, as in transformers
     return out

@@ -96,10 +96,17 @@ def seed_everything(seed: int):
 
 
 def build_model(cls, d: Dist, init_from: str | None, model_cfg=None, bf16: bool = False, seed: int = 0,
-                new_head: bool = False):
+                new_head: bool = False, activation_checkpointing: bool = False):
     """The model to train, on d.device. One process: the module itself. N processes: built on the meta device,
     sharded with FSDP2, materialised empty, then filled from rank 0's full weights (the HF checkpoint, or a
-    seeded fresh init), so N processes start from exactly the weights one process would."""
+    seeded fresh init), so N processes start from exactly the weights one process would.
+    activation_checkpointing is a way to run, not part of the weights: it applies to a loaded model too."""
+    model = _build_model(cls, d, init_from, model_cfg, bf16, seed, new_head)
+    model.cfg.activation_checkpointing = activation_checkpointing  # the blocks read the model's own cfg
+    return model
+
+
+def _build_model(cls, d: Dist, init_from, model_cfg, bf16: bool, seed: int, new_head: bool):
 
     def full_model():
         if init_from:

@@ -154,8 +154,8 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k[:, :, slots] = k
-        self.v[:, :, slots] = v
+        self.k[:, :, slots] = k.to(self.k.dtype)  # under autocast RoPE leaves k in fp32; the cache keeps the compute dtype
+        self.v[:, :, slots] = v.to(self.v.dtype)
         return self.k, self.v
 
 

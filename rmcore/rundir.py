@@ -341,8 +341,11 @@ def export_pretrained(model, out: Path, d: Dist, tokenizer=None, extra_config: d
     if d.is_main:
         model.save_pretrained(out, state_dict=full, extra_config=extra_config)
         if tokenizer is not None:
-            # transformers' tokenizer(text) must give what the model was trained on: a reward model reads EOS
-            tokenizer.save_pretrained(out, add_eos=model.hf_architecture == "LlamaForSequenceClassification")
+            # transformers' tokenizer(text) must give what the model was trained on: a reward model reads EOS, and
+            # a template written in special tokens (ChatML) needs them read as such
+            template = (extra_config or {}).get("rmcore", {}).get("template", {})
+            tokenizer.save_pretrained(out, add_eos=model.hf_architecture == "LlamaForSequenceClassification",
+                                      split_special_tokens=not template.get("special_tokens", False))
     barrier()
 
 

@@ -13,6 +13,7 @@ import gzip
 import io
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -59,6 +60,7 @@ class Tokenizer:
         self.is_sp = isinstance(backend, spm.SentencePieceProcessor)
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.add_bos = add_bos  # the model's convention: encode(bos=True) adds BOS only where it is True
+        self.chat_template = None  # the model's own Jinja chat template, carried into exports for transformers users
         if self.is_sp:
             self.vocab_size = backend.vocab_size()
             self.unk_id = backend.unk_id()
@@ -73,6 +75,7 @@ class Tokenizer:
             backend.no_padding()
             backend.encode_special_tokens = True  # text is text (see module docstring)
         self.special_ids = set(special) | {bos_id, eos_id, pad_id}
+        self._special_pattern = None  # built on first use by _encode_specials
         if pad_id == eos_id:
             # Modern checkpoints (SmolLM2, Qwen, ...) name EOS as their pad token. Padding with EOS misplaces loss
             # masks and reward read-outs, so another existing special token pads instead, said once.
@@ -101,13 +104,17 @@ class Tokenizer:
                 sp.load(str(sp_file))
             except (RuntimeError, OSError) as e:
                 raise TokenizerError(f"{sp_file} is not a SentencePiece model: {e}") from e
-            return cls._from_sp(sp, names, sp_file)
+            tok = cls._from_sp(sp, names, sp_file)
+            tok.chat_template = names.get("chat_template")
+            return tok
         if hf_file.is_file():
             try:
                 backend = tokenizers.Tokenizer.from_file(str(hf_file))
             except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
                 raise TokenizerError(f"{hf_file}: not a valid tokenizer.json ({str(e)[:200]})") from None
-            return cls._from_hf(backend, names, hf_file)
+            tok = cls._from_hf(backend, names, hf_file)
+            tok.chat_template = names.get("chat_template")
+            return tok
         raise TokenizerError(
             f"no tokenizer in {d}: looked for {SP_FILE} (SentencePiece) and {HF_FILE} (HF tokenizers)"
         )
@@ -143,11 +150,13 @@ class Tokenizer:
         return cls(tok, token_id("bos_token", "<s>"), token_id("eos_token", "</s>"), token_id("pad_token", pad_default),
                    names.get("add_bos_token", True))
 
-    def save_pretrained(self, path: str | Path, add_eos: bool = False) -> None:
+    def save_pretrained(self, path: str | Path, add_eos: bool = False, split_special_tokens: bool = True) -> None:
         """Write the model plus the config files that transformers' AutoTokenizer needs to rebuild it exactly.
 
         add_eos: transformers' tokenizer(text) then gives BOS + text + EOS, the sequences a reward model is trained
-        and scored on (its reward is read at the EOS); a causal LM's tokenizer adds BOS only, for generation."""
+        and scored on (its reward is read at the EOS); a causal LM's tokenizer adds BOS only, for generation.
+        split_special_tokens: tokenizer(text) reads "<|im_start|>" as characters, as encode(text) does; False for
+        a model trained on a template written in special tokens, as encode(text, specials=True) reads it."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if self.is_sp:
@@ -178,8 +187,9 @@ class Tokenizer:
             **tokens,
             "add_bos_token": self.add_bos,  # tok(text) starts with BOS as encode(text, bos=True) does
             "add_eos_token": add_eos,
-            "split_special_tokens": True,  # text is text, as in encode()
+            "split_special_tokens": split_special_tokens,
             "clean_up_tokenization_spaces": False,
+            **({"chat_template": self.chat_template} if self.chat_template else {}),
         }
         (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         (path / "special_tokens_map.json").write_text(json.dumps(tokens, indent=2, ensure_ascii=False) + "\n")
@@ -191,26 +201,29 @@ class Tokenizer:
     # -------------------------------------------------------------------------------------------------------
     # encoding and decoding
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        """Token ids of text; bos=True adds BOS where the model's convention does (add_bos), eos=True adds EOS."""
-        if self.is_sp:
-            ids = self.backend.encode(text)
-        else:
-            ids = self.backend.encode(text, add_special_tokens=False).ids
-        return [self.bos_id] * (bos and self.add_bos) + ids + [self.eos_id] * eos
+    def encode(self, text: str, bos: bool = False, eos: bool = False, specials: bool = False) -> list[int]:
+        """Token ids of text; bos=True adds BOS where the model's convention does (add_bos), eos=True adds EOS.
+        specials=True reads special-token strings in the text as those tokens (as transformers does by default):
+        for templates written in special tokens (ChatML), never for plain text."""
+        return self.encode_batch([text], bos, eos, specials)[0]
 
-    def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False,
+                     specials: bool = False) -> list[list[int]]:
         texts = list(texts)
-        if self.is_sp:
+        if specials:
+            batch = [self._encode_specials(t)[0] for t in texts]
+        elif self.is_sp:
             batch = self.backend.encode(texts)  # multi-threaded in C++
         else:
             batch = [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
         return [[self.bos_id] * (bos and self.add_bos) + ids + [self.eos_id] * eos for ids in batch]
 
-    def encode_with_starts(self, text: str) -> tuple[list[int], list[int]]:
+    def encode_with_starts(self, text: str, specials: bool = False) -> tuple[list[int], list[int]]:
         """encode(text) and, for each token, the index in text of the first character it covers."""
         # Used to mark which tokens of a whole-text encoding belong to which part of the text (assistant-only
         # SFT loss) without encoding the parts separately, which would change the tokens at every boundary.
+        if specials:
+            return self._encode_specials(text)
         if not self.is_sp:
             enc = self.backend.encode(text, add_special_tokens=False)
             return enc.ids, [start for start, _ in enc.offsets]
@@ -233,6 +246,25 @@ class Tokenizer:
             )
         char_at_byte = [i for i, ch in enumerate(text) for _ in range(len(ch.encode("utf-8")))] + [len(text)]
         return ids, [char_at_byte[max(s - prefix, 0)] for s in starts]
+
+    def _encode_specials(self, text: str) -> tuple[list[int], list[int]]:
+        """(ids, start of each token) with every special-token string in text read as that token and the text
+        between them encoded on its own, as transformers' tokenizers do with split_special_tokens=False."""
+        if self._special_pattern is None:
+            names = sorted({self._piece(i) for i in self.special_ids}, key=len, reverse=True)
+            self._special_pattern = re.compile("|".join(map(re.escape, names)))
+        ids, starts, at = [], [], 0
+        for m in [*self._special_pattern.finditer(text), None]:
+            end = m.start() if m else len(text)
+            if end > at:
+                part_ids, part_starts = self.encode_with_starts(text[at:end])
+                ids += part_ids
+                starts += [at + s for s in part_starts]
+            if m:
+                ids.append(self.backend.piece_to_id(m.group()) if self.is_sp else self.backend.token_to_id(m.group()))
+                starts.append(m.start())
+                at = m.end()
+        return ids, starts
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
@@ -280,6 +312,8 @@ def _special_token_names(d: Path) -> dict:
                 if key in ("bos_token", "eos_token", "pad_token") and value is not None:
                     names[key] = value["content"] if isinstance(value, dict) else value
                 if key == "add_bos_token" and isinstance(value, bool):
+                    names[key] = value
+                if key == "chat_template" and isinstance(value, str):
                     names[key] = value
     return names
 

@@ -294,3 +294,19 @@ def test_missing_data_and_model_files_are_one_clear_message(tmp_path):
                           timeout=300, cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.startswith("error: ") and "no config.json" in proc.stderr
+
+
+def test_activation_checkpointing_applies_to_a_loaded_model(tmp_path, hh_file, tok_dir, monkeypatch):
+    """model.activation_checkpointing is a way to run, not a weight: it takes effect for run.init_from too, and
+    changes no loss."""
+    import rmcore.model
+    train.main(args("sft", tmp_path / "sft", hh_file, tok_dir, "optim.max_steps=1"))
+    calls, real = [], rmcore.model.checkpoint
+    monkeypatch.setattr(rmcore.model, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runs = {}
+    for ac in ("false", "true"):
+        train.main(args("rm", tmp_path / ac, hh_file, tok_dir, f"run.init_from={tmp_path / 'sft' / 'export'}",
+                        f"model.activation_checkpointing={ac}", "optim.max_steps=3"))
+        runs[ac] = losses(tmp_path / ac)
+        assert bool(calls) == (ac == "true")
+    assert runs["true"] == pytest.approx(runs["false"], abs=1e-6)

@@ -1,0 +1,81 @@
+"""Generation for alignment loops: log-probs of the sampled tokens, response masks, stop strings, cache dtype."""
+import pytest
+import torch
+
+from rmcore import CausalLM, ModelConfig
+from rmcore.generate import cut_at_stop, rollout, token_logprobs
+
+PAD, BOS, EOS = 0, 1, 2
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = CausalLM(ModelConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64))
+    m.init_weights(0.5)  # peaked distributions: sampled rows differ and some end at EOS
+    return m.eval()
+
+
+PROMPTS = [[BOS, 5, 9, 33, 4], [BOS, 7], [BOS, 11, 12]]
+
+
+def test_logprobs_equal_a_forward_pass_over_the_finished_sequences(model):
+    g = torch.Generator().manual_seed(0)
+    r = rollout(model, PROMPTS, 12, EOS, PAD, temperature=0.7, generator=g, with_logprobs=True)
+    with torch.no_grad():
+        logits = model(r.sequences, attention_mask=r.attention_mask)
+    P = r.prompt_width
+    # the token at column P + t was sampled from the logits at column P + t - 1
+    again = token_logprobs(logits[:, P - 1:-1], r.sequences[:, P:], temperature=0.7)
+    m = r.response_mask.bool()
+    assert (again[m] - r.logprobs[m]).abs().max() < 1e-5
+    assert (r.logprobs[~m] == 0).all()
+
+
+def test_response_mask_covers_up_to_and_including_the_stop(model):
+    free = rollout(model, PROMPTS, 10, -1, PAD, temperature=0)
+    assert free.response_mask.all() and not free.stopped.any()
+    eos = free.sequences[0, free.prompt_width + 3].item()  # row 0 stops at its 4th token
+    r = rollout(model, PROMPTS, 10, eos, PAD, temperature=0)
+    for row, (resp, full) in enumerate(zip(r.responses(), free.responses())):
+        n = full.index(eos) + 1 if eos in full else len(full)
+        assert resp == full[:n]
+        assert r.response_mask[row].tolist() == [1] * n + [0] * (10 - n)
+        assert r.sequences[row, r.prompt_width + n:].eq(PAD).all()  # after the stop: padding, never EOS
+        assert bool(r.stopped[row]) == (eos in full)
+    assert r.stopped[0]
+
+
+class Letters:
+    """A tokenizer stand-in: token i reads as one letter."""
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def test_stop_strings_end_a_row_and_cut_the_same_way_everywhere(model):
+    free = rollout(model, PROMPTS, 10, -1, PAD, temperature=0)
+    text = Letters().decode(free.responses()[1])
+    stop = text[4:6]  # a string that first completes at or before the 6th token of row 1
+    first = text.find(stop)
+    r = rollout(model, PROMPTS, 10, -1, PAD, temperature=0, stop_strings=(stop,), tokenizer=Letters())
+    assert r.responses()[1] == free.responses()[1][:first + len(stop)] and r.stopped[1]
+    cut, found = cut_at_stop(Letters().decode(r.responses()[1]), (stop,))
+    assert found and cut == text[:first]
+    assert cut_at_stop("no stop here", ("###Human:",)) == ("no stop here", False)
+
+
+def test_kv_cache_takes_the_compute_dtype(model):
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *a, **kw):
+        seen.append(k.dtype)
+        return real(q, k, v, *a, **kw)
+
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rollout(model, PROMPTS[:1], 2, EOS, PAD, temperature=0)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real
+    assert seen and set(seen) == {torch.bfloat16}
