@@ -25,14 +25,12 @@ from rmcore.data import (
     ShardedSampler, Template, collate_blocks, collate_pairs, load_blocks, load_pairs, read_examples, require_data,
 )
 from rmcore.distributed import all_reduce_sum, barrier, init_distributed, shutdown
-from rmcore.losses import (
-    PREFERENCE_SUM_KEYS, centering_loss, count_targets, metrics_from_sums, pairwise_loss, preference_sums,
-    sft_loss, shift_targets,
-)
+from rmcore.losses import PREFERENCE_SUM_KEYS, centering_loss, metrics_from_sums, pairwise_loss, preference_sums
 from rmcore.errors import user_errors
 from rmcore.loop import Trainer, autocast, build_model, set_grad_sync
 from rmcore.model import CausalLM, RewardModel
 from rmcore.rundir import RunLock
+from rmcore.sft import sft_step, sft_sums
 from rmcore.runner import bf16, export_config, has_value_head, load_splits, model_config, say, setup
 from rmcore.tokenizer import train_tokenizer
 
@@ -43,6 +41,8 @@ def main(argv: list[str]) -> dict:
     for cfg in load_stages(path, overrides):
         d = init_distributed(cfg.run.device)
         with RunLock(cfg.run.out_dir, d):  # one run per out_dir; a second one stops here, naming the first
+            if cfg.run.stage == "raft":
+                raise ConfigError("run.stage=raft is run by raft.py: python raft.py --config ...")
             result = {"tokenizer": tokenizer_stage, "sft": sft, "rm": rm}[cfg.run.stage](cfg)
     return result
 
@@ -72,21 +72,12 @@ def sft(cfg: TrainConfig) -> dict:
                         activation_checkpointing=cfg.model.activation_checkpointing)
     sampler = ShardedSampler(len(train), cfg.optim.micro_batch_size, d.rank, d.world_size, cfg.run.seed)
 
-    def forward_sums(batch):
-        """(summed token loss, target-token count) of one batch of blocks."""
-        input_ids = batch["input_ids"].to(d.device)
-        targets, target_mask = shift_targets(input_ids, batch["loss_mask"].to(d.device))
-        with autocast(d, bf16(cfg)):
-            logits = model(input_ids, position_ids=to(batch.get("position_ids"), d),
-                           attn_mask=to(batch.get("attn_mask"), d))
-        return sft_loss(logits, targets, target_mask, reduction="sum"), count_targets(target_mask)
-
     @torch.no_grad()
     def evaluate() -> dict:
         model.eval()
         loss_sum = count = 0.0
         for idx in ShardedSampler(len(held_out), cfg.optim.micro_batch_size, d.rank, d.world_size, shuffle=False):
-            loss, n = forward_sums(collate_blocks(held_out, idx, cfg.data.document_mask))
+            loss, n = sft_sums(model, collate_blocks(held_out, idx, cfg.data.document_mask), d, bf16(cfg))
             loss_sum, count = loss_sum + float(loss), count + float(n)
         model.train()
         loss_sum, count = all_reduce_sum([loss_sum, count], d.device)
@@ -96,16 +87,7 @@ def sft(cfg: TrainConfig) -> dict:
     model.train()
     for step, micro_batches in trainer.steps():
         batches = [collate_blocks(train, idx, cfg.data.document_mask) for idx in micro_batches]
-        # the denominator: real target tokens of the whole step, all micro-batches and ranks
-        n_targets = trainer.global_count(sum(float(shift_targets(b["input_ids"], b["loss_mask"])[1].sum()) for b in batches))
-        loss_sum = 0.0
-        for i, batch in enumerate(batches):
-            if n_targets == 0:  # assistant-only loss on blocks without assistant text: the step is counted, not taken
-                break
-            set_grad_sync(model, i == len(batches) - 1)
-            loss, _ = forward_sums(batch)
-            (loss / n_targets * d.world_size).backward()
-            loss_sum += float(loss.detach())
+        loss_sum, n_targets = sft_step(model, batches, d, bf16(cfg))
         tokens = sum(b["input_ids"].numel() for b in batches)
         trainer.step(step, {"loss": loss_sum}, n_targets, {}, tokens, [i for b in batches for i in b["ids"]])
     return trainer.finish(tok, export_config(cfg))
@@ -184,7 +166,6 @@ def rm(cfg: TrainConfig) -> dict:
     return trainer.finish(tok, export_config(cfg))
 
 
-# ------------------------------------------------------------------------------------------------ helpers
 def to(x, d):
     return None if x is None else x.to(d.device)
 

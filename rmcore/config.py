@@ -391,7 +391,7 @@ from rmcore.model import ModelConfig  # noqa: E402
 
 @dataclasses.dataclass
 class RunConfig:
-    stage: Literal["tokenizer", "sft", "rm"] = "rm"
+    stage: Literal["tokenizer", "sft", "rm", "raft"] = "rm"  # raft: raft.py's runs
     out_dir: str = "runs/default"       # config.yaml, metrics.jsonl, checkpoints/, export/ go here
     init_from: str | None = None        # an HF-format directory (open_llama_3b, an SFT export); None = fresh init
     tokenizer: str | None = None        # tokenizer directory; default: init_from
@@ -449,7 +449,38 @@ class TrainConfig:
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
 
-def load_stages(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> list[TrainConfig]:
+@dataclasses.dataclass
+class RaftConfig:
+    """raft.py: reward-ranked fine-tuning (Dong et al. 2023). The policy is run.init_from; its training set is
+    remade every iteration from its own samples, fine-tuned on with the `optim` settings (optim.epochs is the number
+    of epochs per iteration) and data.sft_loss_on (default here: the response tokens)."""
+    reward: str = ""                    # a reward model directory, or module:function (prompts, responses) -> rewards
+    reward_normalize: bool = False      # apply the statistics `eval.py normalize` stored with the reward model
+    iterations: int = 3
+    prompts_per_iter: int = 2048        # across all ranks
+    k: int = 8                          # samples per prompt
+    selection: Literal["local", "global"] = "local"  # best of each prompt's K, or the top 1/K of the whole batch
+    discard: list[Literal["empty", "truncated", "tag"]] = dataclasses.field(
+        default_factory=lambda: ["empty", "truncated", "tag"])  # samples left out of ranking, each reason counted
+    max_prompt_tokens: int = 256        # longer prompts are dropped from the pool and counted
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0                      # 0 = off
+    top_p: float = 1.0
+    stop_strings: list[str] | None = None  # None: the template's human tag and HH's "Human:" (EOS always stops)
+    generation_batch_size: int = 16     # rows sampled at once per rank
+    reset_optimizer: bool = False       # a fresh AdamW state each iteration (the reference keeps it)
+    eval_prompts: int = 16              # prompts of data.eval answered greedily every iteration; 0 = none
+    keep_exports: int = 2               # per-iteration policy exports kept on disk
+    halt_after_iteration: int | None = None  # stop as if killed after this iteration (resume tests)
+
+
+@dataclasses.dataclass
+class RaftTrainConfig(TrainConfig):
+    raft: RaftConfig = dataclasses.field(default_factory=RaftConfig)
+
+
+def load_stages(path: str | None, overrides: list[str] | tuple[str, ...] = (), cls: type = TrainConfig) -> list:
     """The configs to run: one, or each file of a chain (`chain: [a.yaml, b.yaml]`, paths relative to the chain
     file), every one with the same command-line overrides."""
     if path is not None:
@@ -458,20 +489,23 @@ def load_stages(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -
             if set(data) != {"chain"} or not isinstance(data["chain"], list):
                 raise ConfigError(f"{path}: a chain file holds only `chain: [stage.yaml, ...]`")
             here = os.path.dirname(path)
-            stages = [load_config(TrainConfig, os.path.join(here, p), overrides) for p in data["chain"]]
+            stages = [load_config(cls, os.path.join(here, p), overrides) for p in data["chain"]]
             for cfg, p in zip(stages, data["chain"]):
                 check_train_config(cfg, os.path.join(here, p))
             return stages
-    cfg = load_config(TrainConfig, path, overrides)
+    cfg = load_config(cls, path, overrides)
     check_train_config(cfg, path or "the command line")
     return [cfg]
 
 
 # sizes that must be >= 1 (None, where allowed, means "no limit")
 POSITIVE = ("optim.micro_batch_size", "optim.grad_accum", "optim.epochs", "optim.max_steps", "data.block_size",
-            "data.max_length", "run.keep", "run.max_skips_in_a_row", "run.tokenizer_vocab_size")
+            "data.max_length", "run.keep", "run.max_skips_in_a_row", "run.tokenizer_vocab_size", "raft.iterations",
+            "raft.prompts_per_iter", "raft.k", "raft.max_prompt_tokens", "raft.max_new_tokens",
+            "raft.generation_batch_size", "raft.keep_exports")
 NON_NEGATIVE = ("optim.lr", "optim.warmup_ratio", "optim.weight_decay", "optim.grad_clip", "run.eval_every",
-                "run.save_every", "loss.center_coef", "model.dim", "model.n_layers")
+                "run.save_every", "loss.center_coef", "model.dim", "model.n_layers", "raft.temperature",
+                "raft.eval_prompts")
 
 
 def check_train_config(cfg: "TrainConfig", source: str) -> None:
@@ -479,6 +513,8 @@ def check_train_config(cfg: "TrainConfig", source: str) -> None:
     for keys, ok, want in ((POSITIVE, lambda v: v >= 1, ">= 1"), (NON_NEGATIVE, lambda v: v >= 0, ">= 0")):
         for key in keys:
             section, name = key.split(".")
+            if not hasattr(cfg, section):  # a section of another script's config (raft.* for train.py)
+                continue
             value = getattr(getattr(cfg, section), name)
             if value is not None and not ok(value):
                 raise ConfigError(f"{source}: {key}={value!r}; expected {want}")

@@ -240,21 +240,28 @@ class Trainer:
             trainer.step(step, {"loss": loss_sum}, count, metrics, tokens, ids)
     """
 
-    def __init__(self, cfg, d: Dist, model, sampler, evaluate=None):
+    def __init__(self, cfg, d: Dist, model, sampler=None, evaluate=None, total_steps: int | None = None):
+        """sampler: the static data's position (saved and restored), from which the step count follows; a loop
+        whose data is made on the fly (RAFT, PPO) passes no sampler and its own total_steps, keeps its position
+        in the `extra` state it gives save(), and reads it back from `resumed` (trainer.json of the checkpoint)."""
         self.cfg, self.d, self.model, self.sampler, self.evaluate = cfg, d, model, sampler, evaluate
         o = cfg.optim
         self.out = Path(cfg.run.out_dir)
-        per_epoch = math.ceil(len(sampler) / o.grad_accum)
-        self.total_steps = per_epoch * o.epochs if o.max_steps is None else min(o.max_steps, per_epoch * o.epochs)
+        if total_steps is None:
+            per_epoch = math.ceil(len(sampler) / o.grad_accum)
+            total_steps = per_epoch * o.epochs if o.max_steps is None else min(o.max_steps, per_epoch * o.epochs)
+        self.total_steps = total_steps
         self.warmup = warmup_steps(o.warmup_ratio, self.total_steps)
         self.optimizer = make_optimizer(model, o.lr, o.weight_decay, tuple(o.betas), o.eps)
         self.ckpt = Checkpointer(self.out, d, cfg.run.keep)
         self.identity = run_identity(cfg, d.world_size)
         self.start_step, self.skipped, self.in_a_row, self.empty = 0, 0, 0, 0
         found, state = self.ckpt.load_latest(cfg.run.resume, model, self.optimizer, self.identity)
+        self.resumed = state if found is not None else None
         if found is not None:
             self.start_step, self.skipped, self.empty = state["step"], state.get("skipped", 0), state.get("empty", 0)
-            sampler.load_state_dict(state["sampler"])
+            if sampler is not None:
+                sampler.load_state_dict(state["sampler"])
         if d.is_main:
             dropped = trim_metrics(self.out / "metrics.jsonl", self.start_step)
             if dropped:
@@ -324,8 +331,9 @@ class Trainer:
                 self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
                 self.log.print(f"skipped: {where} ({self.skipped} skipped so far)")
         self.optimizer.zero_grad(set_to_none=True)
+        position = {"epoch": self.sampler.epoch} if self.sampler is not None else {}
         self.log.log(step + 1, {**losses, **metrics, "lr": lr, **grad, "skipped_steps": self.skipped,
-                                "empty_steps": self.empty, "epoch": self.sampler.epoch}, tokens=int(tokens))
+                                "empty_steps": self.empty, **position}, tokens=int(tokens))
         if self.in_a_row >= cfg.run.max_skips_in_a_row:
             self.log.close()
             raise NonFiniteLoss(f"stopped: {self.in_a_row} steps in a row had a non-finite loss or gradient "
@@ -341,9 +349,11 @@ class Trainer:
             self.log.close()
             raise SystemExit(0)
 
-    def save(self, step: int):
+    def save(self, step: int, extra: dict | None = None):
+        """An atomic checkpoint: model, optimizer, RNG, counters, the sampler's position or the loop's `extra`."""
+        position = {"sampler": self.sampler.state_dict()} if self.sampler is not None else {}
         self.last_ckpt = self.ckpt.save(self.model, self.optimizer, step,
-                                        {"sampler": self.sampler.state_dict(), "skipped": self.skipped,
+                                        {**position, **(extra or {}), "skipped": self.skipped,
                                          "empty": self.empty, "identity": self.identity})
 
     def finish(self, tokenizer, extra_config: dict) -> dict:

@@ -1,0 +1,158 @@
+"""Alignment machinery shared by raft.py and ppo.py: the prompt pool, sampling K responses per prompt, the rules
+that discard degenerate samples, sample statistics, and best-of-K selection.
+
+A sample's response text is what the policy wrote after the rendered prompt, cut at its stop (EOS or a stop
+string, rmcore.generate.cut_at_stop): the same text is scored by the reward and trained on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from rmcore.data import ASSISTANT, HUMAN, Report, Template, read_examples
+from rmcore.generate import cut_at_stop, rollout
+
+
+@dataclass
+class PromptPool:
+    """Prompts (HH form) and their token ids as the policy sees them (rendered, with BOS where the model adds it)."""
+    prompts: list[str]
+    ids: list[list[int]]
+    report: Report
+
+    def __len__(self):
+        return len(self.prompts)
+
+    def draw(self, n: int, seed: int, iteration: int) -> list[int]:
+        """n prompt indices for one iteration: a fresh permutation per iteration (seeded), cycled when n > pool."""
+        order = np.random.default_rng([seed, iteration]).permutation(len(self))
+        return np.resize(order, n).tolist()
+
+
+def load_prompts(specs: list[str], tokenizer, template: Template, max_tokens: int, name: str, fmt: str = "auto",
+                 skip_bad_lines: bool = False) -> PromptPool:
+    """The prompt of every record (any training format), in file order; prompts whose rendered ids exceed
+    max_tokens are dropped and counted, like every other drop."""
+    examples, report = read_examples(specs, fmt, skip_bad_lines, name)
+    template.check(tokenizer)
+    prompts, ids = [], []
+    for e in examples:
+        tokens = tokenizer.encode(template.render(e.prompt), bos=True, specials=template.special_tokens)
+        if len(tokens) > max_tokens:
+            report.drop(f"prompt longer than {max_tokens} tokens", e.id)
+            continue
+        prompts.append(e.prompt)
+        ids.append(tokens)
+    report.kept = len(prompts)
+    return PromptPool(prompts, ids, report)
+
+
+def default_stop_strings(template: Template) -> tuple[str, ...]:
+    """A response ends where the next human turn would begin: the template's human tag, and HH's own marker.
+    (A tag written in special tokens never shows in decoded text; EOS ends those responses.)"""
+    tags = [] if template.special_tokens else [template.human.strip()]
+    return tuple(dict.fromkeys([*tags, HUMAN.strip()]))
+
+
+@dataclass
+class Samples:
+    """K responses for each of a rank's prompts, flattened prompt-major: sample j of prompt i is row i * K + j."""
+    prompt_index: list[int]        # index into the pool, per sample
+    prompts: list[str]             # HH-form prompt, per sample
+    responses: list[str]           # response text cut at its stop
+    tokens: list[list[int]]        # response token ids, up to and including the stop
+    stopped: list[bool]            # ended at EOS / a stop string (False: cut at max_new_tokens)
+    logprobs: list[torch.Tensor] = field(default_factory=list)  # per-token log-probs, when asked for
+
+
+def sample(model, pool: PromptPool, indices: list[int], k: int, tokenizer, max_new_tokens: int, batch_size: int,
+           temperature: float, top_k: int, top_p: float, stop_strings: tuple[str, ...], generator: torch.Generator,
+           with_logprobs: bool = False) -> Samples:
+    """K samples per prompt, batch_size rows at a time."""
+    rows = [i for i in indices for _ in range(k)]
+    out = Samples([], [], [], [], [], [])
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        r = rollout(model, [pool.ids[i] for i in chunk], max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
+                    temperature, top_k or None, top_p, generator, with_logprobs, stop_strings, tokenizer)
+        for row, (i, toks) in enumerate(zip(chunk, r.responses())):
+            text, _ = cut_at_stop(tokenizer.decode(toks), stop_strings)
+            out.prompt_index.append(i)
+            out.prompts.append(pool.prompts[i])
+            out.responses.append(text)
+            out.tokens.append(toks)
+            out.stopped.append(bool(r.stopped[row]))
+            if with_logprobs:
+                out.logprobs.append(r.logprobs[row, :len(toks)].cpu())
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ discard rules
+DISCARD_RULES = ("empty", "truncated", "tag")
+
+
+def discard_reason(response: str, stopped: bool, template: Template, rules: tuple[str, ...]) -> str | None:
+    """Why a sample is left out of ranking, or None: `empty` (no text), `truncated` (cut at the length limit
+    before its stop), `tag` (it writes a turn marker of the template or of HH)."""
+    if "empty" in rules and not response.strip():
+        return "empty"
+    if "truncated" in rules and not stopped:
+        return "truncated"
+    if "tag" in rules:
+        tags = [t.strip() for t in (template.human, template.assistant) if t.strip()] + [HUMAN.strip(), ASSISTANT.strip()]
+        if any(t in response for t in tags):
+            return "tag"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def distinct_n(token_lists: list[list[int]], n: int) -> float:
+    """Distinct n-grams over all n-grams of the samples (Li et al. 2016); 0 when there is none."""
+    grams = [tuple(t[i:i + n]) for t in token_lists for i in range(len(t) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+# ------------------------------------------------------------------------------------------------ selection
+def select_local(rewards: np.ndarray, k: int, valid: np.ndarray) -> list[int]:
+    """Best of each prompt's K samples (rows i*K .. i*K+K-1) among the valid ones; ties go to the first sample.
+    A prompt with no valid sample keeps nothing."""
+    kept = []
+    for start in range(0, len(rewards), k):
+        r = np.where(valid[start:start + k], rewards[start:start + k], -np.inf)
+        if np.isfinite(r).any():
+            kept.append(start + int(np.argmax(r)))  # argmax returns the first maximum
+    return kept
+
+
+def select_global(rewards: np.ndarray, k: int, valid: np.ndarray) -> list[int]:
+    """The top floor(N / K) valid samples of the whole batch (N samples), highest reward first; equal rewards in
+    row order."""
+    n_keep = len(rewards) // k
+    order = sorted(np.flatnonzero(valid).tolist(), key=lambda i: (-rewards[i], i))
+    return order[:n_keep]
+
+
+@torch.no_grad()
+def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]], temperature: float,
+                      batch_size: int, pad_id: int) -> list[torch.Tensor]:
+    """Per-token log-probs (logits / temperature) of each response after its prompt, as one forward pass scores
+    them (the same number of forward calls on every rank, so it is safe under FSDP2 when the inputs are)."""
+    from rmcore.generate import token_logprobs
+    device = model.lm_head.weight.device
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [p + r for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
+        width = max(len(x) for x in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        for i, x in enumerate(rows):
+            ids[i, :len(x)] = torch.tensor(x)
+        logits = model(ids.to(device))  # right padding: the causal mask keeps it out of every real token's view
+        lp = token_logprobs(logits[:, :-1], ids[:, 1:].to(device), temperature)
+        for i, (p, r) in enumerate(zip(prompts[start:start + batch_size], responses[start:start + batch_size])):
+            out.append(lp[i, len(p) - 1:len(p) - 1 + len(r)].float().cpu())
+    model.train(was_training)
+    return out
