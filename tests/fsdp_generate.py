@@ -1,0 +1,20 @@
+"""Run under torchrun by test_raft.py: greedy rollouts of a policy sharded with FSDP2, each rank its own prompts."""
+import json
+import sys
+
+import torch
+
+from rmcore.distributed import init_distributed, shutdown
+from rmcore.generate import rollout
+from rmcore.loop import build_model
+from rmcore.model import CausalLM
+
+policy, spec_file, out = sys.argv[1:4]
+spec = json.loads(open(spec_file).read())
+d = init_distributed("cpu")
+model = build_model(CausalLM, d, policy).eval()
+r = rollout(model, spec["prompts"][d.rank], spec["max_new_tokens"], spec["eos"], spec["pad"], temperature=0,
+            with_logprobs=True)
+with open(f"{out}.rank{d.rank}.json", "w") as f:
+    json.dump({"responses": r.responses(), "logprobs": r.logprobs.tolist(), "mask": r.response_mask.tolist()}, f)
+shutdown()
