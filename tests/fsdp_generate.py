@@ -2,7 +2,6 @@
 import json
 import sys
 
-import torch
 
 from rmcore.distributed import init_distributed, shutdown
 from rmcore.generate import rollout
