@@ -4,6 +4,7 @@
     python eval.py --model A --model B --data X.jsonl --data Y.parquet --out runs/eval   # + generalization table
     python eval.py score --model DIR --input texts.jsonl --output scores.jsonl [--normalize] [--truncate left]
     python eval.py normalize --model DIR [--data FILE ...]     # default data: the model's own training split
+    python eval.py compare --policy-a DIR --policy-b DIR --judge RM_DIR --prompts FILE[a:b] --out runs/compare
     torchrun --nproc_per_node=N eval.py ...                     # each rank scores a share of the batches
 
 The report (report.json, report.md, PNG plots) is described in rmcore/evaluate.py. score's input is JSONL with a
@@ -100,7 +101,8 @@ def normalize(args, d):
     say(d, report.summary())
     # the reference texts: each record's prompt + chosen response, the SFT split's texts; like training, texts
     # over the model's max_length are dropped (and counted), not truncated
-    seqs = scorer.tokenizer.encode_batch([scorer.text_of((e.prompt, e.chosen)) for e in examples], bos=True, eos=True)
+    seqs = scorer.tokenizer.encode_batch([scorer.text_of((e.prompt, e.chosen)) for e in examples], bos=True, eos=True,
+                                         specials=scorer.template.special_tokens)
     kept = [s for s in seqs if len(s) <= scorer.max_length]
     say(d, f"{len(seqs) - len(kept)} of {len(seqs)} reference texts dropped: longer than max_length={scorer.max_length}")
     rewards = scorer.score_ids(kept, progress=True)
@@ -108,6 +110,21 @@ def normalize(args, d):
         stats = write_normalization(args.model, rewards, list(data))
         print(f"reward mean {stats['mean']:.4f}, std {stats['std']:.4f} over {stats['count']} texts -> {args.model}/config.json")
     return rewards
+
+
+def compare(args, d) -> dict:
+    from rmcore.compare import compare_markdown, compare_policies
+    r = compare_policies(args.policy_a, args.policy_b, args.judge, args.prompts, d.device, args.max_new_tokens,
+                         args.temperature, args.top_k, args.top_p, args.seed, args.tie_epsilon,
+                         batch_size=args.batch_size)
+    if d.is_main:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.json").write_text(json.dumps(r, indent=2) + "\n")
+        (out / "compare.md").write_text(compare_markdown(r, args.show) + "\n")
+        print(compare_markdown(r, 0))
+        print(f"wrote {out / 'compare.json'} and {out / 'compare.md'}")
+    return r
 
 
 def model_name(path: str) -> str:
@@ -121,7 +138,7 @@ def say(d, text):
 
 
 def parse(argv):
-    command = argv[0] if argv and argv[0] in ("score", "normalize") else "evaluate"
+    command = argv[0] if argv and argv[0] in ("score", "normalize", "compare") else "evaluate"
     argv = argv[1:] if command != "evaluate" else argv
     p = argparse.ArgumentParser(prog=f"eval.py{'' if command == 'evaluate' else ' ' + command}")
     if command == "evaluate":
@@ -139,10 +156,23 @@ def parse(argv):
         p.add_argument("--normalize", action="store_true", help="apply the statistics stored by `eval.py normalize`")
         p.add_argument("--truncate", choices=["error", "left"], default="error")
         p.add_argument("--max-length", type=int)
+    elif command == "compare":
+        p.add_argument("--policy-a", required=True)
+        p.add_argument("--policy-b", required=True)
+        p.add_argument("--judge", required=True, help="reward model directory")
+        p.add_argument("--prompts", action="append", required=True, help="prompt file(s), optionally sliced (repeatable)")
+        p.add_argument("--out", default="runs/compare")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--temperature", type=float, default=1.0)
+        p.add_argument("--top-k", type=int, default=0)
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--tie-epsilon", type=float, default=0.0, help="a reward difference within this is a tie")
+        p.add_argument("--show", type=int, default=20, help="side-by-side samples in compare.md")
     else:
         p.add_argument("--model", required=True)
         p.add_argument("--data", action="append", help="reference file(s); default: the model's training data")
-    if command != "score":
+    if command not in ("score", "compare"):
         p.add_argument("--format", default="auto")
         p.add_argument("--skip-bad-lines", action="store_true")
     p.add_argument("--batch-size", type=int, default=16)
@@ -153,7 +183,7 @@ def parse(argv):
 def main(argv):
     command, args = parse(argv)
     d = init_distributed(args.device)
-    return {"evaluate": evaluate, "score": score, "normalize": normalize}[command](args, d)
+    return {"evaluate": evaluate, "score": score, "normalize": normalize, "compare": compare}[command](args, d)
 
 
 if __name__ == "__main__":

@@ -160,3 +160,19 @@ def test_greedy_generation_under_fsdp_equals_one_process_when_a_rank_stops_early
         assert got["responses"] == one[rank].responses()
         assert got["mask"] == one[rank].response_mask.tolist()
         assert np.allclose(got["logprobs"], one[rank].logprobs.numpy(), atol=1e-5)
+
+
+def test_compare_a_policy_with_itself_is_all_ties(tmp_path, hh_file, tok_dir, policy_dir):
+    import eval as eval_cli
+    train.main(args("rm", tmp_path / "rm", hh_file, tok_dir, "optim.max_steps=2", "data.eval=[]"))
+    r = eval_cli.main(["compare", "--policy-a", str(policy_dir), "--policy-b", str(policy_dir), "--judge",
+                       str(tmp_path / "rm" / "export"), "--prompts", f"{hh_file}[2200:2216]", "--max-new-tokens", "16",
+                       "--out", str(tmp_path / "cmp")])
+    assert r["prompts"] > 0 and r["ties"] == r["prompts"] and r["wins"] == r["losses"] == 0
+    assert r["mean_tokens_a"] == r["mean_tokens_b"] and r["mean_reward_a"] == r["mean_reward_b"]
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert f"ties {r['prompts']} (100.0%)" in md and md.count("**A** (reward") == r["prompts"]
+    other = eval_cli.main(["compare", "--policy-a", str(policy_dir), "--policy-b", str(policy_dir), "--judge",
+                           str(tmp_path / "rm" / "export"), "--prompts", f"{hh_file}[2200:2216]", "--max-new-tokens",
+                           "16", "--out", str(tmp_path / "cmp2"), "--seed", "1"])
+    assert [s["a"] for s in other["samples"]] != [s["a"] for s in r["samples"]]  # the seed matters: ties above are not vacuous
