@@ -1,4 +1,5 @@
 """rmcore: reward models and RLHF in plain PyTorch."""
+from rmcore.checkpoint import load_pretrained, save_pretrained
 from rmcore.model import CausalLM, ModelConfig, RewardModel, Transformer
 
 
@@ -10,4 +11,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["CausalLM", "ModelConfig", "RewardModel", "Transformer", "Tokenizer"]
+__all__ = ["CausalLM", "ModelConfig", "RewardModel", "Transformer", "Tokenizer", "load_pretrained", "save_pretrained"]

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rmcore.errors import UserError
+from rmcore.model import ModelConfig, RewardModel
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -80,7 +81,6 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", n
     without `score.weight` is an error unless `new_head=True`, which starts a fresh value head (std 1/sqrt(dim+1))
     and ignores the checkpoint's lm_head -- the SFT-model-to-reward-model step, said out loud.
     """
-    from rmcore.model import ModelConfig, RewardModel
 
     path = Path(path)
     cfg = ModelConfig.from_hf(read_hf_config(path), source=str(path / "config.json"))
@@ -141,7 +141,6 @@ def save_pretrained(model, path, state_dict: dict | None = None, max_shard_bytes
     state_dict: full (unsharded) tensors to write instead of the model's own -- what an FSDP run gathers.
     extra_config: more config.json fields (e.g. reward normalisation statistics); transformers keeps them.
     """
-    from rmcore.model import RewardModel
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

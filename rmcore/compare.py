@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from rmcore.align import PromptPool, default_stop_strings, sample
+from rmcore.checkpoint import load_pretrained
 from rmcore.data import Report, Template, read_examples
 from rmcore.evaluate import excerpt
 from rmcore.model import CausalLM
@@ -45,7 +46,7 @@ def compare_policies(policy_a: str, policy_b: str, judge: str, prompt_specs: lis
     reward = ModelReward(judge, device)
     results = []
     for path, tok, template, ids in sides:
-        model = CausalLM.from_pretrained(path, device=device).eval()
+        model = load_pretrained(CausalLM, path, device=device).eval()
         pool = PromptPool(prompts, [ids[i] for i in keep], Report("compare"))
         g = torch.Generator(device=device).manual_seed(seed)
         s = sample(model, pool, list(range(len(pool))), 1, tok, max_new_tokens, batch_size, temperature, top_k,

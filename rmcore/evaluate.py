@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmcore.checkpoint import CheckpointError
+from rmcore.checkpoint import CheckpointError, load_pretrained
 from rmcore.data import HUMAN, DataError, PairDataset, Template
 from rmcore.distributed import Dist
 from rmcore.losses import pairwise_loss, preference_metrics
@@ -40,7 +40,7 @@ class RewardScorer:
 
         self.dir = Path(model_dir)
         self.d = d or Dist(device=torch.device(device))
-        self.model = RewardModel.from_pretrained(self.dir, dtype=dtype, device=self.d.device).eval()
+        self.model = load_pretrained(RewardModel, self.dir, dtype=dtype, device=self.d.device).eval()
         self.tokenizer = Tokenizer.from_pretrained(self.dir)
         self.config = json.loads((self.dir / "config.json").read_text())
         info = self.config.get("rmcore", {})

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmcore.checkpoint import CheckpointError
+from rmcore.checkpoint import CheckpointError, save_pretrained
 from rmcore.model import ModelConfig, RewardModel
 
 # name -> (pip package, import name, file inside the package)
@@ -230,6 +230,6 @@ def convert(path: str | Path, out: str | Path) -> Path:
     tok = gguf_tokenizer(reader)
     model.cfg.pad_id = tok.pad_id  # the exported config names the PAD the tokenizer uses (never EOS)
     out = Path(out)
-    model.save_pretrained(out, extra_config={"rmcore": {"converted_from": str(source)}})
+    save_pretrained(model, out, extra_config={"rmcore": {"converted_from": str(source)}})
     tok.save_pretrained(out, split_special_tokens=False)  # a chat model: "<|im_start|>" in text is the token, as in transformers
     return out

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rmcore.checkpoint import load_pretrained, read_hf_config
 from rmcore.distributed import Dist, all_reduce_sum, apply_fsdp, gather_objects
 from rmcore.config import config_to_dict
 from rmcore.errors import UserError
@@ -110,7 +111,7 @@ def _build_model(cls, d: Dist, init_from, model_cfg, bf16: bool, seed: int, new_
 
     def full_model():
         if init_from:
-            return cls.from_pretrained(init_from, new_head=new_head) if new_head else cls.from_pretrained(init_from)
+            return load_pretrained(cls, init_from, new_head=new_head)
         torch.manual_seed(seed)
         m = cls(model_cfg)
         m.init_weights()
@@ -120,7 +121,6 @@ def _build_model(cls, d: Dist, init_from, model_cfg, bf16: bool, seed: int, new_
         return full_model().to(d.device)
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from rmcore.checkpoint import read_hf_config
     from rmcore.model import ModelConfig
 
     cfg = ModelConfig.from_hf(read_hf_config(Path(init_from))) if init_from else model_cfg

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -263,7 +262,8 @@ def init_linear(module: nn.Linear, std: float):
 
 
 class _Pretrained(nn.Module):
-    """What both heads share: weight init, HF-format loading and saving (implemented in rmcore.checkpoint)."""
+    """What both heads share: weight init. HF-format loading and saving: rmcore.checkpoint.load_pretrained /
+    save_pretrained (the checkpoint module imports this one, never the other way round)."""
 
     hf_architecture: str
 
@@ -277,15 +277,6 @@ class _Pretrained(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
         self.model.reset_buffers()
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device="cpu", **kwargs):
-        from rmcore.checkpoint import load_pretrained
-        return load_pretrained(cls, path, dtype=dtype, device=device, **kwargs)
-
-    def save_pretrained(self, path: str | Path, **kwargs):
-        from rmcore.checkpoint import save_pretrained
-        save_pretrained(self, path, **kwargs)
 
 
 class CausalLM(_Pretrained):
@@ -350,7 +341,7 @@ class RewardModel(_Pretrained):
             last = h[torch.arange(h.shape[0], device=h.device), index]
         # The head runs in fp32 even under bf16 autocast: bf16 keeps 8 significant bits, so nearby rewards would
         # round to the same value and count as ties. FSDP2 gives `score` its own fp32 unit (apply_fsdp), and
-        # from_pretrained keeps the head's weight fp32 when the trunk is loaded in bf16.
+        # load_pretrained keeps the head's weight fp32 when the trunk is loaded in bf16.
         with torch.autocast(device_type=h.device.type, enabled=False):
             reward = self.score(last.to(self.score.weight.dtype)).float()
         # [:, 0] of a fresh (B, 1) tensor would be a view; FSDP2 cannot hook a view's backward safely

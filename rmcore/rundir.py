@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmcore.checkpoint import CheckpointError
+from rmcore.checkpoint import CheckpointError, save_pretrained
 from rmcore.config import ConfigError, config_to_dict
 from rmcore.distributed import Dist, all_reduce_sum, barrier, broadcast_object
 from rmcore.errors import UserError
@@ -339,7 +339,7 @@ def export_pretrained(model, out: Path, d: Dist, tokenizer=None, extra_config: d
     check_finite(model, d, f"export to {out}")
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.is_main:
-        model.save_pretrained(out, state_dict=full, extra_config=extra_config)
+        save_pretrained(model, out, state_dict=full, extra_config=extra_config)
         if tokenizer is not None:
             # transformers' tokenizer(text) must give what the model was trained on: a reward model reads EOS, and
             # a template written in special tokens (ChatML) needs them read as such

@@ -9,6 +9,7 @@ import torch
 
 import eval as eval_cli
 import train
+from rmcore.checkpoint import load_pretrained, save_pretrained
 from rmcore.data import DataConfig, Template, load_pairs, read_examples
 from rmcore.evaluate import RewardScorer, evaluate_pairs, rank_responses, response_lengths
 from rmcore.metrics import quantile_edges
@@ -30,14 +31,14 @@ def model_dir(hh_file, tmp_path_factory):
                       max_seq_len=256, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
     model = RewardModel(cfg)
     model.init_weights()
-    model.save_pretrained(out, extra_config={"rmcore": {"template": TEMPLATE.to_dict(), "max_length": 256}})
+    save_pretrained(model, out, extra_config={"rmcore": {"template": TEMPLATE.to_dict(), "max_length": 256}})
     return out
 
 
 def direct(model_dir, items):
     """One sequence at a time, no padding: BOS + template.render + EOS through the model's forward."""
     from rmcore.tokenizer import Tokenizer
-    model = RewardModel.from_pretrained(model_dir).eval()
+    model = load_pretrained(RewardModel, model_dir).eval()
     tok = Tokenizer.from_pretrained(model_dir)
     out = []
     with torch.no_grad():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rmcore import CausalLM, RewardModel
-from rmcore.checkpoint import CheckpointError
+from rmcore.checkpoint import CheckpointError, load_pretrained
 from rmcore.generate import generate
 from rmcore.gguf import gguf_tokenizer, load_gguf, resolve_gguf
 from rmcore.tokenizer import Tokenizer
@@ -102,7 +102,7 @@ def test_converted_directory_loads_everywhere_with_the_same_logits(gguf_file, ou
     ids = torch.tensor([Tokenizer.from_pretrained(out).encode("The capital of France is")])
     with torch.no_grad():
         want = ours(ids)
-        assert torch.equal(CausalLM.from_pretrained(out).eval()(ids), want)
+        assert torch.equal(load_pretrained(CausalLM, out).eval()(ids), want)
         assert (AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits - want).abs().max() < 1e-4
     converted = Tokenizer.from_pretrained(out)
     assert converted.pad_id != converted.eos_id and not converted.add_bos
@@ -110,7 +110,7 @@ def test_converted_directory_loads_everywhere_with_the_same_logits(gguf_file, ou
     assert hf_tok("The capital of France is").input_ids == ids[0].tolist()
     assert hf_tok.pad_token_id == converted.pad_id == 0
     # a reward model starts from the converted directory with a fresh head
-    rm = RewardModel.from_pretrained(out, new_head=True)
+    rm = load_pretrained(RewardModel, out, new_head=True)
     assert rm.score.weight.shape == (1, 576)
 
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification  # the `dev` extra
 
 from rmcore import CausalLM, ModelConfig, RewardModel
-from rmcore.checkpoint import CheckpointError
+from rmcore.checkpoint import CheckpointError, load_pretrained, save_pretrained
 from rmcore.generate import generate, left_pad, sample_next
 from rmcore.model import last_real_index
 
@@ -63,7 +63,7 @@ def rm_dir(tmp_path_factory):
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_causal_lm_logits_match_transformers(lm_dir, side):
     hf = LlamaForCausalLM.from_pretrained(lm_dir).eval()
-    ours = CausalLM.from_pretrained(lm_dir).eval()
+    ours = load_pretrained(CausalLM, lm_dir).eval()
     ids, mask, pos = padded_batch([9, 5, 7], side)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
@@ -75,7 +75,7 @@ def test_causal_lm_logits_match_transformers(lm_dir, side):
 
 def test_unpadded_logits_match_transformers(lm_dir):
     hf = LlamaForCausalLM.from_pretrained(lm_dir).eval()
-    ours = CausalLM.from_pretrained(lm_dir).eval()
+    ours = load_pretrained(CausalLM, lm_dir).eval()
     ids = torch.randint(3, VOCAB, (2, 16))
     with torch.no_grad():
         assert (ours(ids) - hf(input_ids=ids).logits).abs().max() < 1e-4
@@ -84,7 +84,7 @@ def test_unpadded_logits_match_transformers(lm_dir):
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_rewards_match_sequence_classification(rm_dir, side):
     hf = LlamaForSequenceClassification.from_pretrained(rm_dir).eval()
-    ours = RewardModel.from_pretrained(rm_dir).eval()
+    ours = load_pretrained(RewardModel, rm_dir).eval()
     ids, mask, pos = padded_batch([4, 9, 6, 9], side)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits.squeeze(-1)
@@ -95,7 +95,7 @@ def test_rewards_match_sequence_classification(rm_dir, side):
 
 
 def test_reward_is_read_at_last_real_token_whatever_padding(rm_dir):
-    ours = RewardModel.from_pretrained(rm_dir).eval()
+    ours = load_pretrained(RewardModel, rm_dir).eval()
     seqs = [torch.randint(3, VOCAB, (n,)) for n in (3, 8, 5)]
     with torch.no_grad():
         alone = torch.stack([ours(s[None])[0] for s in seqs])
@@ -110,7 +110,7 @@ def test_reward_is_read_at_last_real_token_whatever_padding(rm_dir):
 
 
 def test_row_without_a_real_token_is_an_error_naming_it(rm_dir):
-    ours = RewardModel.from_pretrained(rm_dir).eval()
+    ours = load_pretrained(RewardModel, rm_dir).eval()
     ids, mask, _ = padded_batch([4, 6, 5], "right")
     mask[1] = 0  # an empty row: there is no last real token to read a reward from
     with pytest.raises(ValueError, match=r"row\(s\) \[1\] .*no real token"):
@@ -119,7 +119,7 @@ def test_row_without_a_real_token_is_an_error_naming_it(rm_dir):
 
 def test_rewards_are_fp32_under_bf16_autocast_and_bf16_weights(rm_dir):
     """The value head computes in fp32 on the (bf16) hidden state: rewards keep 24 significant bits, not 8."""
-    ours = RewardModel.from_pretrained(rm_dir).eval()
+    ours = load_pretrained(RewardModel, rm_dir).eval()
     ids, mask, _ = padded_batch([4, 6, 5, 8], "right")
     rows = torch.arange(4)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -131,7 +131,7 @@ def test_rewards_are_fp32_under_bf16_autocast_and_bf16_weights(rm_dir):
     want = h.float() @ ours.score.weight.float()[0]
     assert torch.allclose(r, want, rtol=1e-6, atol=0) and not torch.equal(r, r.bfloat16().float())
     # loaded in bf16, the trunk is bf16 and the head stays fp32
-    half = RewardModel.from_pretrained(rm_dir, dtype=torch.bfloat16).eval()
+    half = load_pretrained(RewardModel, rm_dir, dtype=torch.bfloat16).eval()
     assert half.score.weight.dtype == torch.float32 and half.model.norm.weight.dtype == torch.bfloat16
     with torch.no_grad():
         assert half(ids, attention_mask=mask).dtype == torch.float32
@@ -147,8 +147,8 @@ def test_last_real_index_when_pad_equals_eos():
 
 def test_rmcore_save_loads_in_transformers(tmp_path, rm_dir, lm_dir):
     ids, mask, pos = padded_batch([7, 4], "right")
-    rm = RewardModel.from_pretrained(rm_dir).eval()
-    rm.save_pretrained(tmp_path / "rm")
+    rm = load_pretrained(RewardModel, rm_dir).eval()
+    save_pretrained(rm, tmp_path / "rm")
     hf = LlamaForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
     with torch.no_grad():
         assert torch.allclose(hf(input_ids=ids, attention_mask=mask).logits.squeeze(-1), rm(ids, mask), atol=1e-5)
@@ -156,7 +156,7 @@ def test_rmcore_save_loads_in_transformers(tmp_path, rm_dir, lm_dir):
     torch.manual_seed(3)
     lm = CausalLM(ModelConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)).eval()
     lm.init_weights(std=0.1)
-    lm.save_pretrained(tmp_path / "lm", max_shard_bytes=40_000)
+    save_pretrained(lm, tmp_path / "lm", max_shard_bytes=40_000)
     index = json.loads((tmp_path / "lm" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     hf_lm = LlamaForCausalLM.from_pretrained(tmp_path / "lm").eval()
@@ -179,13 +179,13 @@ def test_transformers_saves_load_in_rmcore(tmp_path):
     torch.save(sd, bin_dir / "pytorch_model.bin")
     (bin_dir / "config.json").write_text((tmp_path / "sharded" / "config.json").read_text())
     for d in ("sharded", "bin"):
-        ours = CausalLM.from_pretrained(tmp_path / d).eval()
+        ours = load_pretrained(CausalLM, tmp_path / d).eval()
         with torch.no_grad():
             assert (ours(ids) - ref).abs().max() < 1e-4, d
 
 
 def test_bf16_load_and_dtype(lm_dir):
-    ours = CausalLM.from_pretrained(lm_dir, dtype=torch.bfloat16)
+    ours = load_pretrained(CausalLM, lm_dir, dtype=torch.bfloat16)
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
     assert ours.model.inv_freq.dtype == torch.float32  # RoPE frequencies stay fp32
 
@@ -193,14 +193,14 @@ def test_bf16_load_and_dtype(lm_dir):
 def test_tied_embeddings_round_trip(tmp_path):
     hf = hf_model(LlamaForCausalLM, seed=7, tie_word_embeddings=True)
     hf.save_pretrained(tmp_path / "tied")
-    ours = CausalLM.from_pretrained(tmp_path / "tied").eval()
+    ours = load_pretrained(CausalLM, tmp_path / "tied").eval()
     assert ours.lm_head.weight is ours.model.embed_tokens.weight
     ids = torch.randint(3, VOCAB, (1, 6))
     with torch.no_grad():
         assert (ours(ids) - hf(input_ids=ids).logits).abs().max() < 1e-4
-    ours.save_pretrained(tmp_path / "again")
+    save_pretrained(ours, tmp_path / "again")
     assert "lm_head.weight" not in load_file(tmp_path / "again" / "model.safetensors")
-    again = CausalLM.from_pretrained(tmp_path / "again").eval()
+    again = load_pretrained(CausalLM, tmp_path / "again").eval()
     with torch.no_grad():
         assert torch.equal(again(ids), ours(ids))
 
@@ -213,27 +213,27 @@ def test_wrong_missing_and_head_keys_are_named(tmp_path, lm_dir, rm_dir):
     save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
     (bad / "config.json").write_text((lm_dir / "config.json").read_text())
     with pytest.raises(CheckpointError) as err:
-        CausalLM.from_pretrained(bad)
+        load_pretrained(CausalLM, bad)
     assert "model.layers.0.mlp.gate_proj.weight" in str(err.value)  # missing
     assert "model.layers.0.mlp.gate_proj.wieght" in str(err.value)  # unexpected
 
     # a language model is not a reward model: no silent random head
     with pytest.raises(CheckpointError, match="score.weight"):
-        RewardModel.from_pretrained(lm_dir)
-    rm = RewardModel.from_pretrained(lm_dir, new_head=True)
-    lm = CausalLM.from_pretrained(lm_dir)
+        load_pretrained(RewardModel, lm_dir)
+    rm = load_pretrained(RewardModel, lm_dir, new_head=True)
+    lm = load_pretrained(CausalLM, lm_dir)
     assert torch.equal(rm.model.layers[1].mlp.up_proj.weight, lm.model.layers[1].mlp.up_proj.weight)
     assert abs(rm.score.weight.std().item() - 1 / (64 + 1) ** 0.5) < 0.04
     # and a reward model's head is unexpected in a language model
     with pytest.raises(CheckpointError, match="score.weight"):
-        CausalLM.from_pretrained(rm_dir)
+        load_pretrained(CausalLM, rm_dir)
 
 
 def test_activation_checkpointing_same_gradients(lm_dir):
     ids, mask, _ = padded_batch([8, 6], "right")
     grads = []
     for ckpt in (False, True):
-        model = CausalLM.from_pretrained(lm_dir)
+        model = load_pretrained(CausalLM, lm_dir)
         model.cfg.activation_checkpointing = ckpt
         model(ids, mask)[mask.bool()].logsumexp(-1).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
@@ -250,7 +250,7 @@ def greedy_by_recomputation(model, prompt, n):
 
 
 def test_greedy_kv_cache_equals_recomputation_and_transformers(lm_dir):
-    ours = CausalLM.from_pretrained(lm_dir).eval()
+    ours = load_pretrained(CausalLM, lm_dir).eval()
     hf = LlamaForCausalLM.from_pretrained(lm_dir).eval()
     prompts = [[BOS, 5, 9, 33, 17, 4], [BOS, 70], [BOS, 11, 12, 13]]
     n = 12
@@ -264,7 +264,7 @@ def test_greedy_kv_cache_equals_recomputation_and_transformers(lm_dir):
 
 
 def test_generation_stops_at_eos_per_row(lm_dir):
-    ours = CausalLM.from_pretrained(lm_dir).eval()
+    ours = load_pretrained(CausalLM, lm_dir).eval()
     prompts = [[BOS, 5, 9, 33], [BOS, 70, 71]]
     free = generate(ours, prompts, 8, eos_id=-1, pad_id=PAD, temperature=0)
     stop = free[0][2]  # make row 0's third token the EOS

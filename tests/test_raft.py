@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import raft
 import train
 from rmcore.align import discard_reason, distinct_n, select_global, select_local
+from rmcore.checkpoint import save_pretrained
 from rmcore.config import ConfigError
 from rmcore.data import Template
 from rmcore.rewards import checked_rewards, load_reward
@@ -136,7 +137,7 @@ def test_greedy_generation_under_fsdp_equals_one_process_when_a_rank_stops_early
     torch.manual_seed(0)
     model = CausalLM(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64))
     model.init_weights(0.5)  # peaked, varied continuations
-    model.save_pretrained(tmp_path / "policy")
+    save_pretrained(model, tmp_path / "policy")
     model.eval()
     pad = 0
     prompts = [[[1, 5, 9, 33, 4], [1, 7]], [[1, 11, 12], [1, 40, 41, 42, 43, 44]]]

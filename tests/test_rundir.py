@@ -16,6 +16,7 @@ from conftest import non_finite_tensors
 from rmcore.errors import UserError
 from rmcore.loop import NonFiniteLoss
 from rmcore.rundir import Checkpointer, RunLock
+from rmcore.checkpoint import save_pretrained
 from test_train import REPO, args, assert_same_weights, losses, tok_dir  # noqa: F401  (tok_dir is a fixture)
 
 
@@ -276,7 +277,7 @@ def test_a_nan_reward_is_an_error(tmp_path, tok_dir):
     m.init_weights()
     with torch.no_grad():
         m.score.weight[0, 0] = float("nan")
-    m.save_pretrained(tmp_path)  # written by hand: training never exports such weights
+    save_pretrained(m, tmp_path)  # written by hand: training never exports such weights
     tok.save_pretrained(tmp_path)
     with pytest.raises(UserError, match=r"non-finite reward for input\(s\) \[0, 1\]"):
         RewardScorer(tmp_path).score(["\n\nHuman: hi\n\nAssistant: a", "\n\nHuman: hi\n\nAssistant: b"])

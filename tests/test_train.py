@@ -100,7 +100,7 @@ def test_export_loads_in_transformers_with_the_same_rewards(tmp_path, hh_file, t
     from rmcore.data import DataConfig, collate_pairs, load_pairs
     train.main(args("rm", tmp_path / "rm", hh_file, tok_dir, "optim.max_steps=2"))
     export = tmp_path / "rm" / "export"
-    ours = rmcore.RewardModel.from_pretrained(export).eval()
+    ours = rmcore.load_pretrained(rmcore.RewardModel, export).eval()
     hf = LlamaForSequenceClassification.from_pretrained(export).eval()
     tok = rmcore.Tokenizer.from_pretrained(export)
     assert json.loads((export / "config.json").read_text())["rmcore"]["template"]["human"] == "###Human:"
