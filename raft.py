@@ -86,7 +86,8 @@ def raft(cfg: RaftTrainConfig) -> list[dict]:
         indices = pool.draw(per_rank * d.world_size, cfg.run.seed, it)[d.rank::d.world_size]
         with autocast(d, bf16(cfg)):
             samples = sample(policy, pool, indices, rc.k, tok, rc.max_new_tokens, rc.generation_batch_size,
-                             rc.temperature, rc.top_k, rc.top_p, stops, g, with_logprobs=True)
+                             rc.temperature, rc.top_k, rc.top_p, stops, g, with_logprobs=True,
+                             progress=d.is_main and cfg.logging.progress)
         # 2. score, 3. discard and select
         rewards = np.array(checked_rewards(reward, samples.prompts, samples.responses))
         reasons = [discard_reason(r, s, template, tuple(rc.discard)) for r, s in zip(samples.responses, samples.stopped)]

@@ -6,6 +6,7 @@ string, rmcore.generate.cut_at_stop): the same text is scored by the reward and 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,10 +70,15 @@ class Samples:
 
 def sample(model, pool: PromptPool, indices: list[int], k: int, tokenizer, max_new_tokens: int, batch_size: int,
            temperature: float, top_k: int, top_p: float, stop_strings: tuple[str, ...], generator: torch.Generator,
-           with_logprobs: bool = False) -> Samples:
-    """K samples per prompt, batch_size rows at a time."""
+           with_logprobs: bool = False, progress: bool = False) -> Samples:
+    """K samples per prompt, batch_size rows at a time; progress: a bar with new tokens/s and ETA."""
     rows = [i for i in indices for _ in range(k)]
     out = Samples([], [], [], [], [], [])
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(rows), unit="sample", desc="sampling", dynamic_ncols=True, leave=False)
+    new_tokens, t0 = 0, time.perf_counter()
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         r = rollout(model, [pool.ids[i] for i in chunk], max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
@@ -86,6 +92,12 @@ def sample(model, pool: PromptPool, indices: list[int], k: int, tokenizer, max_n
             out.stopped.append(bool(r.stopped[row]))
             if with_logprobs:
                 out.logprobs.append(r.logprobs[row, :len(toks)].cpu())
+        if bar is not None:
+            new_tokens += int(r.response_mask.sum())
+            bar.update(len(chunk))
+            bar.set_postfix(new_tokens_per_s=f"{new_tokens / (time.perf_counter() - t0):.0f}")
+    if bar is not None:
+        bar.close()
     return out
 
 

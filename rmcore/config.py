@@ -453,7 +453,7 @@ class TrainConfig:
 class RaftConfig:
     """raft.py: reward-ranked fine-tuning (Dong et al. 2023). The policy is run.init_from; its training set is
     remade every iteration from its own samples, fine-tuned on with the `optim` settings (optim.epochs is the number
-    of epochs per iteration) and data.sft_loss_on (default here: the response tokens)."""
+    of epochs per iteration) and data.sft_loss_on (default here: `response`, the kept response's tokens)."""
     reward: str = ""                    # a reward model directory, or module:function (prompts, responses) -> rewards
     reward_normalize: bool = False      # apply the statistics `eval.py normalize` stored with the reward model
     iterations: int = 3
@@ -477,6 +477,7 @@ class RaftConfig:
 
 @dataclasses.dataclass
 class RaftTrainConfig(TrainConfig):
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(sft_loss_on="response"))
     raft: RaftConfig = dataclasses.field(default_factory=RaftConfig)
 
 

@@ -71,7 +71,8 @@ class DataConfig:
     system_prompt: str = ""                # chatml only: a system turn opening every text ("" = none)
     max_length: int = 512                  # RM: a pair with either sequence longer (tokens, BOS/EOS included) is dropped
     block_size: int = 1024                 # SFT: tokens per packed block
-    sft_loss_on: Literal["all", "assistant"] = "all"   # SFT loss on every token (recipe) or assistant tokens only
+    sft_loss_on: Literal["all", "assistant", "response"] = "all"  # SFT loss on every token (recipe), on every
+    #                                      assistant turn, or on the final response only (RAFT's kept samples)
     document_mask: bool = False            # SFT: attention stops at document boundaries (recipe: runs across them)
     group_by_length: bool = False          # batch pairs of similar length together to cut padding
     skip_bad_lines: bool = False           # skip (and count) malformed records instead of stopping
@@ -652,7 +653,8 @@ class BlockDataset:
 
 
 def document_tokens(example: Example, tokenizer, template: Template, loss_on: str) -> tuple[list[int], list[bool]]:
-    """BOS + render(prompt, chosen) + EOS, and which tokens the loss covers (all, or assistant content + EOS)."""
+    """BOS + render(prompt, chosen) + EOS, and which tokens the loss covers: all; assistant content (every
+    assistant turn) + EOS; or the response (the final turn, what follows render(prompt)) + EOS."""
     text = template.render(example.prompt, example.chosen)
     if loss_on == "all":
         ids = tokenizer.encode(text, bos=True, eos=True, specials=template.special_tokens)
@@ -661,10 +663,13 @@ def document_tokens(example: Example, tokenizer, template: Template, loss_on: st
     # assistant content.
     ids, starts = tokenizer.encode_with_starts(text, specials=template.special_tokens)
     is_assistant = np.zeros(len(text) + 1, dtype=bool)
-    at = 0
-    for piece, assistant in template.segments(example.prompt, example.chosen):
-        is_assistant[at:at + len(piece)] = assistant
-        at += len(piece)
+    if loss_on == "response":
+        is_assistant[len(template.render(example.prompt)):len(text)] = True
+    else:
+        at = 0
+        for piece, assistant in template.segments(example.prompt, example.chosen):
+            is_assistant[at:at + len(piece)] = assistant
+            at += len(piece)
     bos = [tokenizer.bos_id] if tokenizer.add_bos else []
     return bos + ids + [tokenizer.eos_id], [False] * len(bos) + is_assistant[starts].tolist() + [True]
 

@@ -88,7 +88,7 @@ def raft_args(out, hh_file, policy_dir, *extra):
             "raft.reward=raft_rewards:count_e", "raft.discard=[empty]", "raft.prompts_per_iter=16", "raft.k=4",
             "raft.max_new_tokens=24", "raft.max_prompt_tokens=128", "raft.generation_batch_size=64",
             "optim.lr=1e-3", "optim.schedule=constant", "optim.micro_batch_size=8", "optim.grad_clip=1.0",
-            "data.sft_loss_on=assistant", *extra]
+            *extra]
 
 
 def test_raft_raises_a_known_reward(tmp_path, hh_file, policy_dir):
@@ -177,3 +177,44 @@ def test_compare_a_policy_with_itself_is_all_ties(tmp_path, hh_file, tok_dir, po
                            str(tmp_path / "rm" / "export"), "--prompts", f"{hh_file}[2200:2216]", "--max-new-tokens",
                            "16", "--out", str(tmp_path / "cmp2"), "--seed", "1"])
     assert [s["a"] for s in other["samples"]] != [s["a"] for s in r["samples"]]  # the seed matters: ties above are not vacuous
+
+
+def test_a_response_is_cut_at_its_stop_the_same_way_for_reward_and_training(tmp_path, hh_file, policy_dir):
+    """The sampled text, the text the reward sees and the text trained on are one and the same, cut before the
+    stop string; the token ids end at the token that completed the stop."""
+    from rmcore.align import load_prompts, sample
+    from rmcore.data import Example, document_tokens
+    from rmcore.generate import cut_at_stop
+    from rmcore.tokenizer import Tokenizer
+    tok, template = Tokenizer.from_pretrained(policy_dir), Template()
+    from rmcore.checkpoint import load_pretrained
+    from rmcore.model import CausalLM
+    model = load_pretrained(CausalLM, policy_dir).eval()
+    pool = load_prompts([f"{hh_file}[:20]"], tok, template, 256, "prompts")
+    rows = list(range(8))
+    free = sample(model, pool, rows, 1, tok, 16, 8, 0.0, 0, 1.0, (), None)
+    stop = free.responses[0].strip()[2:4]  # two characters the first response writes
+    assert stop
+    s = sample(model, pool, rows, 1, tok, 16, 8, 0.0, 0, 1.0, (stop,), None)
+    n_cut = 0
+    for text, toks, stopped in zip(s.responses, s.tokens, s.stopped):
+        decoded = tok.decode(toks)
+        assert (text, stopped) == cut_at_stop(decoded, (stop,))
+        if stopped and toks[-1] != tok.eos_id:
+            n_cut += 1
+            assert stop in decoded and stop not in tok.decode(toks[:-1])  # the last token completed the stop
+    assert n_cut >= 1
+    seen = []
+    checked_rewards(lambda prompts, responses: seen.extend(responses) or [0.0] * len(responses), s.prompts, s.responses)
+    assert seen == s.responses
+    for prompt, text in zip(s.prompts, s.responses):
+        ids, mask = document_tokens(Example("x", prompt, text), tok, template, "response")
+        assert tok.decode([i for i, m in zip(ids, mask) if m]).strip() == text.strip()
+        assert stop not in text
+
+
+def test_k_1_without_discards_trains_on_every_sample(tmp_path, hh_file, policy_dir):
+    history = raft.main(raft_args(tmp_path / "k1", hh_file, policy_dir, "raft.iterations=1", "raft.k=1",
+                                  "raft.discard=[]"))
+    assert history[0]["kept"] == history[0]["samples"] == 16
+    assert history[0]["reward_kept"] == history[0]["reward_all"] == history[0]["reward_first"]
