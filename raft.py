@@ -32,7 +32,7 @@ from rmcore.config import ConfigError, RaftTrainConfig, load_stages, parse_cli
 from rmcore.data import Example, ShardedSampler, Template, document_tokens, require_data
 from rmcore.distributed import gather_objects, init_distributed, shutdown
 from rmcore.errors import user_errors
-from rmcore.loop import Trainer, autocast, build_model, make_optimizer
+from rmcore.loop import Trainer, autocast, build_model, compute_dtype, make_optimizer
 from rmcore.model import CausalLM
 from rmcore.rewards import checked_rewards, load_reward
 from rmcore.rundir import RunLock, export_pretrained
@@ -87,7 +87,7 @@ def raft(cfg: RaftTrainConfig) -> list[dict]:
         with autocast(d, bf16(cfg)):
             samples = sample(policy, pool, indices, rc.k, tok, rc.max_new_tokens, rc.generation_batch_size,
                              rc.temperature, rc.top_k, rc.top_p, stops, g, with_logprobs=True,
-                             progress=d.is_main and cfg.logging.progress)
+                             progress=d.is_main and cfg.logging.progress, dtype=compute_dtype(bf16(cfg)))
         # 2. score, 3. discard and select
         rewards = np.array(checked_rewards(reward, samples.prompts, samples.responses))
         reasons = [discard_reason(r, s, template, tuple(rc.discard)) for r, s in zip(samples.responses, samples.stopped)]
@@ -171,7 +171,7 @@ def held_out_reward(policy, held_out, rc, tok, stops, reward, d, bf16_on: bool) 
     indices = list(range(min(rc.eval_prompts, len(held_out))))
     with autocast(d, bf16_on):
         s = sample(policy, held_out, indices, 1, tok, rc.max_new_tokens, rc.generation_batch_size, 0.0, 0, 1.0,
-                   stops, None)
+                   stops, None, dtype=compute_dtype(bf16_on))
     return float(np.mean(checked_rewards(reward, s.prompts, s.responses)))
 
 

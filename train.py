@@ -4,8 +4,9 @@
     python train.py --config configs/tiny_rm.yaml optim.lr=1e-4      # one stage, any field overridden as key=value
     torchrun --nproc_per_node=8 train.py --config configs/open_llama_3b_rm.yaml   # FSDP2 over 8 GPUs
 
-Each stage is one function below, readable top to bottom: data, model, then the loop, whose loss is spelled out
-here from the pure functions in rmcore/losses.py. rmcore.loop.Trainer does the bookkeeping every loop shares.
+Each stage is one function below, readable top to bottom: data, model, then the loop. The RM loss is spelled out
+here from the pure functions in rmcore/losses.py; the SFT step is rmcore/sft.py's, which raft.py shares.
+rmcore.loop.Trainer does the bookkeeping every loop shares.
 
 The loss of an optimizer step is the sum of per-pair (or per-token) losses divided by the number of pairs (or
 target tokens) in the whole step, over all micro-batches and all ranks; each micro-batch's part is multiplied by

@@ -70,8 +70,9 @@ class Samples:
 
 def sample(model, pool: PromptPool, indices: list[int], k: int, tokenizer, max_new_tokens: int, batch_size: int,
            temperature: float, top_k: int, top_p: float, stop_strings: tuple[str, ...], generator: torch.Generator,
-           with_logprobs: bool = False, progress: bool = False) -> Samples:
-    """K samples per prompt, batch_size rows at a time; progress: a bar with new tokens/s and ETA."""
+           with_logprobs: bool = False, progress: bool = False, dtype: torch.dtype | None = None) -> Samples:
+    """K samples per prompt, batch_size rows at a time; progress: a bar with new tokens/s and ETA. dtype: the
+    compute dtype (rmcore.loop.compute_dtype), which the KV cache takes."""
     rows = [i for i in indices for _ in range(k)]
     out = Samples([], [], [], [], [], [])
     bar = None
@@ -82,7 +83,7 @@ def sample(model, pool: PromptPool, indices: list[int], k: int, tokenizer, max_n
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         r = rollout(model, [pool.ids[i] for i in chunk], max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
-                    temperature, top_k or None, top_p, generator, with_logprobs, stop_strings, tokenizer)
+                    temperature, top_k or None, top_p, generator, with_logprobs, stop_strings, tokenizer, dtype)
         for row, (i, toks) in enumerate(zip(chunk, r.responses())):
             text, _ = cut_at_stop(tokenizer.decode(toks), stop_strings)
             out.prompt_index.append(i)

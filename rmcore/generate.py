@@ -107,7 +107,8 @@ def rollout(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, eos_
             generator: torch.Generator | None = None, with_logprobs: bool = False,
             stop_strings: tuple[str, ...] = (), tokenizer=None, dtype: torch.dtype | None = None) -> Rollout:
     """Sample a response for every prompt (token lists). dtype: the compute dtype, that of the KV cache (default:
-    autocast's when autocast is on, else the weights'). stop_strings need the tokenizer to read the responses."""
+    autocast's when autocast is on, else the weights'; under FSDP2 mixed precision pass it, the sharded weights
+    stay fp32). stop_strings need the tokenizer to read the responses."""
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the responses")
     device = model.lm_head.weight.device

@@ -150,6 +150,12 @@ def autocast(d: Dist, bf16: bool):
     return nullcontext()
 
 
+def compute_dtype(bf16: bool) -> torch.dtype:
+    """The dtype activations are computed in (by autocast on one process, by FSDP2's policy on many): what a
+    KV cache must hold."""
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def clip_grad_norm(model, max_norm: float) -> float:
     """Clip the global gradient norm (across FSDP shards); returns the norm before clipping."""
     params = [p for p in model.parameters() if p.grad is not None]

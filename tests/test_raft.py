@@ -119,10 +119,11 @@ def test_raft_resumes_exactly_after_a_kill(tmp_path, hh_file, policy_dir):
 
 
 def test_raft_under_torchrun(tmp_path, hh_file, policy_dir):
-    """2 processes (gloo, FSDP2) finish, sampling half the prompts each, and keep one sample per prompt."""
+    """2 processes (gloo, FSDP2 with bf16 compute: the KV cache in bf16) finish, sampling half the prompts each,
+    and keep one sample per prompt."""
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "raft.py"),
-           *raft_args(out, hh_file, policy_dir, "raft.iterations=2")]
+           *raft_args(out, hh_file, policy_dir, "raft.iterations=2", "run.precision=bf16")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
