@@ -55,6 +55,8 @@ def raft(cfg: RaftTrainConfig) -> list[dict]:
         raise ConfigError("raft.reward is not set: a reward model directory, or module:function")
     if cfg.run.init_from is None:
         raise ConfigError("run.init_from is not set: RAFT starts from a policy (an SFT export)")
+    if cfg.run.save_every:
+        raise ConfigError("run.save_every does not apply to raft.py: it checkpoints after every iteration")
     d, tok = setup(cfg)
     template = Template.from_config(cfg.data).check(tok)
     stops = tuple(rc.stop_strings) if rc.stop_strings is not None else default_stop_strings(template)
