@@ -22,9 +22,24 @@ from rmcore.rewards import ModelReward, checked_rewards
 from rmcore.tokenizer import Tokenizer
 
 
-def policy_template(model_dir: str | Path) -> Template:
+def recorded_template(model_dir: str | Path) -> Template | None:
     info = json.loads((Path(model_dir) / "config.json").read_text()).get("rmcore", {})
-    return Template.from_dict(info["template"]) if "template" in info else Template()
+    return Template.from_dict(info["template"]) if "template" in info else None
+
+
+def policy_templates(policy_a: str, policy_b: str) -> list[tuple[Template, str]]:
+    """Each policy's template and where it came from: its config.json; else the other policy's (a base model
+    compared with its fine-tuned self answers in the format the fine-tuning used); else the recipe's default."""
+    recorded = [recorded_template(policy_a), recorded_template(policy_b)]
+    out = []
+    for mine, other in (recorded, recorded[::-1]):
+        if mine is not None:
+            out.append((mine, "its config.json"))
+        elif other is not None:
+            out.append((other, "the other policy's config.json"))
+        else:
+            out.append((Template(), "default (none recorded)"))
+    return out
 
 
 def compare_policies(policy_a: str, policy_b: str, judge: str, prompt_specs: list[str], device="cpu",
@@ -32,9 +47,10 @@ def compare_policies(policy_a: str, policy_b: str, judge: str, prompt_specs: lis
                      seed: int = 0, tie_epsilon: float = 0.0, max_prompt_tokens: int = 512, batch_size: int = 16) -> dict:
     """Wins / ties / losses of policy A against B on the prompts, with every sample."""
     examples, report = read_examples(prompt_specs, "auto", False, "compare prompts")
-    sides = []
-    for path in (policy_a, policy_b):
-        tok, template = Tokenizer.from_pretrained(path), policy_template(path)
+    sides, templates = [], policy_templates(policy_a, policy_b)
+    for path, (template, _) in zip((policy_a, policy_b), templates):
+        tok = Tokenizer.from_pretrained(path)
+        template.check(tok)
         ids = [tok.encode(template.render(e.prompt), bos=True, specials=template.special_tokens) for e in examples]
         sides.append((path, tok, template, ids))
     # a prompt too long for either policy is dropped for both, and counted
@@ -63,6 +79,8 @@ def compare_policies(policy_a: str, policy_b: str, judge: str, prompt_specs: lis
             "mean_tokens_a": float(np.mean(results[0]["tokens"])) if prompts else float("nan"),
             "mean_tokens_b": float(np.mean(results[1]["tokens"])) if prompts else float("nan"),
             "dropped": report.to_dict(),
+            "template_a": {**templates[0][0].to_dict(), "source": templates[0][1]},
+            "template_b": {**templates[1][0].to_dict(), "source": templates[1][1]},
             "samples": [{"id": examples[k].id, "prompt": prompts[j], "a": results[0]["responses"][j],
                          "b": results[1]["responses"][j], "reward_a": float(results[0]["rewards"][j]),
                          "reward_b": float(results[1]["rewards"][j])} for j, k in enumerate(keep)]}
@@ -76,6 +94,8 @@ def compare_markdown(r: dict, show: int = 20) -> str:
            f"({100 * r['ties'] / n:.1f}%), losses {r['losses']} ({100 * r['losses'] / n:.1f}%); a tie is |r_a - r_b| <= "
            f"{r['tie_epsilon']}",
            f"- A at least as good as B on {r['wins'] + r['ties']} of {r['prompts']} prompts",
+           f"- templates: A {r['template_a']['human']!r} ({r['template_a']['source']}), B {r['template_b']['human']!r} "
+           f"({r['template_b']['source']})",
            f"- mean reward: A {r['mean_reward_a']:.4f}, B {r['mean_reward_b']:.4f}; mean response tokens: "
            f"A {r['mean_tokens_a']:.1f}, B {r['mean_tokens_b']:.1f}", ""]
     for s in r["samples"][:show]:

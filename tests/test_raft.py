@@ -219,3 +219,15 @@ def test_k_1_without_discards_trains_on_every_sample(tmp_path, hh_file, policy_d
                                   "raft.discard=[]"))
     assert history[0]["kept"] == history[0]["samples"] == 16
     assert history[0]["reward_kept"] == history[0]["reward_all"] == history[0]["reward_first"]
+
+
+def test_raft_configs_load_and_hold_the_reference_recipe():
+    from rmcore.config import RaftTrainConfig, load_stages
+    [c] = load_stages(str(REPO / "configs/open_llama_3b_raft.yaml"), [], RaftTrainConfig)
+    assert (c.raft.prompts_per_iter, c.raft.k, c.raft.selection, c.optim.lr, c.raft.max_new_tokens) == (2048, 8, "local", 2e-5, 128)
+    assert c.data.human_tag == "###Human:" and c.run.precision == "bf16" and c.data.sft_loss_on == "response"
+    for name in ("tiny_raft.yaml", "small_raft.yaml"):
+        [c] = load_stages(str(REPO / "configs" / name), [], RaftTrainConfig)
+        assert c.raft.reward and c.run.init_from and c.data.sft_loss_on == "response"
+    with pytest.raises(ConfigError, match="unknown key 'raft'"):  # a RAFT config is raft.py's
+        train.main(["--config", str(REPO / "configs/tiny_raft.yaml")])
