@@ -1,0 +1,93 @@
+"""The math of policy-gradient RLHF (PPO, RLOO, GRPO), one pure function per formula.
+
+Shapes: per-token tensors are (B, T) over response positions, with `mask` (B, T) 1 on real response tokens;
+per-sample tensors are (B,). Samples of one prompt are consecutive rows in groups of K (RLOO, GRPO).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def kl_k1(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    """k1 = logp - logp_ref per token (unbiased for KL(pi || ref) under samples from pi; may be negative)."""
+    return logp - logp_ref
+
+
+def kl_k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    """k3 = (exp(l) - 1) - l with l = logp_ref - logp (Schulman's estimator: never negative)."""
+    l = logp_ref - logp
+    return torch.expm1(l) - l
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum(x * mask) / sum(mask)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over real tokens only; with shift_mean=False the mean is added back."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    return (out if shift_mean else out + mean) * mask
+
+
+def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """r_t = -beta * kl_t on every response token, plus the score at the last real token (the EOS) only."""
+    rewards = -beta * kl * mask
+    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()  # the last real position of each row
+    return rewards + score[:, None] * last
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1} over response tokens; returns
+    (advantages, returns = A + V), both 0 on padding."""
+    T = rewards.shape[-1]
+    values, rewards = values * mask, rewards * mask
+    adv = torch.zeros_like(rewards)
+    next_adv = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(values[:, 0])
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        adv[:, t] = next_adv
+    return adv, (adv + values) * mask
+
+
+def rloo_advantages(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """A_i = r_i - mean of the other K-1 rewards of the same prompt (Ahmadian et al. 2024)."""
+    r = scores.view(-1, k)
+    return (r - (r.sum(-1, keepdim=True) - r) / (k - 1)).reshape(-1)
+
+
+def grpo_advantages(scores: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
+    """A_i = (r_i - mean) / (std + eps) within each prompt's K rewards (Shao et al. 2024; sample std)."""
+    r = scores.view(-1, k)
+    return ((r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + eps)).reshape(-1)
+
+
+def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip: float = 0.2) -> torch.Tensor:
+    """mean over real tokens of max(-A rho, -A clip(rho, 1 - eps, 1 + eps)), rho = exp(logp - logp_old)."""
+    rho = torch.exp(logp - logp_old)
+    return masked_mean(torch.maximum(-advantages * rho, -advantages * rho.clamp(1 - clip, 1 + clip)), mask)
+
+
+def value_loss(values: torch.Tensor, values_old: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float = 0.2) -> torch.Tensor:
+    """0.5 * mean over real tokens of max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)."""
+    clipped = values_old + (values - values_old).clamp(-clip, clip)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean over real tokens of -sum_v p_v log p_v."""
+    logp = logits.float().log_softmax(-1)
+    return masked_mean(-(logp.exp() * logp).sum(-1), mask)
+
+
+def adaptive_beta(beta: float, kl: float, target: float, n_steps: int, horizon: int) -> float:
+    """Ziegler et al.: e = clip(KL / target - 1, -0.2, 0.2); beta * (1 + e * n / horizon)."""
+    e = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + e * n_steps / horizon)
