@@ -76,7 +76,7 @@ def raft(cfg: RaftTrainConfig) -> list[dict]:
     reward = load_reward(rc.reward, d.device, normalize=rc.reward_normalize)
     per_rank = math.ceil(rc.prompts_per_iter / d.world_size)  # equal shares: every rank runs the same forwards
     # the lr schedule spans the most steps the iterations can take (every prompt keeps a sample)
-    steps_per_iter = math.ceil(math.ceil(per_rank * d.world_size / (o.micro_batch_size * d.world_size)) / o.grad_accum) * o.epochs
+    steps_per_iter = math.ceil(math.ceil(per_rank / o.micro_batch_size) / o.grad_accum) * o.epochs
     trainer = Trainer(cfg, d, policy, total_steps=steps_per_iter * rc.iterations)
     first = trainer.resumed["iteration"] if trainer.resumed else 0
     history = trainer.resumed.get("history", []) if trainer.resumed else []
@@ -104,8 +104,9 @@ def raft(cfg: RaftTrainConfig) -> list[dict]:
             ref = response_logprobs(start, [pool.ids[i] for i in samples.prompt_index], samples.tokens,
                                     rc.temperature, rc.generation_batch_size, tok.pad_id)
         kl = [float((a - b).sum()) for a, b in zip(samples.logprobs, ref)]
+        kept_rows = set(kept)
         stats = iteration_stats(gather_objects([
-            {"first": j % rc.k == 0, "reward": float(rewards[j]), "kept": j in set(kept), "reason": reasons[j],
+            {"first": j % rc.k == 0, "reward": float(rewards[j]), "kept": j in kept_rows, "reason": reasons[j],
              "tokens": samples.tokens[j], "stopped": samples.stopped[j], "kl": kl[j]} for j in range(len(rewards))]))
         # 4. fine-tune on every rank's kept pairs
         pairs = gather_objects([(samples.prompts[j], samples.responses[j]) for j in kept])

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from rmcore.data import ASSISTANT, HUMAN, Report, Template, read_examples
+from rmcore.data import ASSISTANT, HUMAN, Report, Template, read_examples, right_pad
 from rmcore.generate import cut_at_stop, rollout
 
 
@@ -158,11 +158,8 @@ def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]
     model.eval()
     out = []
     for start in range(0, len(prompts), batch_size):
-        rows = [p + r for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
-        width = max(len(x) for x in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        for i, x in enumerate(rows):
-            ids[i, :len(x)] = torch.tensor(x)
+        ids, _ = right_pad([p + r for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])],
+                           pad_id)
         logits = model(ids.to(device))  # right padding: the causal mask keeps it out of every real token's view
         lp = token_logprobs(logits[:, :-1], ids[:, 1:].to(device), temperature)
         for i, (p, r) in enumerate(zip(prompts[start:start + batch_size], responses[start:start + batch_size])):

@@ -622,15 +622,20 @@ def load_pairs(specs: list[str], tokenizer, cfg: DataConfig, name: str, keep_exa
     return tokenize_pairs(examples, tokenizer, Template.from_config(cfg).check(tokenizer), cfg.max_length, report, keep_examples), report
 
 
-def collate_pairs(data: PairDataset, indices: list[int], pad_id: int) -> dict:
-    """2B rows, chosen[0..B) then rejected[0..B), right-padded to the longest; margin (B,) (0 where none)."""
-    seqs = [data.chosen[i] for i in indices] + [data.rejected[i] for i in indices]
+def right_pad(seqs, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sequences (lists or arrays) -> (input_ids, attention_mask), padded on the right to the longest."""
     width = max((len(s) for s in seqs), default=1)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, s in enumerate(seqs):
-        input_ids[row, :len(s)] = torch.from_numpy(s.astype(np.int64))
+        input_ids[row, :len(s)] = torch.from_numpy(np.asarray(s, dtype=np.int64))
         attention_mask[row, :len(s)] = 1
+    return input_ids, attention_mask
+
+
+def collate_pairs(data: PairDataset, indices: list[int], pad_id: int) -> dict:
+    """2B rows, chosen[0..B) then rejected[0..B), right-padded to the longest; margin (B,) (0 where none)."""
+    input_ids, attention_mask = right_pad([data.chosen[i] for i in indices] + [data.rejected[i] for i in indices], pad_id)
     margin = torch.from_numpy(np.nan_to_num(data.margin[indices], nan=0.0)) if len(indices) else torch.zeros(0)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin.float(),
             "has_margin": bool(len(indices)) and not np.isnan(data.margin[indices]).all(),

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from rmcore.checkpoint import CheckpointError, load_pretrained
-from rmcore.data import HUMAN, DataError, PairDataset, Template
+from rmcore.data import HUMAN, DataError, PairDataset, Template, right_pad
 from rmcore.distributed import Dist
 from rmcore.losses import pairwise_loss, preference_metrics
 from rmcore.metrics import (
@@ -98,12 +98,7 @@ class RewardScorer:
             bar = tqdm(total=sum(len(seqs[i]) for b in mine for i in b), unit="tok", unit_scale=True, desc="scoring")
         found = {}
         for batch in mine:
-            width = max(len(seqs[i]) for i in batch)
-            ids = torch.full((len(batch), width), self.tokenizer.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, :len(seqs[i])] = torch.as_tensor(np.asarray(seqs[i], dtype=np.int64))
-                mask[row, :len(seqs[i])] = 1
+            ids, mask = right_pad([seqs[i] for i in batch], self.tokenizer.pad_id)
             r = self.model(ids.to(self.d.device), attention_mask=mask.to(self.d.device)).double().cpu().tolist()
             found.update(zip(batch, r))
             if bar is not None:

@@ -122,6 +122,7 @@ def rollout(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, eos_
     logprobs = torch.zeros(B, max_new_tokens, device=device) if with_logprobs else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
+    responses = [[] for _ in range(B)]  # host copies of the rows' tokens, read by the stop-string check
     was_training = model.training
     model.eval()
     steps = 0
@@ -139,9 +140,13 @@ def rollout(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, eos_
                 logprobs[:, t] = torch.where(done, 0.0, token_logprobs(logits, token, temperature))
             ended = ~done & (token == eos_id)
             if stop_strings:
-                for row in (~done & ~ended).nonzero().flatten().tolist():
-                    text = tokenizer.decode(out[row, :t + 1].tolist())
-                    ended[row] = cut_at_stop(text, stop_strings)[1]
+                hits = []
+                for row, (tok, live) in enumerate(zip(token.tolist(), (~done & ~ended).tolist())):
+                    responses[row].append(tok)
+                    if live and cut_at_stop(tokenizer.decode(responses[row]), stop_strings)[1]:
+                        hits.append(row)
+                if hits:
+                    ended[hits] = True
             stopped |= ended
             done |= ended
             steps = t + 1

@@ -10,6 +10,7 @@ Under torchrun each rank scores its own samples: no collective is involved.
 from __future__ import annotations
 
 import importlib
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -56,7 +57,6 @@ def load_reward(spec: str, device="cpu", dtype: torch.dtype | None = None, norma
 
 def checked_rewards(reward: RewardFn, prompts: list[str], responses: list[str]) -> list[float]:
     """reward(prompts, responses), checked: one finite float per response."""
-    import math
     out = [float(r) for r in reward(prompts, responses)]
     if len(out) != len(responses):
         raise ValueError(f"the reward function returned {len(out)} rewards for {len(responses)} responses")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from rmcore.data import right_pad
 from rmcore.distributed import Dist, all_reduce_sum
 from rmcore.loop import autocast, set_grad_sync
 from rmcore.losses import count_targets, sft_loss, shift_targets
@@ -53,10 +54,8 @@ def collate_documents(docs: list[tuple[list[int], list[bool]]], indices: list[in
     """One document per row, right-padded: input_ids and loss_mask (False on padding). Right padding needs no
     attention mask: under the causal mask no real token sees the padding after it."""
     rows = [docs[i] for i in indices]
-    width = max((len(ids) for ids, _ in rows), default=1)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for r, (ids, mask) in enumerate(rows):
-        input_ids[r, :len(ids)] = torch.tensor(ids)
-        loss_mask[r, :len(ids)] = torch.from_numpy(np.asarray(mask, dtype=bool))
+    input_ids, real = right_pad([ids for ids, _ in rows], pad_id)
+    loss_mask = torch.zeros_like(real, dtype=torch.bool)
+    for r, (_, mask) in enumerate(rows):
+        loss_mask[r, :len(mask)] = torch.from_numpy(np.asarray(mask, dtype=bool))
     return {"input_ids": input_ids, "loss_mask": loss_mask, "ids": [f"sample {i}" for i in indices]}
