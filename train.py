@@ -42,8 +42,9 @@ def main(argv: list[str]) -> dict:
     for cfg in load_stages(path, overrides):
         d = init_distributed(cfg.run.device)
         with RunLock(cfg.run.out_dir, d):  # one run per out_dir; a second one stops here, naming the first
-            if cfg.run.stage == "raft":
-                raise ConfigError("run.stage=raft is run by raft.py: python raft.py --config ...")
+            if cfg.run.stage in ("raft", "ppo"):
+                raise ConfigError(f"run.stage={cfg.run.stage} is run by {cfg.run.stage}.py: "
+                                  f"python {cfg.run.stage}.py --config ...")
             result = {"tokenizer": tokenizer_stage, "sft": sft, "rm": rm}[cfg.run.stage](cfg)
     return result
 

@@ -147,22 +147,73 @@ def select_global(rewards: np.ndarray, k: int, valid: np.ndarray) -> list[int]:
     return order[:n_keep]
 
 
+# ------------------------------------------------------------------------------------------------ scoring samples
+@dataclass
+class Packed:
+    """Samples as one batch, in a rollout's layout (rmcore.generate): prompts left-padded to one width P, then the
+    responses right-padded to T. response_mask (B, T) is 1 on each response's tokens, its stop included."""
+    input_ids: torch.Tensor       # (B, P + T)
+    attention_mask: torch.Tensor  # (B, P + T)
+    position_ids: torch.Tensor    # (B, P + T): counting real tokens only, so padding shifts nothing
+    response_mask: torch.Tensor   # (B, T) float
+    prompt_width: int
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_width:]
+
+    def rows(self, index) -> "Packed":
+        return Packed(self.input_ids[index], self.attention_mask[index], self.position_ids[index],
+                      self.response_mask[index], self.prompt_width)
+
+
+def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device=None) -> Packed:
+    """Prompt and response token lists -> one Packed batch."""
+    from rmcore.generate import left_pad
+    from rmcore.model import default_position_ids
+    p_ids, p_mask = left_pad(prompts, pad_id)
+    r_ids, r_mask = right_pad(responses, pad_id)
+    ids, mask = torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1)
+    return Packed(ids.to(device), mask.to(device), default_position_ids(mask).to(device),
+                  r_mask.float().to(device), p_ids.shape[1])
+
+
+def response_logits(model, batch: Packed) -> torch.Tensor:
+    """(B, T, vocab): the logits that predicted each response token (the head runs on those positions only)."""
+    T = batch.response_mask.shape[1]
+    return model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                 keep_last=T + 1)[:, :-1]
+
+
+def response_values(critic, batch: Packed) -> torch.Tensor:
+    """(B, T): the critic's value of the state before each response token (the position that predicts it)."""
+    values = critic(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                    every_token=True)
+    return values[:, batch.prompt_width - 1:-1]
+
+
 @torch.no_grad()
-def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]], temperature: float,
-                      batch_size: int, pad_id: int) -> list[torch.Tensor]:
-    """Per-token log-probs (logits / temperature) of each response after its prompt, as one forward pass scores
-    them (the same number of forward calls on every rank, so it is safe under FSDP2 when the inputs are)."""
+def response_logprobs(model, batch: Packed, temperature: float, batch_size: int) -> torch.Tensor:
+    """(B, T) log-probs (logits / temperature) of the response tokens as one forward pass scores them, 0 on
+    padding; batch_size rows per forward (the same number of forwards on every rank when the row counts agree,
+    as FSDP2 needs)."""
     from rmcore.generate import token_logprobs
-    device = model.lm_head.weight.device
     was_training = model.training
     model.eval()
     out = []
-    for start in range(0, len(prompts), batch_size):
-        ids, _ = right_pad([p + r for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])],
-                           pad_id)
-        logits = model(ids.to(device))  # right padding: the causal mask keeps it out of every real token's view
-        lp = token_logprobs(logits[:, :-1], ids[:, 1:].to(device), temperature)
-        for i, (p, r) in enumerate(zip(prompts[start:start + batch_size], responses[start:start + batch_size])):
-            out.append(lp[i, len(p) - 1:len(p) - 1 + len(r)].float().cpu())
+    for start in range(0, batch.input_ids.shape[0], batch_size):
+        b = batch.rows(slice(start, start + batch_size))
+        out.append(token_logprobs(response_logits(model, b), b.responses, temperature).float() * b.response_mask)
     model.train(was_training)
-    return out
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def response_values_of(critic, batch: Packed, batch_size: int) -> torch.Tensor:
+    """(B, T) values, 0 on padding, batch_size rows per forward."""
+    was_training = critic.training
+    critic.eval()
+    out = [response_values(critic, b) * b.response_mask
+           for b in (batch.rows(slice(s, s + batch_size)) for s in range(0, batch.input_ids.shape[0], batch_size))]
+    critic.train(was_training)
+    return torch.cat(out)

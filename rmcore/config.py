@@ -391,7 +391,7 @@ from rmcore.model import ModelConfig  # noqa: E402
 
 @dataclasses.dataclass
 class RunConfig:
-    stage: Literal["tokenizer", "sft", "rm", "raft"] = "rm"  # raft: raft.py's runs
+    stage: Literal["tokenizer", "sft", "rm", "raft", "ppo"] = "rm"  # raft, ppo: raft.py's, ppo.py's runs
     out_dir: str = "runs/default"       # config.yaml, metrics.jsonl, checkpoints/, export/ go here
     init_from: str | None = None        # an HF-format directory (open_llama_3b, an SFT export); None = fresh init
     tokenizer: str | None = None        # tokenizer directory; default: init_from
@@ -450,18 +450,13 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
-class RaftConfig:
-    """raft.py: reward-ranked fine-tuning (Dong et al. 2023). The policy is run.init_from; its training set is
-    remade every iteration from its own samples, fine-tuned on with the `optim` settings (optim.epochs is the number
-    of epochs per iteration) and data.sft_loss_on (default here: `response`, the kept response's tokens)."""
+class AlignConfig:
+    """What raft.py and ppo.py share: the reward, the iterations, the prompts and how responses are sampled."""
     reward: str = ""                    # a reward model directory, or module:function (prompts, responses) -> rewards
     reward_normalize: bool = False      # apply the statistics `eval.py normalize` stored with the reward model
     iterations: int = 3
     prompts_per_iter: int = 2048        # across all ranks
     k: int = 8                          # samples per prompt
-    selection: Literal["local", "global"] = "local"  # best of each prompt's K, or the top 1/K of the whole batch
-    discard: list[Literal["empty", "truncated", "tag"]] = dataclasses.field(
-        default_factory=lambda: ["empty", "truncated", "tag"])  # samples left out of ranking, each reason counted
     max_prompt_tokens: int = 256        # longer prompts are dropped from the pool and counted
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -469,16 +464,59 @@ class RaftConfig:
     top_p: float = 1.0
     stop_strings: list[str] | None = None  # None: the template's human tag and HH's "Human:" (EOS always stops)
     generation_batch_size: int = 16     # rows sampled at once per rank
-    reset_optimizer: bool = False       # a fresh AdamW state each iteration (the reference keeps it)
     eval_prompts: int = 16              # prompts of data.eval answered greedily every iteration; 0 = none
     keep_exports: int = 2               # per-iteration policy exports kept on disk
     halt_after_iteration: int | None = None  # stop as if killed after this iteration (resume tests)
 
 
 @dataclasses.dataclass
+class RaftConfig(AlignConfig):
+    """raft.py: reward-ranked fine-tuning (Dong et al. 2023). The policy is run.init_from; its training set is
+    remade every iteration from its own samples, fine-tuned on with the `optim` settings (optim.epochs is the number
+    of epochs per iteration) and data.sft_loss_on (default here: `response`, the kept response's tokens)."""
+    selection: Literal["local", "global"] = "local"  # best of each prompt's K, or the top 1/K of the whole batch
+    discard: list[Literal["empty", "truncated", "tag"]] = dataclasses.field(
+        default_factory=lambda: ["empty", "truncated", "tag"])  # samples left out of ranking, each reason counted
+    reset_optimizer: bool = False       # a fresh AdamW state each iteration (the reference keeps it)
+
+
+@dataclasses.dataclass
 class RaftTrainConfig(TrainConfig):
     data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(sft_loss_on="response"))
     raft: RaftConfig = dataclasses.field(default_factory=RaftConfig)
+
+
+@dataclasses.dataclass
+class PpoConfig(AlignConfig):
+    """ppo.py: PPO (and the critic-free RLOO / GRPO) on the policy run.init_from. Each iteration samples
+    prompts_per_iter x k responses; optim.epochs passes of shuffled minibatches of optim.micro_batch_size x
+    optim.grad_accum samples per rank follow, one optimizer step each. Defaults are TRL's PPOConfig's."""
+    k: int = 1                          # samples per prompt (rloo and grpo need >= 2)
+    prompts_per_iter: int = 64
+    advantage: Literal["gae", "rloo", "grpo"] = "gae"
+    critic: str = "reward"              # gae: `reward` (a copy of the reward model), `policy` (the policy's trunk + a
+                                        # fresh value head) or a reward-model directory
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    beta: float = 0.05                  # KL coefficient (its start, when adaptive)
+    adaptive_kl: bool = False           # Ziegler et al.'s controller towards kl_target
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    missing_eos_penalty: float | None = None  # subtracted from the score of a response cut at max_new_tokens
+    score_clip: float | None = None     # scores clipped to [-score_clip, score_clip]
+    whiten_rewards: bool = False        # per-token rewards whitened over real tokens, mean shifted back
+    whiten_advantages: bool = True      # advantages whitened over real tokens
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2                   # policy ratio clip
+    clip_value: float = 0.2             # value clip around the rollout's values
+    value_coef: float = 0.1
+    entropy_coef: float = 0.0
+
+
+@dataclasses.dataclass
+class PpoTrainConfig(TrainConfig):
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(epochs=4, lr=1e-6, schedule="constant"))
+    ppo: PpoConfig = dataclasses.field(default_factory=PpoConfig)
 
 
 def load_stages(path: str | None, overrides: list[str] | tuple[str, ...] = (), cls: type = TrainConfig) -> list:
@@ -500,13 +538,15 @@ def load_stages(path: str | None, overrides: list[str] | tuple[str, ...] = (), c
 
 
 # sizes that must be >= 1 (None, where allowed, means "no limit")
+ALIGN_POSITIVE = ("iterations", "prompts_per_iter", "k", "max_prompt_tokens", "max_new_tokens", "generation_batch_size",
+                  "keep_exports")
 POSITIVE = ("optim.micro_batch_size", "optim.grad_accum", "optim.epochs", "optim.max_steps", "data.block_size",
-            "data.max_length", "run.keep", "run.max_skips_in_a_row", "run.tokenizer_vocab_size", "raft.iterations",
-            "raft.prompts_per_iter", "raft.k", "raft.max_prompt_tokens", "raft.max_new_tokens",
-            "raft.generation_batch_size", "raft.keep_exports")
+            "data.max_length", "run.keep", "run.max_skips_in_a_row", "run.tokenizer_vocab_size",
+            *(f"{s}.{k}" for s in ("raft", "ppo") for k in ALIGN_POSITIVE), "ppo.kl_target", "ppo.kl_horizon")
 NON_NEGATIVE = ("optim.lr", "optim.warmup_ratio", "optim.weight_decay", "optim.grad_clip", "run.eval_every",
                 "run.save_every", "loss.center_coef", "model.dim", "model.n_layers", "raft.temperature",
-                "raft.eval_prompts")
+                "raft.eval_prompts", "ppo.eval_prompts", "ppo.beta", "ppo.missing_eos_penalty", "ppo.score_clip",
+                "ppo.gamma", "ppo.lam", "ppo.clip", "ppo.clip_value", "ppo.value_coef", "ppo.entropy_coef")
 
 
 def check_train_config(cfg: "TrainConfig", source: str) -> None:

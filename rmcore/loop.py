@@ -134,6 +134,13 @@ def _build_model(cls, d: Dist, init_from, model_cfg, bf16: bool, seed: int, new_
     return model
 
 
+def frozen(model):
+    """A model that is only read (a reference policy, a reward): eval mode, no gradients."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
 def make_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
     """AdamW; weight decay on matrices only (norm gains are not decayed)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]

@@ -290,9 +290,12 @@ class CausalLM(_Pretrained):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, attn_mask=None, cache_slots=None):
-        """Logits (B, T, vocab)."""
-        return self.lm_head(self.model(input_ids, attention_mask, position_ids, attn_mask, cache_slots))
+    def forward(self, input_ids, attention_mask=None, position_ids=None, attn_mask=None, cache_slots=None,
+                keep_last: int | None = None):
+        """Logits (B, T, vocab); with keep_last, those of the last keep_last positions only (the head over a long
+        prompt is wasted work when only the response's tokens are scored)."""
+        h = self.model(input_ids, attention_mask, position_ids, attn_mask, cache_slots)
+        return self.lm_head(h if keep_last is None else h[:, -keep_last:])
 
 
 def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -327,9 +330,13 @@ class RewardModel(_Pretrained):
     def init_head(self):
         init_linear(self.score, 1.0 / math.sqrt(self.cfg.dim + 1))
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, attn_mask=None):
-        """Rewards (B,), fp32 whatever the trunk's precision."""
+    def forward(self, input_ids, attention_mask=None, position_ids=None, attn_mask=None, every_token: bool = False):
+        """Rewards (B,), fp32 whatever the trunk's precision; with every_token, the head at every position (B, T):
+        the values a PPO critic reads."""
         h = self.model(input_ids, attention_mask, position_ids, attn_mask)
+        if every_token:
+            with torch.autocast(device_type=h.device.type, enabled=False):
+                return self.score(h.to(self.score.weight.dtype)).float().sum(-1)
         if attention_mask is None:
             last = h[:, -1]
         else:

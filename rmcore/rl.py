@@ -20,8 +20,8 @@ def kl_k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """sum(x * mask) / sum(mask)."""
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    """sum of x over real tokens / their number (what padding holds, even inf or NaN, never enters)."""
+    return torch.where(mask.bool(), x, 0).sum() / mask.sum().clamp(min=1)
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
@@ -29,7 +29,18 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     out = (x - mean) * torch.rsqrt(var + eps)
-    return (out if shift_mean else out + mean) * mask
+    return torch.where(mask.bool(), out if shift_mean else out + mean, 0)
+
+
+def shape_scores(scores: torch.Tensor, ended: torch.Tensor, missing_eos_penalty: float | None = None,
+                 clip: float | None = None) -> torch.Tensor:
+    """score - missing_eos_penalty where the response did not end (cut at the length limit), then clipped to
+    [-clip, clip]; None leaves either step out."""
+    if missing_eos_penalty is not None:
+        scores = scores - missing_eos_penalty * (~ended.bool()).to(scores.dtype)
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    return scores
 
 
 def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
@@ -58,33 +69,48 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 def rloo_advantages(scores: torch.Tensor, k: int) -> torch.Tensor:
     """A_i = r_i - mean of the other K-1 rewards of the same prompt (Ahmadian et al. 2024)."""
     r = scores.view(-1, k)
-    return (r - (r.sum(-1, keepdim=True) - r) / (k - 1)).reshape(-1)
+    # written as a mean of differences r_i - r_j: exactly 0 when the K rewards are equal
+    return ((r[:, :, None] - r[:, None, :]).sum(-1) / (k - 1)).reshape(-1)
 
 
 def grpo_advantages(scores: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
     """A_i = (r_i - mean) / (std + eps) within each prompt's K rewards (Shao et al. 2024; sample std)."""
     r = scores.view(-1, k)
-    return ((r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + eps)).reshape(-1)
+    centered = (r[:, :, None] - r[:, None, :]).mean(-1)  # r_i - mean, exactly 0 when the K rewards are equal
+    return (centered / (r.std(-1, keepdim=True) + eps)).reshape(-1)
 
 
 def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float = 0.2) -> torch.Tensor:
-    """mean over real tokens of max(-A rho, -A clip(rho, 1 - eps, 1 + eps)), rho = exp(logp - logp_old)."""
-    rho = torch.exp(logp - logp_old)
-    return masked_mean(torch.maximum(-advantages * rho, -advantages * rho.clamp(1 - clip, 1 + clip)), mask)
+                clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean over real tokens of max(-A rho, -A clip(rho, 1 - eps, 1 + eps)), rho = exp(logp - logp_old); the
+    fraction of real tokens where the clipped term is the larger)."""
+    rho = torch.exp(torch.where(mask.bool(), logp - logp_old, 0))  # padding: rho = 1, whatever its logits
+    unclipped, clipped = -advantages * rho, -advantages * rho.clamp(1 - clip, 1 + clip)
+    return masked_mean(torch.maximum(unclipped, clipped), mask), masked_mean((clipped > unclipped).float(), mask)
 
 
 def value_loss(values: torch.Tensor, values_old: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float = 0.2) -> torch.Tensor:
-    """0.5 * mean over real tokens of max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)."""
+               clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(0.5 * mean over real tokens of max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2); the fraction of real
+    tokens where the clipped term is the larger)."""
+    values = torch.where(mask.bool(), values, values_old)
     clipped = values_old + (values - values_old).clamp(-clip, clip)
-    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+    unclipped_sq, clipped_sq = (values - returns) ** 2, (clipped - returns) ** 2
+    return (0.5 * masked_mean(torch.maximum(unclipped_sq, clipped_sq), mask),
+            masked_mean((clipped_sq > unclipped_sq).float(), mask))
 
 
 def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """mean over real tokens of -sum_v p_v log p_v."""
     logp = logits.float().log_softmax(-1)
     return masked_mean(-(logp.exp() * logp).sum(-1), mask)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(R - V) / Var(R) over real tokens (1: the critic predicts the returns; <= 0: no better than their mean)."""
+    def var(x):
+        return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+    return 1 - var(returns - values) / var(returns).clamp(min=1e-12)
 
 
 def adaptive_beta(beta: float, kl: float, target: float, n_steps: int, horizon: int) -> float:

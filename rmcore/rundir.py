@@ -34,7 +34,8 @@ from rmcore.errors import UserError
 
 # Keys that do not change what a run computes: how often it evaluates, saves or logs, where its directory is.
 NOT_IDENTITY = ("run.out_dir", "run.resume", "run.halt_at_step", "run.eval_every", "run.save_every", "run.keep",
-                "run.export", "run.device", "logging.", "raft.halt_after_iteration", "raft.keep_exports")
+                "run.export", "run.device", "logging.", "raft.halt_after_iteration", "raft.keep_exports",
+                "ppo.halt_after_iteration", "ppo.keep_exports")
 
 
 class RunDirError(UserError):

@@ -289,6 +289,12 @@ class Tokenizer:
     def _piece(self, i: int) -> str:
         return self.backend.id_to_piece(i) if self.is_sp else self.backend.id_to_token(i)
 
+    def same_ids(self, other: "Tokenizer") -> bool:
+        """Whether every id means the same token here and in `other` (so a model can read the other's ids)."""
+        return ((self.vocab_size, self.bos_id, self.eos_id, self.pad_id) ==
+                (other.vocab_size, other.bos_id, other.eos_id, other.pad_id) and
+                all(self._piece(i) == other._piece(i) for i in range(self.vocab_size)))
+
     def __setstate__(self, state):  # DataLoader workers get a pickled copy
         self.__dict__.update(state)
         if not self.is_sp:

@@ -100,7 +100,7 @@ def test_raft_raises_a_known_reward(tmp_path, hh_file, policy_dir):
     assert all(h["reward_kept"] >= h["reward_all"] for h in history)
     saved = json.loads((tmp_path / "r" / "raft_history.json").read_text())
     assert [h["reward_first"] for h in saved] == first
-    assert (tmp_path / "r" / "raft_reward.png").is_file()
+    assert (tmp_path / "r" / "raft_history.png").is_file()
 
 
 def test_raft_resumes_exactly_after_a_kill(tmp_path, hh_file, policy_dir):

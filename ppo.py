@@ -1,0 +1,302 @@
+"""PPO for language models (Ziegler et al. 2019; Ouyang et al. 2022) with the details of "The N implementation
+details of RLHF with PPO" (Huang et al. 2024), and the critic-free RLOO (Ahmadian et al. 2024) and GRPO (Shao et
+al. 2024) on the same loop (ppo.advantage). The math is rmcore/rl.py's, one pure function per formula.
+
+    python ppo.py --config configs/tiny_ppo.yaml                          # on the tiny chain's exports, CPU
+    torchrun --nproc_per_node=2 ppo.py --config configs/tiny_ppo.yaml     # prompts split across ranks, FSDP2
+
+Models: the policy (run.init_from, trained), a frozen copy of it (the reference of the KL term), the reward (a
+reward model directory or a Python function, reading text: its tokenizer may differ) and, for gae, a critic reading
+the policy's token ids (so its tokenizer must be the policy's), trained with the policy as one module. LLaMA has no
+dropout, so nothing differs between sampling, scoring and training forwards.
+
+Each iteration, top to bottom in `ppo` below:
+  1. rollout: ppo.prompts_per_iter prompts (each rank an equal share), ppo.k samples each at ppo.temperature, each
+     cut at its stop; prompts left-padded, everything after the stop is padding. The log-probs of the sampled
+     tokens under the policy and the reference (logits / temperature), and the critic's values, come from one
+     forward pass over the whole sequences, the same pass training takes;
+  2. score the text, minus ppo.missing_eos_penalty for a response cut at the length limit, clipped (ppo.score_clip);
+  3. per-token rewards -beta * kl_t (k1 or k3), the score added at the last real token; beta fixed or adaptive;
+  4. advantages: gae (critic), rloo or grpo (K samples per prompt, no critic); whitened over real tokens;
+  5. optim.epochs passes over shuffled minibatches (optim.micro_batch_size x optim.grad_accum samples per rank),
+     one AdamW step each: clipped policy loss, clipped value loss, entropy bonus, all means over real tokens;
+  6. log (TRL's metric names), export the policy, checkpoint models, optimizer, beta and the iteration.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from rmcore.align import Packed, pack, response_logits, response_logprobs, response_values, response_values_of
+from rmcore.config import ConfigError, PpoTrainConfig, load_stages, parse_cli
+from rmcore.distributed import all_reduce_sum, init_distributed, shutdown
+from rmcore.errors import user_errors
+from rmcore.generate import token_logprobs
+from rmcore.iterations import end_iteration, held_out_reward, prepare, sample_iteration
+from rmcore.loop import Trainer, autocast, build_model, frozen, set_grad_sync
+from rmcore.model import CausalLM, RewardModel
+from rmcore.rewards import checked_rewards
+from rmcore.rl import (
+    adaptive_beta, entropy, gae, grpo_advantages, kl_k1, kl_k3, masked_whiten, policy_loss, rloo_advantages,
+    shape_scores, token_rewards, value_loss,
+)
+from rmcore.rundir import RunLock, export_pretrained
+from rmcore.runner import bf16, export_config, setup
+from rmcore.tokenizer import Tokenizer
+
+
+def main(argv: list[str]) -> list[dict]:
+    path, overrides = parse_cli(argv, "ppo.py")
+    [cfg] = load_stages(path, overrides, PpoTrainConfig)
+    cfg.run.stage = "ppo"
+    d = init_distributed(cfg.run.device)
+    with RunLock(cfg.run.out_dir, d):
+        return ppo(cfg)
+
+
+class ActorCritic(nn.Module):
+    """The trained models as one module: one AdamW over both, one gradient clip, one checkpoint (TRL's
+    PolicyAndValueWrapper does the same). The critic is None for rloo and grpo."""
+
+    def __init__(self, policy: CausalLM, critic: RewardModel | None):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+    def set_requires_gradient_sync(self, sync: bool):
+        for m in (self.policy, self.critic):
+            if m is not None:
+                set_grad_sync(m, sync)
+
+
+@dataclass
+class Experience:
+    """One iteration's rollout as training reads it; every tensor (B, T) over response positions."""
+    batch: Packed
+    logp_old: torch.Tensor
+    values_old: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def ppo(cfg: PpoTrainConfig) -> list[dict]:
+    pc, o = cfg.ppo, cfg.optim
+    check_config(cfg)
+    d, tok = setup(cfg)
+    s = prepare(cfg, pc, d, tok, "ppo")
+    if pc.top_k or pc.top_p < 1:
+        warnings.warn(f"ppo.top_k={pc.top_k}, ppo.top_p={pc.top_p}: the samples do not come from the policy's "
+                      "distribution (logits / temperature) that the log-probs assume, so the KL estimate and the "
+                      "importance ratios are biased; top_k=0, top_p=1 keep them exact", stacklevel=2)
+    policy = build_model(CausalLM, d, cfg.run.init_from, None, bf16(cfg), cfg.run.seed,
+                         activation_checkpointing=cfg.model.activation_checkpointing)
+    reference = frozen(build_model(CausalLM, d, cfg.run.init_from, None, bf16(cfg), cfg.run.seed))
+    critic = None
+    if pc.advantage == "gae":
+        source, new_head = critic_source(cfg, tok)
+        critic = build_model(RewardModel, d, source, None, bf16(cfg), cfg.run.seed, new_head=new_head,
+                             activation_checkpointing=cfg.model.activation_checkpointing)
+    model = ActorCritic(policy, critic)
+    per_rank = math.ceil(pc.prompts_per_iter / d.world_size)  # equal shares: every rank runs the same forwards
+    n = per_rank * pc.k
+    minibatch = o.micro_batch_size * o.grad_accum
+    trainer = Trainer(cfg, d, model, total_steps=pc.iterations * o.epochs * math.ceil(n / minibatch))
+    resumed = trainer.resumed or {}
+    first, history, beta = resumed.get("iteration", 0), resumed.get("history", []), resumed.get("beta", pc.beta)
+    step = trainer.start_step
+    say = trainer.log.print
+    say(f"trainable parameters: {sum(p.numel() for p in model.parameters()):,} (policy"
+        f"{' + critic from ' + source if critic is not None else ''}); {n} samples per rank per iteration, "
+        f"{math.ceil(n / minibatch)} minibatches x {o.epochs} epochs")
+    for it in range(first, pc.iterations):
+        # 1. rollout, and one forward pass of each model over it
+        samples = sample_iteration(policy, s, pc, cfg, d, tok, it, per_rank, with_logprobs=False)
+        batch = pack([s.pool.ids[i] for i in samples.prompt_index], samples.tokens, tok.pad_id, d.device)
+        mask = batch.response_mask
+        with autocast(d, bf16(cfg)):
+            logp_old = response_logprobs(policy, batch, pc.temperature, o.micro_batch_size)
+            logp_ref = response_logprobs(reference, batch, pc.temperature, o.micro_batch_size)
+            values_old = (response_values_of(critic, batch, o.micro_batch_size) if critic is not None
+                          else torch.zeros_like(mask))
+        # 2. score
+        ended = torch.tensor(samples.stopped, device=d.device)
+        raw_scores = torch.tensor(checked_rewards(s.reward, samples.prompts, samples.responses), device=d.device)
+        scores = shape_scores(raw_scores, ended, pc.missing_eos_penalty, pc.score_clip)
+        # 3. per-token rewards
+        kl = (kl_k1 if pc.kl_estimator == "k1" else kl_k3)(logp_old, logp_ref) * mask
+        rewards = token_rewards(scores, kl, mask, beta)
+        if pc.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        # 4. advantages
+        if pc.advantage == "gae":
+            advantages, returns = gae(rewards, values_old, mask, pc.gamma, pc.lam)
+        else:  # one advantage per sample from its whole reward (score - beta * sum kl), on each of its tokens
+            group = rloo_advantages if pc.advantage == "rloo" else grpo_advantages
+            advantages, returns = group(rewards.sum(-1), pc.k)[:, None] * mask, torch.zeros_like(mask)
+        if pc.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        exp = Experience(batch, logp_old, values_old, advantages, returns)
+        # 5. epochs of shuffled minibatches, one optimizer step each
+        model.train()
+        totals: dict[str, float] = {}
+        for epoch in range(o.epochs):
+            order = torch.from_numpy(np.random.default_rng([cfg.run.seed, it, epoch, d.rank]).permutation(n))
+            for start in range(0, n, minibatch):
+                rows = order[start:start + minibatch]
+                count = trainer.global_count(float(mask[rows].sum()))
+                sums = ppo_minibatch(model, exp, rows, o.micro_batch_size, count, pc, d, bf16(cfg))
+                mb = minibatch_metrics(sums, d)
+                trainer.step(step, {"loss/policy": sums["policy"], "loss/value": sums["value"]}, count,
+                             {"iteration": it + 1, **mb}, int(sums["tokens"]), [f"sample {int(r)}" for r in rows])
+                for k, v in sums.items():
+                    totals[k] = totals.get(k, 0.0) + v
+                step += 1
+        # 6. figures, beta, held-out reward, log, export, checkpoint
+        stats = {"iteration": it + 1, **rollout_stats(raw_scores, scores, ended, kl, logp_old, logp_ref, values_old,
+                                                      returns, batch, beta, pc, tok.eos_id, d),
+                 **minibatch_metrics(totals, d, suffix="_avg")}
+        if pc.adaptive_kl:  # Ziegler et al.: after each rollout, with n = the samples it held
+            beta = adaptive_beta(beta, stats["objective/kl"], pc.kl_target, stats["samples"], pc.kl_horizon)
+        if s.held_out is not None:
+            stats["eval_reward"] = held_out_reward(policy, s, pc, cfg, d, tok)
+        history.append(stats)
+        end_iteration(trainer, policy, cfg, pc, tok, it, step, history, {"beta": beta}, "ppo",
+                      {"score": ["objective/scores", "objective/rlhf_reward", "eval_reward"],
+                       "KL to the reference (per response)": ["objective/kl_k1", "objective/kl_k3"],
+                       "response tokens": ["response_length"]})
+    if cfg.run.export:
+        export_pretrained(policy, Path(cfg.run.out_dir) / "export", d, tok, export_config(cfg))
+        trainer.log.print(f"exported {Path(cfg.run.out_dir) / 'export'}")
+    trainer.log.close()
+    return history
+
+
+def ppo_minibatch(model: ActorCritic, exp: Experience, rows: torch.Tensor, micro_batch_size: int, count: float,
+                  pc, d, bf16_on: bool) -> dict[str, float]:
+    """Forward and backward over one minibatch, micro-batch by micro-batch; every loss is a mean over the
+    minibatch's real tokens on all ranks (count), so micro-batching and the number of ranks never change it.
+    Returns token-weighted sums for the log."""
+    sums = dict.fromkeys(("policy", "value", "entropy", "clipfrac", "value_clipfrac", "approxkl", "ratio",
+                          "ratio_sq", "tokens"), 0.0)
+    micro = [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+    for j, r in enumerate(micro):
+        model.set_requires_gradient_sync(j == len(micro) - 1)
+        b = exp.batch.rows(r)
+        m = b.response_mask
+        with autocast(d, bf16_on):
+            logits = response_logits(model.policy, b)
+            values = response_values(model.critic, b) if model.critic is not None else None
+        logits = logits.float() / pc.temperature  # the distribution the samples came from
+        logp = token_logprobs(logits, b.responses)
+        pg, clipfrac = policy_loss(logp, exp.logp_old[r], exp.advantages[r], m, pc.clip)
+        ent = entropy(logits, m)
+        loss = pg - pc.entropy_coef * ent
+        vl = vclip = torch.zeros(())
+        if values is not None:
+            vl, vclip = value_loss(values, exp.values_old[r], exp.returns[r], m, pc.clip_value)
+            loss = loss + pc.value_coef * vl
+        n_tok = float(m.sum())
+        (loss * (n_tok / count * d.world_size)).backward()
+        with torch.no_grad():
+            log_ratio = torch.where(m.bool(), logp - exp.logp_old[r], 0)
+            ratio = log_ratio.exp() * m
+            for k, v in (("policy", pg), ("value", vl), ("entropy", ent), ("clipfrac", clipfrac),
+                         ("value_clipfrac", vclip)):
+                sums[k] += float(v) * n_tok
+            sums["approxkl"] += float((0.5 * log_ratio ** 2).sum())
+            sums["ratio"] += float(ratio.sum())
+            sums["ratio_sq"] += float((ratio ** 2).sum())
+            sums["tokens"] += n_tok
+    return sums
+
+
+def minibatch_metrics(sums: dict[str, float], d, suffix: str = "") -> dict[str, float]:
+    """Token means over every rank of ppo_minibatch's sums, under TRL's names (val/ratio_var: the variance of the
+    per-token ratio)."""
+    keys = list(sums)
+    totals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], d.device)))
+    n = max(totals["tokens"], 1.0)
+    ratio = totals["ratio"] / n
+    return {f"policy/approxkl{suffix}": totals["approxkl"] / n, f"policy/clipfrac{suffix}": totals["clipfrac"] / n,
+            f"policy/entropy{suffix}": totals["entropy"] / n, f"loss/policy{suffix}": totals["policy"] / n,
+            f"loss/value{suffix}": totals["value"] / n, f"val/clipfrac{suffix}": totals["value_clipfrac"] / n,
+            "val/ratio": ratio, "val/ratio_var": totals["ratio_sq"] / n - ratio ** 2}
+
+
+def rollout_stats(raw_scores, scores, ended, kl, logp_old, logp_ref, values_old, returns, batch: Packed, beta: float,
+                  pc, eos_id: int, d) -> dict:
+    """The rollout's figures over every rank: per-response sums averaged over responses (TRL's objective/*),
+    the critic's explained variance over real tokens, length and how responses ended."""
+    mask = batch.response_mask
+    lengths = mask.sum(-1)
+    last = batch.responses.gather(1, (lengths.long() - 1).clamp(min=0)[:, None])[:, 0]
+    per_response = {
+        "objective/scores": scores, "objective/scores_raw": raw_scores, "objective/kl": kl.sum(-1),
+        "objective/kl_k1": (kl_k1(logp_old, logp_ref) * mask).sum(-1),
+        "objective/kl_k3": (kl_k3(logp_old, logp_ref) * mask).sum(-1),
+        "objective/entropy": (-logp_old * mask).sum(-1),  # TRL's: minus the sampled tokens' log-probs, summed
+        "objective/non_score_reward": (-beta * kl).sum(-1), "response_length": lengths,
+        "no_eos_fraction": (~ended).float(), "val/num_eos_tokens": (last == eos_id).float(),
+    }
+    keys = list(per_response)
+    real = mask.bool()
+    err = (returns - values_old)[real]
+    sums = all_reduce_sum([float(per_response[k].sum()) for k in keys] +
+                          [len(scores), float(real.sum()), float(returns[real].sum()), float((returns[real] ** 2).sum()),
+                           float(err.sum()), float((err ** 2).sum())], d.device)
+    n, tokens, r1, r2, e1, e2 = sums[len(keys):]
+    stats = {k: v / n for k, v in zip(keys, sums)}
+    stats["val/num_eos_tokens"] *= n  # a count, as TRL logs it
+    stats["objective/rlhf_reward"] = stats["objective/scores"] + stats["objective/non_score_reward"]
+    if pc.advantage == "gae":
+        var_r = r2 / tokens - (r1 / tokens) ** 2
+        stats["val/explained_variance"] = 1 - (e2 / tokens - (e1 / tokens) ** 2) / max(var_r, 1e-12)
+    stats.update({"beta": beta, "samples": int(n)})
+    return stats
+
+
+def check_config(cfg: PpoTrainConfig):
+    pc = cfg.ppo
+    if not pc.reward:
+        raise ConfigError("ppo.reward is not set: a reward model directory, or module:function")
+    if cfg.run.init_from is None:
+        raise ConfigError("run.init_from is not set: PPO starts from a policy (an SFT export)")
+    if cfg.run.save_every:
+        raise ConfigError("run.save_every does not apply to ppo.py: it checkpoints after every iteration")
+    if pc.temperature <= 0:
+        raise ConfigError(f"ppo.temperature={pc.temperature}: PPO samples from the policy; expected > 0")
+    if pc.advantage in ("rloo", "grpo") and pc.k < 2:
+        raise ConfigError(f"ppo.advantage={pc.advantage} compares the K samples of a prompt: ppo.k={pc.k}, expected >= 2")
+
+
+def critic_source(cfg: PpoTrainConfig, tok: Tokenizer) -> tuple[str, bool]:
+    """(directory the critic starts from, whether its value head is fresh). It reads the policy's token ids, so
+    its tokenizer must be the policy's: a mismatch stops here rather than being misread for a whole run."""
+    pc = cfg.ppo
+    if pc.critic == "policy":
+        return cfg.run.init_from, True
+    path = pc.reward if pc.critic == "reward" else pc.critic
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"ppo.critic={pc.critic}: {path} is not a reward model directory; advantage=gae needs a "
+                          "critic (ppo.critic=policy starts one from the policy's trunk with a fresh value head)")
+    if not Tokenizer.from_pretrained(path).same_ids(tok):
+        raise ConfigError(f"the critic {path} has another tokenizer than the policy {cfg.run.init_from}: it reads "
+                          "the policy's token ids, so the ids must mean the same tokens (ppo.critic=policy starts a "
+                          "critic from the policy's trunk)")
+    return path, False
+
+
+if __name__ == "__main__":
+    try:
+        with user_errors():
+            main(sys.argv[1:])
+    except SystemExit as stop:  # ppo.halt_after_iteration ends a run early but cleanly
+        if stop.code not in (0, None):
+            raise
+    shutdown()
