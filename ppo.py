@@ -35,11 +35,10 @@ import torch
 from torch import nn
 
 from rmcore.align import Packed, pack, response_logits, response_logprobs, response_values, response_values_of
-from rmcore.config import ConfigError, PpoTrainConfig, load_stages, parse_cli
-from rmcore.distributed import all_reduce_sum, init_distributed, shutdown
-from rmcore.errors import user_errors
+from rmcore.config import ConfigError, PpoTrainConfig
+from rmcore.distributed import all_reduce_sum
 from rmcore.generate import token_logprobs
-from rmcore.iterations import end_iteration, held_out_reward, prepare, sample_iteration
+from rmcore.iterations import align_main, end_iteration, held_out_reward, prepare, sample_iteration
 from rmcore.loop import Trainer, autocast, build_model, frozen, set_grad_sync
 from rmcore.model import CausalLM, RewardModel
 from rmcore.rewards import checked_rewards
@@ -47,18 +46,13 @@ from rmcore.rl import (
     adaptive_beta, entropy, gae, grpo_advantages, kl_k1, kl_k3, masked_whiten, policy_loss, rloo_advantages,
     shape_scores, token_rewards, value_loss,
 )
-from rmcore.rundir import RunLock, export_pretrained
-from rmcore.runner import bf16, export_config, setup
+from rmcore.rundir import export_pretrained
+from rmcore.runner import bf16, export_config, run_script, setup
 from rmcore.tokenizer import Tokenizer
 
 
 def main(argv: list[str]) -> list[dict]:
-    path, overrides = parse_cli(argv, "ppo.py")
-    [cfg] = load_stages(path, overrides, PpoTrainConfig)
-    cfg.run.stage = "ppo"
-    d = init_distributed(cfg.run.device)
-    with RunLock(cfg.run.out_dir, d):
-        return ppo(cfg)
+    return align_main(argv, "ppo", PpoTrainConfig, ppo)
 
 
 class ActorCritic(nn.Module):
@@ -263,12 +257,6 @@ def rollout_stats(raw_scores, scores, ended, kl, logp_old, logp_ref, values_old,
 
 def check_config(cfg: PpoTrainConfig):
     pc = cfg.ppo
-    if not pc.reward:
-        raise ConfigError("ppo.reward is not set: a reward model directory, or module:function")
-    if cfg.run.init_from is None:
-        raise ConfigError("run.init_from is not set: PPO starts from a policy (an SFT export)")
-    if cfg.run.save_every:
-        raise ConfigError("run.save_every does not apply to ppo.py: it checkpoints after every iteration")
     if pc.temperature <= 0:
         raise ConfigError(f"ppo.temperature={pc.temperature}: PPO samples from the policy; expected > 0")
     if pc.advantage in ("rloo", "grpo") and pc.k < 2:
@@ -293,10 +281,4 @@ def critic_source(cfg: PpoTrainConfig, tok: Tokenizer) -> tuple[str, bool]:
 
 
 if __name__ == "__main__":
-    try:
-        with user_errors():
-            main(sys.argv[1:])
-    except SystemExit as stop:  # ppo.halt_after_iteration ends a run early but cleanly
-        if stop.code not in (0, None):
-            raise
-    shutdown()
+    run_script(main, sys.argv[1:])

@@ -22,36 +22,24 @@ from pathlib import Path
 import numpy as np
 
 from rmcore.align import discard_reason, distinct_n, pack, response_logprobs, select_global, select_local
-from rmcore.config import ConfigError, RaftTrainConfig, load_stages, parse_cli
+from rmcore.config import RaftTrainConfig
 from rmcore.data import Example, ShardedSampler, document_tokens
-from rmcore.distributed import gather_objects, init_distributed, shutdown
-from rmcore.errors import user_errors
-from rmcore.iterations import end_iteration, held_out_reward, prepare, sample_iteration
+from rmcore.distributed import gather_objects
+from rmcore.iterations import align_main, end_iteration, held_out_reward, prepare, sample_iteration
 from rmcore.loop import Trainer, autocast, build_model, frozen, make_optimizer
 from rmcore.model import CausalLM
 from rmcore.rewards import checked_rewards
-from rmcore.rundir import RunLock, export_pretrained
-from rmcore.runner import bf16, export_config, setup
+from rmcore.rundir import export_pretrained
+from rmcore.runner import bf16, export_config, run_script, setup
 from rmcore.sft import collate_documents, sft_step
 
 
 def main(argv: list[str]) -> list[dict]:
-    path, overrides = parse_cli(argv, "raft.py")
-    [cfg] = load_stages(path, overrides, RaftTrainConfig)
-    cfg.run.stage = "raft"
-    d = init_distributed(cfg.run.device)
-    with RunLock(cfg.run.out_dir, d):
-        return raft(cfg)
+    return align_main(argv, "raft", RaftTrainConfig, raft)
 
 
 def raft(cfg: RaftTrainConfig) -> list[dict]:
     rc, o = cfg.raft, cfg.optim
-    if not rc.reward:
-        raise ConfigError("raft.reward is not set: a reward model directory, or module:function")
-    if cfg.run.init_from is None:
-        raise ConfigError("run.init_from is not set: RAFT starts from a policy (an SFT export)")
-    if cfg.run.save_every:
-        raise ConfigError("run.save_every does not apply to raft.py: it checkpoints after every iteration")
     d, tok = setup(cfg)
     s = prepare(cfg, rc, d, tok, "raft")
     policy = build_model(CausalLM, d, cfg.run.init_from, None, bf16(cfg), cfg.run.seed,
@@ -135,10 +123,4 @@ def iteration_stats(rows: list[dict]) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        with user_errors():
-            main(sys.argv[1:])
-    except SystemExit as stop:  # raft.halt_after_iteration ends a run early but cleanly
-        if stop.code not in (0, None):
-            raise
-    shutdown()
+    run_script(main, sys.argv[1:])

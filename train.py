@@ -25,14 +25,13 @@ from rmcore.config import ConfigError, TrainConfig, load_stages, parse_cli
 from rmcore.data import (
     ShardedSampler, Template, collate_blocks, collate_pairs, load_blocks, load_pairs, read_examples, require_data,
 )
-from rmcore.distributed import all_reduce_sum, barrier, init_distributed, shutdown
+from rmcore.distributed import all_reduce_sum, barrier, init_distributed
 from rmcore.losses import PREFERENCE_SUM_KEYS, centering_loss, metrics_from_sums, pairwise_loss, preference_sums
-from rmcore.errors import user_errors
 from rmcore.loop import Trainer, autocast, build_model, set_grad_sync
 from rmcore.model import CausalLM, RewardModel
 from rmcore.rundir import RunLock
 from rmcore.sft import sft_step, sft_sums
-from rmcore.runner import bf16, export_config, has_value_head, load_splits, model_config, say, setup
+from rmcore.runner import bf16, export_config, has_value_head, load_splits, model_config, run_script, say, setup
 from rmcore.tokenizer import train_tokenizer
 
 
@@ -173,10 +172,4 @@ def to(x, d):
 
 
 if __name__ == "__main__":
-    try:
-        with user_errors():  # bad data, config or model files: one message, no traceback
-            main(sys.argv[1:])
-    except SystemExit as stop:  # run.halt_at_step ends a run early but cleanly
-        if stop.code not in (0, None):
-            raise
-    shutdown()  # after an error torchrun tears the group down; a clean exit leaves it together
+    run_script(main, sys.argv[1:])

@@ -12,12 +12,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rmcore.config import ConfigError, load_stages, parse_cli
+from rmcore.distributed import init_distributed
 from rmcore.align import PromptPool, Samples, default_stop_strings, load_prompts, sample
 from rmcore.data import Template, require_data
 from rmcore.loop import Trainer, autocast, compute_dtype
 from rmcore.rewards import RewardFn, checked_rewards, load_reward
-from rmcore.rundir import export_pretrained
+from rmcore.rundir import RunLock, export_pretrained
 from rmcore.runner import bf16, export_config, say
+
+
+def align_main(argv: list[str], name: str, cls, loop):
+    """The main of raft.py and ppo.py (name): config from the command line, the checks every such run needs, the
+    run directory's lock, then the script's loop."""
+    path, overrides = parse_cli(argv, f"{name}.py")
+    [cfg] = load_stages(path, overrides, cls)
+    cfg.run.stage = name
+    if not getattr(cfg, name).reward:
+        raise ConfigError(f"{name}.reward is not set: a reward model directory, or module:function")
+    if cfg.run.init_from is None:
+        raise ConfigError(f"run.init_from is not set: {name} starts from a policy (an SFT export)")
+    if cfg.run.save_every:
+        raise ConfigError(f"run.save_every does not apply to {name}.py: it checkpoints after every iteration")
+    d = init_distributed(cfg.run.device)
+    with RunLock(cfg.run.out_dir, d):
+        return loop(cfg)
 
 
 @dataclass

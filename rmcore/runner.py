@@ -67,6 +67,21 @@ def bf16(cfg: TrainConfig) -> bool:
     return cfg.run.precision == "bf16"
 
 
+def run_script(main, argv: list[str]):
+    """A training script's entry point: bad data, config or model files give one message and no traceback; a
+    SystemExit(0) (run.halt_at_step, halt_after_iteration) ends a run early but cleanly; then the process group is
+    shut down (after an error torchrun tears it down itself)."""
+    from rmcore.distributed import shutdown
+    from rmcore.errors import user_errors
+    try:
+        with user_errors():
+            main(argv)
+    except SystemExit as stop:
+        if stop.code not in (0, None):
+            raise
+    shutdown()
+
+
 def say(d: Dist, text: str):
     """Print on rank 0 only."""
     if d.is_main:
