@@ -112,7 +112,12 @@ def rm(cfg: TrainConfig) -> dict:
     def rewards(batch):
         """(r_chosen, r_rejected), each (B,), from one forward pass over the 2B rows."""
         with autocast(d, bf16(cfg)):
-            r = model(batch["input_ids"].to(d.device), attention_mask=batch["attention_mask"].to(d.device))
+            if "seq_lens" in batch:  # packed: one row, no padding
+                r = model(batch["input_ids"].to(d.device), position_ids=batch["position_ids"].to(d.device),
+                          seq_lens=batch["seq_lens"])
+            else:  # collate_pairs pads on the right
+                r = model(batch["input_ids"].to(d.device), attention_mask=batch["attention_mask"].to(d.device),
+                          right_padded=True)
         return r.float().chunk(2) if len(r) else (r.float(), r.float())
 
     def pair_losses(r_chosen, r_rejected, batch) -> dict:
@@ -132,7 +137,7 @@ def rm(cfg: TrainConfig) -> dict:
         model.eval()
         sums, loss_sums = dict.fromkeys(PREFERENCE_SUM_KEYS, 0.0), {}
         for idx in ShardedSampler(len(held_out), cfg.optim.micro_batch_size, d.rank, d.world_size, shuffle=False):
-            batch = collate_pairs(held_out, idx, tok.pad_id)
+            batch = collate_pairs(held_out, idx, tok.pad_id, cfg.data.pack_pairs)
             r_chosen, r_rejected = rewards(batch)
             for k, v in preference_sums(r_chosen, r_rejected).items():
                 sums[k] += v
@@ -148,7 +153,7 @@ def rm(cfg: TrainConfig) -> dict:
     trainer = Trainer(cfg, d, model, sampler, evaluate if held_out is not None else None)
     model.train()
     for step, micro_batches in trainer.steps():
-        batches = [collate_pairs(train, idx, tok.pad_id) for idx in micro_batches]
+        batches = [collate_pairs(train, idx, tok.pad_id, cfg.data.pack_pairs) for idx in micro_batches]
         n_pairs = trainer.global_count(sum(len(b["ids"]) for b in batches))  # the denominator: pairs in the whole step
         loss_sums, wins, ties = {}, 0, 0
         for i, batch in enumerate(batches):
@@ -161,8 +166,9 @@ def rm(cfg: TrainConfig) -> dict:
             wins += int((r_chosen > r_rejected).sum())
             ties += int((r_chosen == r_rejected).sum())
         wins, ties = all_reduce_sum([wins, ties], d.device)
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        trainer.step(step, loss_sums, n_pairs, {"acc": wins / n_pairs, "ties": int(ties)}, tokens,
+        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
+        padding = 1 - tokens / max(sum(b["input_ids"].numel() for b in batches), 1)  # this rank's share of pad slots
+        trainer.step(step, loss_sums, n_pairs, {"acc": wins / n_pairs, "ties": int(ties), "padding": padding}, tokens,
                      [i for b in batches for i in b["ids"]])
     return trainer.finish(tok, export_config(cfg))
 

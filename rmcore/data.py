@@ -75,6 +75,7 @@ class DataConfig:
     #                                      assistant turn, or on the final response only (RAFT's kept samples)
     document_mask: bool = False            # SFT: attention stops at document boundaries (recipe: runs across them)
     group_by_length: bool = False          # batch pairs of similar length together to cut padding
+    pack_pairs: bool = True                # rm: a micro-batch's sequences in one row, no padding (same math, faster)
     skip_bad_lines: bool = False           # skip (and count) malformed records instead of stopping
 
 
@@ -633,11 +634,20 @@ def right_pad(seqs, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     return input_ids, attention_mask
 
 
-def collate_pairs(data: PairDataset, indices: list[int], pad_id: int) -> dict:
-    """2B rows, chosen[0..B) then rejected[0..B), right-padded to the longest; margin (B,) (0 where none)."""
-    input_ids, attention_mask = right_pad([data.chosen[i] for i in indices] + [data.rejected[i] for i in indices], pad_id)
+def collate_pairs(data: PairDataset, indices: list[int], pad_id: int, packed: bool = False) -> dict:
+    """2B sequences, chosen[0..B) then rejected[0..B): right-padded rows (input_ids, attention_mask), or with
+    packed, one row of them end to end with no padding (input_ids (1, L), position_ids restarting at each,
+    seq_lens); margin (B,) (0 where none)."""
+    seqs = [data.chosen[i] for i in indices] + [data.rejected[i] for i in indices]
+    if packed and seqs:
+        lens = tuple(len(x) for x in seqs)
+        rows = {"input_ids": torch.from_numpy(np.concatenate(seqs).astype(np.int64))[None],
+                "position_ids": torch.cat([torch.arange(n) for n in lens])[None], "seq_lens": lens}
+    else:
+        input_ids, attention_mask = right_pad(seqs, pad_id)
+        rows = {"input_ids": input_ids, "attention_mask": attention_mask}
     margin = torch.from_numpy(np.nan_to_num(data.margin[indices], nan=0.0)) if len(indices) else torch.zeros(0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin.float(),
+    return {**rows, "margin": margin.float(),
             "has_margin": bool(len(indices)) and not np.isnan(data.margin[indices]).all(),
             "ids": [data.ids[i] for i in indices]}
 

@@ -99,7 +99,8 @@ class RewardScorer:
         found = {}
         for batch in mine:
             ids, mask = right_pad([seqs[i] for i in batch], self.tokenizer.pad_id)
-            r = self.model(ids.to(self.d.device), attention_mask=mask.to(self.d.device)).double().cpu().tolist()
+            r = self.model(ids.to(self.d.device), attention_mask=mask.to(self.d.device),
+                           right_padded=True).double().cpu().tolist()
             found.update(zip(batch, r))
             if bar is not None:
                 bar.update(int(mask.sum()))

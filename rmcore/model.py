@@ -168,7 +168,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, attn_mask, cache_slots=None):
+    def forward(self, x, cos, sin, attn_mask, cache_slots=None, seq_lens=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -176,9 +176,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(cache_slots, k, v)
-        # attn_mask None means "plain causal, no padding": SDPA then picks its fused causal kernel
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        gqa = self.n_kv_heads != self.n_heads
+        if seq_lens is not None:  # packed sequences: causal attention within each one, none across (varlen)
+            y = torch.cat([F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa) for qs, ks, vs
+                           in zip(q.split(seq_lens, 2), k.split(seq_lens, 2), v.split(seq_lens, 2))], 2)
+        else:  # attn_mask None means "plain causal, no padding": SDPA then picks its fused causal kernel
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                               enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -201,8 +205,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attn_mask, cache_slots=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache_slots)
+    def forward(self, x, cos, sin, attn_mask, cache_slots=None, seq_lens=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache_slots, seq_lens)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -232,8 +236,11 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, attn_mask=None, cache_slots=None):
-        """Final hidden states (B, T, dim). With a KV cache, `cache_slots` (T,) are the cache columns written."""
+    def forward(self, input_ids, attention_mask=None, position_ids=None, attn_mask=None, cache_slots=None,
+                seq_lens=None):
+        """Final hidden states (B, T, dim). With a KV cache, `cache_slots` (T,) are the cache columns written.
+        seq_lens: one row holding several sequences end to end (lengths summing to T, position_ids restarting at
+        each): attention stays within each sequence, so no padding and no mask are needed."""
         if position_ids is None:
             position_ids = (default_position_ids(attention_mask) if attention_mask is not None
                             else torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids))
@@ -244,9 +251,9 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
         for layer in self.layers:
             if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, attn_mask, cache_slots, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, attn_mask, cache_slots, seq_lens, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn_mask, cache_slots)
+                x = layer(x, cos, sin, attn_mask, cache_slots, seq_lens)
         return self.norm(x)
 
     @torch.no_grad()
@@ -330,15 +337,25 @@ class RewardModel(_Pretrained):
     def init_head(self):
         init_linear(self.score, 1.0 / math.sqrt(self.cfg.dim + 1))
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, attn_mask=None, every_token: bool = False):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, attn_mask=None, every_token: bool = False,
+                right_padded: bool = False, seq_lens: tuple[int, ...] | None = None):
         """Rewards (B,), fp32 whatever the trunk's precision; with every_token, the head at every position (B, T):
-        the values a PPO critic reads."""
-        h = self.model(input_ids, attention_mask, position_ids, attn_mask)
+        the values a PPO critic reads. right_padded: the caller's promise that every row is its real tokens then
+        padding; the trunk then runs plain causal attention (exact: no real token sees a later position) with no
+        (B, 1, T, T) mask, and the last real token is read at sum(mask) - 1 without a host-device sync.
+        seq_lens: one packed row of several sequences (Transformer.forward); one reward per sequence."""
+        h = self.model(input_ids, None if right_padded else attention_mask, position_ids, attn_mask, seq_lens=seq_lens)
+        if seq_lens is not None:
+            ends = torch.tensor(seq_lens, device=h.device).cumsum(0) - 1
+            with torch.autocast(device_type=h.device.type, enabled=False):
+                return self.score(h[0, ends].to(self.score.weight.dtype)).float().sum(-1)
         if every_token:
             with torch.autocast(device_type=h.device.type, enabled=False):
                 return self.score(h.to(self.score.weight.dtype)).float().sum(-1)
         if attention_mask is None:
             last = h[:, -1]
+        elif right_padded:
+            last = h[torch.arange(h.shape[0], device=h.device), attention_mask.sum(-1) - 1]
         else:
             index = last_real_index(attention_mask)
             if bool((index < 0).any()):
