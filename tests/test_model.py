@@ -290,56 +290,54 @@ def test_sampling_filters():
     assert draws == keep
 
 
-def test_right_padded_fast_path_equals_the_masked_path():
-    """right_padded=True (causal attention, no dense mask) gives the same rewards, pairwise loss and gradients as
-    the (B, 1, T, T) padding mask, in fp32."""
-    from rmcore.data import right_pad
-    from rmcore.losses import pairwise_loss
+def small_reward_model() -> RewardModel:
     torch.manual_seed(0)
     model = RewardModel(ModelConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96))
     model.init_weights()
-    seqs = [torch.randint(3, VOCAB, (n,)).tolist() for n in (5, 17, 9, 12, 3, 17)]
-    ids, mask = right_pad(seqs, pad_id=0)
-    results = []
-    for fast in (False, True):
-        model.zero_grad()
-        r = model(ids, attention_mask=mask, right_padded=fast)
-        loss = pairwise_loss(*r.chunk(2), reduction="mean")
-        loss.backward()
-        results.append((r.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (r0, l0, g0), (r1, l1, g1) = results
-    assert torch.allclose(r0, r1, atol=1e-5) and torch.allclose(l0, l1, atol=1e-5)
-    assert all(torch.allclose(g0[n], g1[n], atol=1e-5) for n in g0)
-    # and each row equals that sequence alone, without padding
-    for i, s in enumerate(seqs):
-        assert torch.allclose(r1[i], model(torch.tensor([s]))[0], atol=1e-5)
+    return model
 
 
-def test_packed_pairs_equal_the_padded_path():
-    """collate_pairs(packed=True): one row, position ids restarting, attention within each sequence; the same
-    rewards, pairwise loss and gradients as right-padded rows (fp32, 1e-5)."""
-    import numpy as np
-    from rmcore.data import PairDataset, collate_pairs
+def assert_same_rewards_loss_grads(model, forward_a, forward_b):
+    """Two ways of computing the same 2B rewards: equal rewards, pairwise loss and gradients (fp32, 1e-5)."""
     from rmcore.losses import pairwise_loss
-    torch.manual_seed(0)
-    model = RewardModel(ModelConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96))
-    model.init_weights()
-    lens = [(5, 9), (17, 3), (11, 11), (2, 14)]
-    pairs = PairDataset(chosen=[np.random.randint(3, VOCAB, a) for a, _ in lens],
-                        rejected=[np.random.randint(3, VOCAB, b) for _, b in lens],
-                        margin=np.full(len(lens), np.nan), ids=[str(i) for i in range(len(lens))])
     results = []
-    for packed in (False, True):
-        batch = collate_pairs(pairs, [0, 1, 2, 3], pad_id=0, packed=packed)
+    for forward in (forward_a, forward_b):
         model.zero_grad()
-        if packed:
-            assert batch["input_ids"].shape == (1, sum(a + b for a, b in lens))
-            r = model(batch["input_ids"], position_ids=batch["position_ids"], seq_lens=batch["seq_lens"])
-        else:
-            r = model(batch["input_ids"], attention_mask=batch["attention_mask"])  # the dense-mask path
+        r = forward()
         loss = pairwise_loss(*r.chunk(2), reduction="sum")
         loss.backward()
         results.append((r.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (r0, l0, g0), (r1, l1, g1) = results
     assert torch.allclose(r0, r1, atol=1e-5) and torch.allclose(l0, l1, atol=1e-5)
     assert all(torch.allclose(g0[n], g1[n], atol=1e-5) for n in g0)
+    return r1
+
+
+def test_right_padded_fast_path_equals_the_masked_path():
+    """right_padded=True (causal attention, no dense mask) gives the same rewards, pairwise loss and gradients as
+    the (B, 1, T, T) padding mask, in fp32."""
+    from rmcore.data import right_pad
+    model = small_reward_model()
+    seqs = [torch.randint(3, VOCAB, (n,)).tolist() for n in (5, 17, 9, 12, 3, 17)]
+    ids, mask = right_pad(seqs, pad_id=0)
+    r = assert_same_rewards_loss_grads(model, lambda: model(ids, attention_mask=mask),
+                                       lambda: model(ids, attention_mask=mask, right_padded=True))
+    for i, s in enumerate(seqs):  # and each row equals that sequence alone, without padding
+        assert torch.allclose(r[i], model(torch.tensor([s]))[0], atol=1e-5)
+
+
+def test_packed_pairs_equal_the_padded_path():
+    """collate_pairs(packed=True): one row, position ids restarting, attention within each sequence; the same
+    rewards, pairwise loss and gradients as right-padded rows with the dense mask (fp32, 1e-5)."""
+    import numpy as np
+    from rmcore.data import PairDataset, collate_pairs
+    model = small_reward_model()
+    lens = [(5, 9), (17, 3), (11, 11), (2, 14)]
+    pairs = PairDataset(chosen=[np.random.randint(3, VOCAB, a) for a, _ in lens],
+                        rejected=[np.random.randint(3, VOCAB, b) for _, b in lens],
+                        margin=np.full(len(lens), np.nan), ids=[str(i) for i in range(len(lens))])
+    padded, packed = (collate_pairs(pairs, [0, 1, 2, 3], pad_id=0, packed=p) for p in (False, True))
+    assert packed["input_ids"].shape == (1, sum(a + b for a, b in lens))
+    assert_same_rewards_loss_grads(
+        model, lambda: model(padded["input_ids"], attention_mask=padded["attention_mask"]),
+        lambda: model(packed["input_ids"], position_ids=packed["position_ids"], seq_lens=packed["seq_lens"]))
