@@ -193,27 +193,26 @@ def response_values(critic, batch: Packed) -> torch.Tensor:
 
 
 @torch.no_grad()
-def response_logprobs(model, batch: Packed, temperature: float, batch_size: int) -> torch.Tensor:
-    """(B, T) log-probs (logits / temperature) of the response tokens as one forward pass scores them, 0 on
-    padding; batch_size rows per forward (the same number of forwards on every rank when the row counts agree,
-    as FSDP2 needs)."""
-    from rmcore.generate import token_logprobs
+def score_in_chunks(model, batch: Packed, batch_size: int, per_token) -> torch.Tensor:
+    """(B, T) per_token(model, rows) in eval mode, batch_size rows per forward (the same number of forwards on
+    every rank when the row counts agree, as FSDP2 needs), 0 on padding."""
     was_training = model.training
     model.eval()
     out = []
     for start in range(0, batch.input_ids.shape[0], batch_size):
-        b = batch.rows(slice(start, start + batch_size))
-        out.append(token_logprobs(response_logits(model, b), b.responses, temperature).float() * b.response_mask)
+        rows = batch.rows(slice(start, start + batch_size))
+        out.append(per_token(model, rows).float() * rows.response_mask)
     model.train(was_training)
     return torch.cat(out)
 
 
-@torch.no_grad()
+def response_logprobs(model, batch: Packed, temperature: float, batch_size: int) -> torch.Tensor:
+    """(B, T) log-probs (logits / temperature) of the response tokens as one forward pass scores them."""
+    from rmcore.generate import token_logprobs
+    return score_in_chunks(model, batch, batch_size,
+                           lambda m, b: token_logprobs(response_logits(m, b), b.responses, temperature))
+
+
 def response_values_of(critic, batch: Packed, batch_size: int) -> torch.Tensor:
-    """(B, T) values, 0 on padding, batch_size rows per forward."""
-    was_training = critic.training
-    critic.eval()
-    out = [response_values(critic, b) * b.response_mask
-           for b in (batch.rows(slice(s, s + batch_size)) for s in range(0, batch.input_ids.shape[0], batch_size))]
-    critic.train(was_training)
-    return torch.cat(out)
+    """(B, T) the critic's values of the response positions."""
+    return score_in_chunks(critic, batch, batch_size, response_values)

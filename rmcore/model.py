@@ -345,14 +345,11 @@ class RewardModel(_Pretrained):
         (B, 1, T, T) mask, and the last real token is read at sum(mask) - 1 without a host-device sync.
         seq_lens: one packed row of several sequences (Transformer.forward); one reward per sequence."""
         h = self.model(input_ids, None if right_padded else attention_mask, position_ids, attn_mask, seq_lens=seq_lens)
-        if seq_lens is not None:
-            ends = torch.tensor(seq_lens, device=h.device).cumsum(0) - 1
-            with torch.autocast(device_type=h.device.type, enabled=False):
-                return self.score(h[0, ends].to(self.score.weight.dtype)).float().sum(-1)
         if every_token:
-            with torch.autocast(device_type=h.device.type, enabled=False):
-                return self.score(h.to(self.score.weight.dtype)).float().sum(-1)
-        if attention_mask is None:
+            last = h
+        elif seq_lens is not None:
+            last = h[0, torch.tensor(seq_lens, device=h.device).cumsum(0) - 1]
+        elif attention_mask is None:
             last = h[:, -1]
         elif right_padded:
             last = h[torch.arange(h.shape[0], device=h.device), attention_mask.sum(-1) - 1]
@@ -368,5 +365,5 @@ class RewardModel(_Pretrained):
         # load_pretrained keeps the head's weight fp32 when the trunk is loaded in bf16.
         with torch.autocast(device_type=h.device.type, enabled=False):
             reward = self.score(last.to(self.score.weight.dtype)).float()
-        # [:, 0] of a fresh (B, 1) tensor would be a view; FSDP2 cannot hook a view's backward safely
+        # [..., 0] of a fresh (..., 1) tensor would be a view; FSDP2 cannot hook a view's backward safely
         return reward.sum(-1)
