@@ -155,17 +155,18 @@ def rm(cfg: TrainConfig) -> dict:
     for step, micro_batches in trainer.steps():
         batches = [collate_pairs(train, idx, tok.pad_id, cfg.data.pack_pairs) for idx in micro_batches]
         n_pairs = trainer.global_count(sum(len(b["ids"]) for b in batches))  # the denominator: pairs in the whole step
-        loss_sums, wins, ties = {}, 0, 0
+        sums = {}  # summed on the device: one host sync per step, after the last backward
         for i, batch in enumerate(batches):
             set_grad_sync(model, i == len(batches) - 1)
             r_chosen, r_rejected = rewards(batch)
             terms = pair_losses(r_chosen, r_rejected, batch)
             (terms["total_loss"] / n_pairs * d.world_size).backward()
+            terms = {**terms, "wins": (r_chosen > r_rejected).sum(), "ties": (r_chosen == r_rejected).sum()}
             for k, v in terms.items():
-                loss_sums[k] = loss_sums.get(k, 0.0) + float(v.detach())
-            wins += int((r_chosen > r_rejected).sum())
-            ties += int((r_chosen == r_rejected).sum())
-        wins, ties = all_reduce_sum([wins, ties], d.device)
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+        sums = dict(zip(sums, torch.stack(list(sums.values())).tolist()))
+        wins, ties = all_reduce_sum([sums.pop("wins"), sums.pop("ties")], d.device)
+        loss_sums = sums
         tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
         padding = 1 - tokens / max(sum(b["input_ids"].numel() for b in batches), 1)  # this rank's share of pad slots
         trainer.step(step, loss_sums, n_pairs, {"acc": wins / n_pairs, "ties": int(ties), "padding": padding}, tokens,

@@ -7,9 +7,10 @@
 Both sides train the same weights (a random-initialised 5.3M-parameter LLaMA reward model saved by transformers,
 with a byte-level BPE tokenizer trained here) on the same first N pairs of the shipped HH file, batch 8, max length
 512 (longer pairs dropped on both sides), lr 3e-4 linear, 1 epoch, fp32 (bf16 too when the CPU has native bf16),
-each run in its own process. Printed per run: real (non-padding) tokens/s over the training loop, padding
-fraction, peak RSS of the process, final training loss (mean of the last 10 steps), held-out accuracy (records
-[1932:]); then the rmcore/TRL ratio of each pair of runs and its median.
+each run in its own process, both reading the raw HH text (rmcore's template set to HH's own tags). Printed per
+run: real (non-padding) tokens/s over the training loop, padding fraction, peak RSS of the process, final training
+loss (mean of the last 10 steps), held-out accuracy (records [1932:]); then the rmcore/TRL ratio of each pair of
+runs and its median.
 """
 from __future__ import annotations
 
@@ -80,7 +81,9 @@ def run_rmcore(model_dir: Path, out: Path, pairs: int, precision: str) -> dict:
     cmd = [sys.executable, "train.py", "run.stage=rm", f"run.init_from={model_dir}", f"run.out_dir={run_dir}",
            f"run.precision={precision}", "run.device=cpu", "run.export=false", "logging.progress=false",
            f"data.train=['{DATA}[:{pairs}]']", f"data.eval=['{DATA}{HELD_OUT}']", "data.max_length=512",
-           "optim.lr=3e-4", "optim.schedule=linear", "optim.epochs=1", "optim.micro_batch_size=8"]
+           "optim.lr=3e-4", "optim.schedule=linear", "optim.epochs=1", "optim.micro_batch_size=8",
+           # the raw HH text, as TRL reads it: both sides tokenize identical strings
+           r'data.human_tag="\n\nHuman:"', r'data.assistant_tag="\n\nAssistant:"', 'data.tag_separator=""']
     _, rss = timed(cmd)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r and "tokens_per_s" in r]

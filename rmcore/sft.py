@@ -39,15 +39,15 @@ def sft_step(model, batches: list[dict], d: Dist, bf16: bool) -> tuple[float, fl
     """Forward and backward over one optimizer step's micro-batches; returns (summed loss, global target count).
     A step without any target token does nothing (the caller counts it)."""
     n_targets = step_targets(batches, d)
-    loss_sum = 0.0
     if n_targets == 0:
-        return loss_sum, n_targets
+        return 0.0, n_targets
+    loss_sum = torch.zeros((), device=d.device)  # summed on the device: one host sync per step, after the last backward
     for i, batch in enumerate(batches):
         set_grad_sync(model, i == len(batches) - 1)
         loss, _ = sft_sums(model, batch, d, bf16)
         (loss / n_targets * d.world_size).backward()
-        loss_sum += float(loss.detach())
-    return loss_sum, n_targets
+        loss_sum += loss.detach().float()
+    return float(loss_sum), n_targets
 
 
 def collate_documents(docs: list[tuple[list[int], list[bool]]], indices: list[int], pad_id: int) -> dict:

