@@ -21,10 +21,13 @@ from rmcore.data import DataError, iter_records, read_examples, require_data, to
 from rmcore.distributed import init_distributed, shutdown
 from rmcore.errors import UserError, user_errors
 from rmcore.evaluate import RewardScorer, evaluate_pairs, markdown_report, plot_report, write_normalization
+from rmcore.loop import wandb_login
 
 
 def evaluate(args, d) -> dict:
     out = Path(args.out)
+    if d.is_main:
+        wandb_login(args.wandb)  # before the evaluation, not after it
     results, drops = {}, {}
     for model_dir in args.model:
         scorer = RewardScorer(model_dir, batch_size=args.batch_size, d=d)
@@ -56,7 +59,8 @@ def evaluate(args, d) -> dict:
         print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {len(plots)} plots")
         if args.wandb != "disabled":
             import wandb
-            run = wandb.init(project=args.project, mode=args.wandb, dir=str(out), job_type="eval")
+            run = wandb.init(project=args.project, mode=args.wandb, dir=str(out), job_type="eval",
+                             config=vars(args))
             run.log({f"{m}/{s}/{k}": v for m, per in results.items() for s, r in per.items()
                      for k, v in r.items() if isinstance(v, (int, float))})
             run.log({p.stem: wandb.Image(str(p)) for p in plots})

@@ -38,8 +38,10 @@ from rmcore.align import Packed, pack, response_logits, response_logprobs, respo
 from rmcore.config import ConfigError, PpoTrainConfig
 from rmcore.distributed import all_reduce_sum
 from rmcore.generate import token_logprobs
-from rmcore.iterations import align_main, end_iteration, held_out_reward, prepare, sample_iteration
-from rmcore.loop import Trainer, autocast, build_model, frozen, set_grad_sync
+from rmcore.iterations import (
+    align_main, build_policy, end_iteration, held_out_reward, prepare, reference_model, sample_iteration,
+)
+from rmcore.loop import Trainer, autocast, build_model, set_grad_sync
 from rmcore.model import CausalLM, RewardModel
 from rmcore.rewards import checked_rewards
 from rmcore.rl import (
@@ -88,14 +90,12 @@ def ppo(cfg: PpoTrainConfig) -> list[dict]:
         warnings.warn(f"ppo.top_k={pc.top_k}, ppo.top_p={pc.top_p}: the samples do not come from the policy's "
                       "distribution (logits / temperature) that the log-probs assume, so the KL estimate and the "
                       "importance ratios are biased; top_k=0, top_p=1 keep them exact", stacklevel=2)
-    policy = build_model(CausalLM, d, cfg.run.init_from, None, bf16(cfg), cfg.run.seed,
-                         activation_checkpointing=cfg.model.activation_checkpointing)
-    reference = frozen(build_model(CausalLM, d, cfg.run.init_from, None, bf16(cfg), cfg.run.seed))
+    policy, reference = build_policy(cfg, d)
     critic = None
     if pc.advantage == "gae":
         source, new_head = critic_source(cfg, tok)
         critic = build_model(RewardModel, d, source, None, bf16(cfg), cfg.run.seed, new_head=new_head,
-                             activation_checkpointing=cfg.model.activation_checkpointing)
+                             activation_checkpointing=cfg.model.activation_checkpointing, lora=cfg.model.lora)
     model = ActorCritic(policy, critic)
     per_rank = math.ceil(pc.prompts_per_iter / d.world_size)  # equal shares: every rank runs the same forwards
     n = per_rank * pc.k
@@ -115,7 +115,8 @@ def ppo(cfg: PpoTrainConfig) -> list[dict]:
         mask = batch.response_mask
         with autocast(d, bf16(cfg)):
             logp_old = response_logprobs(policy, batch, pc.temperature, o.micro_batch_size)
-            logp_ref = response_logprobs(reference, batch, pc.temperature, o.micro_batch_size)
+            with reference_model(policy, reference) as ref:
+                logp_ref = response_logprobs(ref, batch, pc.temperature, o.micro_batch_size)
             values_old = (response_values_of(critic, batch, o.micro_batch_size) if critic is not None
                           else torch.zeros_like(mask))
         # 2. score
@@ -165,7 +166,7 @@ def ppo(cfg: PpoTrainConfig) -> list[dict]:
                        "KL to the reference (per response)": ["objective/kl_k1", "objective/kl_k3"],
                        "response tokens": ["response_length"]})
     if cfg.run.export:
-        export_pretrained(policy, Path(cfg.run.out_dir) / "export", d, tok, export_config(cfg))
+        export_pretrained(policy, Path(cfg.run.out_dir) / "export", d, tok, export_config(cfg), cfg.run.init_from)
         trainer.log.print(f"exported {Path(cfg.run.out_dir) / 'export'}")
     trainer.log.close()
     return history
@@ -261,6 +262,9 @@ def check_config(cfg: PpoTrainConfig):
         raise ConfigError(f"ppo.temperature={pc.temperature}: PPO samples from the policy; expected > 0")
     if pc.advantage in ("rloo", "grpo") and pc.k < 2:
         raise ConfigError(f"ppo.advantage={pc.advantage} compares the K samples of a prompt: ppo.k={pc.k}, expected >= 2")
+    if cfg.model.lora.enabled and cfg.model.lora.dropout:
+        raise ConfigError(f"model.lora.dropout={cfg.model.lora.dropout}: PPO's update must read the log-probs the "
+                          "rollout read (no dropout, Huang et al. 2024); set model.lora.dropout=0")
 
 
 def critic_source(cfg: PpoTrainConfig, tok: Tokenizer) -> tuple[str, bool]:

@@ -25,9 +25,10 @@ from rmcore.align import discard_reason, distinct_n, pack, response_logprobs, se
 from rmcore.config import RaftTrainConfig
 from rmcore.data import Example, ShardedSampler, document_tokens
 from rmcore.distributed import gather_objects
-from rmcore.iterations import align_main, end_iteration, held_out_reward, prepare, sample_iteration
-from rmcore.loop import Trainer, autocast, build_model, frozen, make_optimizer
-from rmcore.model import CausalLM
+from rmcore.iterations import (
+    align_main, build_policy, end_iteration, held_out_reward, prepare, reference_model, sample_iteration,
+)
+from rmcore.loop import Trainer, autocast, make_optimizer
 from rmcore.rewards import checked_rewards
 from rmcore.rundir import export_pretrained
 from rmcore.runner import bf16, export_config, run_script, setup
@@ -42,9 +43,7 @@ def raft(cfg: RaftTrainConfig) -> list[dict]:
     rc, o = cfg.raft, cfg.optim
     d, tok = setup(cfg)
     s = prepare(cfg, rc, d, tok, "raft")
-    policy = build_model(CausalLM, d, cfg.run.init_from, None, bf16(cfg), cfg.run.seed,
-                         activation_checkpointing=cfg.model.activation_checkpointing)
-    start = frozen(build_model(CausalLM, d, cfg.run.init_from, None, bf16(cfg), cfg.run.seed))  # for KL
+    policy, start = build_policy(cfg, d)  # start: the KL reference
     per_rank = math.ceil(rc.prompts_per_iter / d.world_size)  # equal shares: every rank runs the same forwards
     # the lr schedule spans the most steps the iterations can take (every prompt keeps a sample)
     steps_per_iter = math.ceil(math.ceil(per_rank / o.micro_batch_size) / o.grad_accum) * o.epochs
@@ -66,8 +65,9 @@ def raft(cfg: RaftTrainConfig) -> list[dict]:
             top = select_global(np.array([x[2] for x in everyone]), rc.k, np.array([x[3] for x in everyone]))
             kept = sorted(everyone[j][1] for j in top if everyone[j][0] == d.rank)
         with autocast(d, bf16(cfg)):  # KL(policy || start) on the samples, k1 estimate summed over each response
-            ref = response_logprobs(start, pack([s.pool.ids[i] for i in samples.prompt_index], samples.tokens,
-                                                tok.pad_id, d.device), rc.temperature, rc.generation_batch_size)
+            packed = pack([s.pool.ids[i] for i in samples.prompt_index], samples.tokens, tok.pad_id, d.device)
+            with reference_model(policy, start) as reference:
+                ref = response_logprobs(reference, packed, rc.temperature, rc.generation_batch_size)
         kl = [float((lp - ref[j, :len(lp)].cpu()).sum()) for j, lp in enumerate(samples.logprobs)]
         kept_rows = set(kept)
         stats = iteration_stats(gather_objects([
@@ -97,7 +97,7 @@ def raft(cfg: RaftTrainConfig) -> list[dict]:
         end_iteration(trainer, policy, cfg, rc, tok, it, step, history, {}, "raft",
                       {"reward": ["reward_first", "reward_kept", "eval_reward"]})
     if cfg.run.export:
-        export_pretrained(policy, Path(cfg.run.out_dir) / "export", d, tok, export_config(cfg))
+        export_pretrained(policy, Path(cfg.run.out_dir) / "export", d, tok, export_config(cfg), cfg.run.init_from)
         trainer.log.print(f"exported {Path(cfg.run.out_dir) / 'export'}")
     trainer.log.close()
     return history

@@ -2,6 +2,7 @@
 
     python bench/mfu.py                                   # tiny, 25m, 100m on CPU; fp32, and bf16 when native
     python bench/mfu.py --sizes tiny --steps 5            # a quick look
+    python bench/mfu.py --compile                         # the same with torch.compile per transformer block
     torchrun --nproc_per_node=1 bench/mfu.py --sizes 1b --precision bf16   # one GPU, FSDP2, bf16
 
 MFU = model FLOPs of the steps / their wall time / peak, where
@@ -39,6 +40,12 @@ SIZES = {
              4, 256),  # SmolLM2-135M's shape
     "1b": (dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632), 8, 2048),  # TinyLlama
 }
+
+
+def cpu_line(threads: int) -> str:
+    name = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "?")
+    return (f"CPU: {name}, {threads} threads; AMX {torch.cpu._is_amx_tile_supported()}, AVX512-BF16 "
+            f"{torch.cpu._is_avx512_bf16_supported()}; torch {torch.__version__}")
 
 
 def sync(device):
@@ -89,11 +96,14 @@ def step_fn(stage: str, model, d, bf16: bool, B: int, T: int):
     return rm_step
 
 
-def measure(size: str, stage: str, precision: str, steps: int, d) -> dict:
+def measure(size: str, stage: str, precision: str, steps: int, d, compile_blocks: bool = False) -> dict:
     shape, B, T = SIZES[size]
     bf16 = precision == "bf16"
     cfg = ModelConfig(**shape, max_seq_len=T)
     model = build_model(CausalLM if stage == "sft" else RewardModel, d, None, cfg, bf16, seed=0).train()
+    if compile_blocks:  # torch.compile per transformer block (torchtitan's granularity); compile time not timed
+        for block in model.model.layers:
+            block.compile()
     optimizer = make_optimizer(model, 1e-5, 0.0)
     step = step_fn(stage, model, d, bf16, B, T)
 
@@ -124,30 +134,26 @@ def main():
     p.add_argument("--precision", nargs="+", default=None, choices=["fp32", "bf16"],
                    help="default: fp32, and bf16 too when the device has native bf16")
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     a = p.parse_args()
     d = init_distributed("auto")
     on_gpu = d.device.type == "cuda"
     native_bf16 = on_gpu or torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     precisions = a.precision or (["fp32", "bf16"] if native_bf16 else ["fp32"])
-    if on_gpu:
-        machine = f"GPU: {torch.cuda.get_device_name()} x{d.world_size}"
-    else:
-        name = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "?")
-        machine = (f"CPU: {name}, {torch.get_num_threads()} threads; AMX {torch.cpu._is_amx_tile_supported()}, "
-                   f"AVX512-BF16 {torch.cpu._is_avx512_bf16_supported()}")
+    machine = f"GPU: {torch.cuda.get_device_name()} x{d.world_size}" if on_gpu else cpu_line(torch.get_num_threads())
     rows = []
     for precision in precisions:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         peak = matmul_peak(d.device, dtype, 8192 if on_gpu else 2048)
         for size in a.sizes:
             for stage in a.stages:
-                r = measure(size, stage, precision, a.steps, d)
+                r = measure(size, stage, precision, a.steps, d, a.compile)
                 rows.append((precision, size, stage, r, peak))
                 if d.is_main:
                     print(f"{precision} {size} {stage}: {r['tokens_per_s']:.0f} tokens/s, "
                           f"{r['flops_per_s'] / 1e9:.1f} GFLOP/s, MFU {r['flops_per_s'] / peak:.1%}", flush=True)
     if d.is_main:
-        print(f"\n{machine}; torch {torch.__version__}; {a.steps} timed steps after 1 warm-up")
+        print(f"\n{machine}; {a.steps} timed steps after 1 warm-up{'; blocks compiled' if a.compile else ''}")
         print("| precision | size | stage | N (matmul params) | B x T | tokens/s | model GFLOP/s | matmul peak GFLOP/s | MFU |")
         print("|---|---|---|---|---|---|---|---|---|")
         for precision, size, stage, r, peak in rows:

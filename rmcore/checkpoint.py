@@ -16,10 +16,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rmcore.errors import UserError
+from rmcore.lora import merge_adapter, merged_state_dict, peft_adapter_config, peft_state_dict
 from rmcore.model import ModelConfig, RewardModel
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's file names
 
 # Old LLaMA .bin checkpoints (open_llama_3b among them) store each layer's RoPE table; rmcore recomputes it.
 IGNORED_CHECKPOINT_KEYS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -74,15 +76,30 @@ def iter_shard(file: Path):
                               f"corrupt or truncated") from None
 
 
-def load_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", new_head: bool = False):
+def load_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", new_head: bool = False,
+                    adapter: str | Path | None = None):
     """Build `cls` (CausalLM or RewardModel) from an HF-format directory.
 
     dtype: parameter dtype (default float32, the training master precision). For a RewardModel, a checkpoint
     without `score.weight` is an error unless `new_head=True`, which starts a fresh value head (std 1/sqrt(dim+1))
     and ignores the checkpoint's lm_head -- the SFT-model-to-reward-model step, said out loud.
+    adapter: a PEFT LoRA adapter directory (PEFT's or rmcore's) folded into the weights, with its saved head. A
+    `path` that is itself an adapter directory loads its base_model_name_or_path with it.
     """
 
     path = Path(path)
+    if adapter is None and (path / ADAPTER_CONFIG).is_file():
+        adapter, path = path, Path(read_adapter(path)[0]["base_model_name_or_path"])
+    if adapter is not None:
+        adapter_cfg, adapter_tensors = read_adapter(Path(adapter))
+        has_head = any(k.endswith("score.weight") for k in adapter_tensors)
+        model = load_pretrained(cls, path, dtype, device, new_head or (cls is RewardModel and has_head))
+        try:
+            merged = merge_adapter(model.state_dict(), adapter_tensors, adapter_cfg, str(adapter))
+        except ValueError as e:
+            raise CheckpointError(f"{e} (base model {path})") from None
+        model.load_state_dict({k: v.to(device) for k, v in merged.items()}, strict=True)
+        return model
     cfg = ModelConfig.from_hf(read_hf_config(path), source=str(path / "config.json"))
     dtype = dtype or torch.float32
     with torch.device("meta"):
@@ -153,11 +170,7 @@ def save_pretrained(model, path, state_dict: dict | None = None, max_shard_bytes
         t = t.detach().to("cpu")
         tensors[rmcore_to_hf_key(key)] = (t.to(dtype) if dtype and t.is_floating_point() else t).contiguous()
 
-    hf = cfg.to_hf(model.hf_architecture)
-    hf["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    if isinstance(model, RewardModel):
-        hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
-    hf.update(extra_config or {})
+    hf = hf_config(model, next(iter(tensors.values())).dtype, extra_config)
 
     shards, current, size = [], {}, 0
     for key, t in tensors.items():
@@ -171,9 +184,7 @@ def save_pretrained(model, path, state_dict: dict | None = None, max_shard_bytes
 
     ext = "safetensors" if safe_serialization else "bin"
     prefix = "model" if safe_serialization else "pytorch_model"
-    for stale in list(path.glob("model*.safetensors")) + list(path.glob("pytorch_model*.bin")) + \
-            [path / SAFE_INDEX, path / BIN_INDEX]:
-        stale.unlink(missing_ok=True)  # a previous export's shards would be picked up by a loader
+    remove_weights(path)
     names = ([f"{prefix}.{ext}"] if len(shards) == 1 else
              [f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))])
     for name, shard in zip(names, shards):
@@ -186,6 +197,59 @@ def save_pretrained(model, path, state_dict: dict | None = None, max_shard_bytes
                  "weight_map": {key: name for name, shard in zip(names, shards) for key in shard}}
         (path / (SAFE_INDEX if safe_serialization else BIN_INDEX)).write_text(json.dumps(index, indent=2))
     (path / "config.json").write_text(json.dumps(hf, indent=2))
+
+
+def hf_config(model, dtype: torch.dtype, extra_config: dict | None = None) -> dict:
+    hf = model.cfg.to_hf(model.hf_architecture)
+    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if isinstance(model, RewardModel):
+        hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    hf.update(extra_config or {})
+    return hf
+
+
+def remove_weights(path: Path):
+    """A previous export's weights (shards, index, adapter) would be picked up by a loader."""
+    for stale in list(path.glob("model*.safetensors")) + list(path.glob("pytorch_model*.bin")) + \
+            [path / SAFE_INDEX, path / BIN_INDEX, path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS]:
+        stale.unlink(missing_ok=True)
+
+
+def save_merged(model, path, state_dict: dict, extra_config: dict | None = None):
+    """A LoRA-trained model as a plain HF checkpoint: each update folded into its weight."""
+    lora = model.cfg.lora
+    save_pretrained(model, path, merged_state_dict(state_dict, lora.alpha / lora.rank), extra_config=extra_config)
+
+
+def save_adapter(model, path, state_dict: dict, base: str | Path, extra_config: dict | None = None):
+    """The adapter in PEFT's layout over `base` (what peft.PeftModel.from_pretrained reads: task SEQ_CLS with the
+    head under modules_to_save, or CAUSAL_LM), plus config.json (the architecture and rmcore's record of the run)
+    for rmcore's readers."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    remove_weights(path)
+    lora = model.cfg.lora
+    task = "SEQ_CLS" if isinstance(model, RewardModel) else "CAUSAL_LM"
+    tensors = {k: t.detach().to("cpu").contiguous() for k, t in
+               peft_state_dict(state_dict, with_head=task == "SEQ_CLS" and lora.train_head).items()}
+    save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = peft_adapter_config(lora, str(Path(base).resolve()), task)
+    (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    (path / "config.json").write_text(json.dumps(hf_config(model, torch.float32, extra_config), indent=2))
+
+
+def read_adapter(path: Path) -> tuple[dict, dict]:
+    """(adapter_config.json, adapter tensors) of a PEFT adapter directory."""
+    try:
+        config = json.loads((path / ADAPTER_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / ADAPTER_CONFIG}: not a readable adapter config ({e})") from None
+    files = [path / ADAPTER_WEIGHTS] if (path / ADAPTER_WEIGHTS).is_file() else [path / "adapter_model.bin"]
+    if not files[0].is_file():
+        raise CheckpointError(f"{path}: no {ADAPTER_WEIGHTS} (or adapter_model.bin) next to {ADAPTER_CONFIG}")
+    if "base_model_name_or_path" not in config:
+        raise CheckpointError(f"{path / ADAPTER_CONFIG}: no base_model_name_or_path, the model the adapter applies to")
+    return config, dict(iter_shard(files[0]))
 
 
 def main(argv=None):

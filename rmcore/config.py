@@ -386,6 +386,7 @@ def parse_cli(argv: list[str], prog: str | None = None) -> tuple[str | None, lis
 # The training config: what train.py, raft.py and ppo.py read
 
 from rmcore.data import DataConfig  # noqa: E402  (the machinery above needs neither)
+from rmcore.lora import LoraConfig  # noqa: E402
 from rmcore.model import ModelConfig  # noqa: E402
 
 
@@ -515,6 +516,8 @@ class PpoConfig(AlignConfig):
 
 @dataclasses.dataclass
 class PpoTrainConfig(TrainConfig):
+    # LoRA without dropout: the update must read the log-probs the rollout read
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(lora=LoraConfig(dropout=0.0)))
     optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(epochs=4, lr=1e-6, schedule="constant"))
     ppo: PpoConfig = dataclasses.field(default_factory=PpoConfig)
 

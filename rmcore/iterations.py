@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from rmcore.config import ConfigError, load_stages, parse_cli
 from rmcore.distributed import init_distributed
 from rmcore.align import PromptPool, Samples, default_stop_strings, load_prompts, sample
 from rmcore.data import Template, require_data
-from rmcore.loop import Trainer, autocast, compute_dtype
+from rmcore.lora import adapters_disabled
+from rmcore.loop import Trainer, autocast, build_model, compute_dtype, frozen
+from rmcore.model import CausalLM
 from rmcore.rewards import RewardFn, checked_rewards, load_reward
 from rmcore.rundir import RunLock, export_pretrained
 from rmcore.runner import bf16, export_config, say
@@ -88,6 +91,27 @@ def held_out_reward(policy, s: Setting, ac, cfg, d, tok) -> float:
     return float(np.mean(checked_rewards(s.reward, out.prompts, out.responses)))
 
 
+def build_policy(cfg, d):
+    """(policy, reference): the policy to train (run.init_from) and the KL reference it starts from. With LoRA the
+    reference is the policy itself with its adapters off (no second copy of the weights), so it is None here;
+    otherwise a frozen copy. Read reference log-probs through `reference_model`."""
+    policy = build_model(CausalLM, d, cfg.run.init_from, None, bf16(cfg), cfg.run.seed,
+                         activation_checkpointing=cfg.model.activation_checkpointing, lora=cfg.model.lora)
+    if cfg.model.lora.enabled:
+        return policy, None
+    return policy, frozen(build_model(CausalLM, d, cfg.run.init_from, None, bf16(cfg), cfg.run.seed))
+
+
+@contextmanager
+def reference_model(policy, reference):
+    """The model that gives the reference log-probs: `reference`, or the policy with its LoRA adapters off."""
+    if reference is not None:
+        yield reference
+    else:
+        with adapters_disabled(policy):
+            yield policy
+
+
 def end_iteration(trainer: Trainer, policy, cfg, ac, tok, it: int, step: int, history: list[dict], extra: dict,
                   name: str, panels: dict[str, list[str]]):
     """Log the iteration's figures (history[-1]) under `name/`, export the policy, checkpoint (with `extra`, the
@@ -95,7 +119,8 @@ def end_iteration(trainer: Trainer, policy, cfg, ac, tok, it: int, step: int, hi
     d, out, stats = trainer.d, Path(cfg.run.out_dir), history[-1]
     trainer.log.log(step, {k if "/" in k else f"{name}/{k}": v for k, v in stats.items()}, advance=False)
     trainer.log.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
-    export_pretrained(policy, out / "iterations" / f"iteration_{it + 1:04d}", d, tok, export_config(cfg))
+    export_pretrained(policy, out / "iterations" / f"iteration_{it + 1:04d}", d, tok, export_config(cfg),
+                      cfg.run.init_from)
     trainer.save(step, {"iteration": it + 1, "history": history, **extra})
     if d.is_main:
         for old in sorted((out / "iterations").glob("iteration_*"))[:-ac.keep_exports]:

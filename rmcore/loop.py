@@ -18,8 +18,9 @@ import torch
 
 from rmcore.checkpoint import load_pretrained, read_hf_config
 from rmcore.distributed import Dist, all_reduce_sum, apply_fsdp, gather_objects
-from rmcore.config import config_to_dict
+from rmcore.config import ConfigError, config_to_dict
 from rmcore.errors import UserError
+from rmcore.lora import LoraConfig, apply_lora, parameter_counts
 from rmcore.rundir import Checkpointer, export_pretrained, run_identity, trim_metrics
 
 # one process saving a DCP checkpoint without a process group is a supported, intended case here
@@ -97,25 +98,31 @@ def seed_everything(seed: int):
 
 
 def build_model(cls, d: Dist, init_from: str | None, model_cfg=None, bf16: bool = False, seed: int = 0,
-                new_head: bool = False, activation_checkpointing: bool = False):
+                new_head: bool = False, activation_checkpointing: bool = False, lora: LoraConfig | None = None):
     """The model to train, on d.device. One process: the module itself. N processes: built on the meta device,
     sharded with FSDP2, materialised empty, then filled from rank 0's full weights (the HF checkpoint, or a
     seeded fresh init), so N processes start from exactly the weights one process would.
-    activation_checkpointing is a way to run, not part of the weights: it applies to a loaded model too."""
-    model = _build_model(cls, d, init_from, model_cfg, bf16, seed, new_head)
+    activation_checkpointing and lora are ways to train, not part of the weights: they apply to a loaded model
+    too. With lora.enabled, the trunk is frozen and LoRA adapters (seeded by `seed`) are what trains."""
+    lora = lora if lora is not None and lora.enabled else None
+    if lora and lora.export == "adapter" and not init_from:
+        raise ConfigError("model.lora.export=adapter writes an adapter over run.init_from, and none is set")
+    model = _build_model(cls, d, init_from, model_cfg, bf16, seed, new_head, lora)
     model.cfg.activation_checkpointing = activation_checkpointing  # the blocks read the model's own cfg
+    model.cfg.lora = lora or LoraConfig()  # the export reads it
     return model
 
 
-def _build_model(cls, d: Dist, init_from, model_cfg, bf16: bool, seed: int, new_head: bool):
+def _build_model(cls, d: Dist, init_from, model_cfg, bf16: bool, seed: int, new_head: bool, lora):
 
     def full_model():
         if init_from:
-            return load_pretrained(cls, init_from, new_head=new_head)
-        torch.manual_seed(seed)
-        m = cls(model_cfg)
-        m.init_weights()
-        return m
+            m = load_pretrained(cls, init_from, new_head=new_head)
+        else:
+            torch.manual_seed(seed)
+            m = cls(model_cfg)
+            m.init_weights()
+        return apply_lora(m, lora, seed) if lora else m
 
     if not d.enabled:
         return full_model().to(d.device)
@@ -126,6 +133,8 @@ def _build_model(cls, d: Dist, init_from, model_cfg, bf16: bool, seed: int, new_
     cfg = ModelConfig.from_hf(read_hf_config(Path(init_from))) if init_from else model_cfg
     with torch.device("meta"):
         model = cls(cfg)
+    if lora:
+        apply_lora(model, lora, seed)
     apply_fsdp(model, d.mesh, bf16)
     model.to_empty(device=d.device)
     model.model.reset_buffers(device=d.device)
@@ -179,6 +188,24 @@ def set_grad_sync(model, sync: bool):
 
 
 # ------------------------------------------------------------------------------------------------ logging
+class WandbUnavailable(UserError):
+    """logging.wandb=online without credentials or without the network."""
+
+
+def wandb_login(mode: str):
+    """logging.wandb=online needs an API key and the network: checked (key verified with the server) when the run
+    starts, so a missing login never surfaces after hours of training. offline and disabled need neither."""
+    if mode != "online":
+        return
+    import wandb
+    try:
+        wandb.login(verify=True, timeout=30)
+    except Exception as e:  # wandb raises UsageError (no key), AuthenticationError (bad key or no network), ...
+        raise WandbUnavailable(
+            f"logging.wandb=online, but W&B is not usable: {type(e).__name__}: {e}\n  log in first (`wandb login`, or "
+            f"set WANDB_API_KEY), or log offline (logging.wandb=offline) and upload later with `wandb sync`") from None
+
+
 class Logger:
     """Rank 0 writes metrics.jsonl, shows a progress bar (loss, accuracy, lr, tokens/s, ETA) and, when enabled,
     logs to W&B. wandb=disabled never imports wandb; offline never touches the network."""
@@ -200,6 +227,7 @@ class Logger:
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step")
         if wandb_mode != "disabled":
             import wandb
+            wandb_login(wandb_mode)
             self.wandb = wandb.init(project=project, name=run_name, config=config, mode=wandb_mode,
                                     dir=str(out_dir), resume="allow")
 
@@ -285,6 +313,10 @@ class Trainer:
                           lg.progress, self.start_step)
         if found is not None:
             self.log.print(f"resumed from {found} at step {self.start_step}")
+        trainable, total = parameter_counts(model)
+        lora = cfg.model.lora
+        how = f" (LoRA r {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.target_modules)})" if lora.enabled else ""
+        self.log.print(f"parameters: {trainable:,} trainable of {total:,} ({trainable / max(total, 1):.2%}){how}")
         self.last_ckpt = found
 
     def steps(self):
@@ -381,7 +413,7 @@ class Trainer:
         else:
             self.log.print(f"nothing to train: the run was already complete at step {self.total_steps}")
         if self.cfg.run.export:
-            export_pretrained(self.model, self.out / "export", self.d, tokenizer, extra_config)
+            export_pretrained(self.model, self.out / "export", self.d, tokenizer, extra_config, self.cfg.run.init_from)
             self.log.print(f"exported {self.out / 'export'}")
         if self.skipped:
             self.log.print(f"{self.skipped} step(s) skipped for non-finite loss")

@@ -15,12 +15,14 @@ documents). A `KVCache` per layer makes generation incremental (see `rmcore/gene
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from rmcore.lora import LoraConfig
 
 
 @dataclass
@@ -36,6 +38,7 @@ class ModelConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     activation_checkpointing: bool = False  # recompute each block in backward: memory for compute
+    lora: LoraConfig = field(default_factory=LoraConfig)  # how to train, like the line above: not in config.json
     # token ids travel with the model so a saved directory is self-describing
     bos_id: int = 1
     eos_id: int = 2

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmcore.checkpoint import CheckpointError, save_pretrained
+from rmcore.checkpoint import CheckpointError, save_adapter, save_merged, save_pretrained
 from rmcore.config import ConfigError, config_to_dict
 from rmcore.distributed import Dist, all_reduce_sum, barrier, broadcast_object
 from rmcore.errors import UserError
@@ -333,14 +333,22 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def export_pretrained(model, out: Path, d: Dist, tokenizer=None, extra_config: dict | None = None):
-    """Write an HF-format directory (config.json, safetensors, tokenizer files) from a plain or FSDP2 model."""
+def export_pretrained(model, out: Path, d: Dist, tokenizer=None, extra_config: dict | None = None,
+                      base: str | None = None):
+    """Write an HF-format directory (config.json, safetensors, tokenizer files) from a plain or FSDP2 model. A
+    LoRA-trained model is written merged, or with model.lora.export=adapter as PEFT's adapter files over `base`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     check_finite(model, d, f"export to {out}")
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.is_main:
-        save_pretrained(model, out, state_dict=full, extra_config=extra_config)
+        lora = model.cfg.lora
+        if not lora.enabled:
+            save_pretrained(model, out, state_dict=full, extra_config=extra_config)
+        elif lora.export == "adapter":
+            save_adapter(model, out, full, base, extra_config)
+        else:
+            save_merged(model, out, full, extra_config)
         if tokenizer is not None:
             # transformers' tokenizer(text) must give what the model was trained on: a reward model reads EOS, and
             # a template written in special tokens (ChatML) needs them read as such
