@@ -128,8 +128,8 @@ def rollout(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, eos_
     steps = 0
     with kv_cache(model, B, P + max_new_tokens, dtype, device):
         # prefill: the whole prompt at slots 0..P-1
-        logits = model(input_ids, attention_mask=mask, position_ids=default_position_ids(attention_mask),
-                       cache_slots=torch.arange(P, device=device))[:, -1]
+        logits = model(input_ids, attention_mask=mask[:, :P], position_ids=default_position_ids(attention_mask),
+                       cache_slots=torch.arange(P, device=device), keep_last=1)[:, -1]
         position = attention_mask.sum(-1)  # next position of each row = its number of real tokens
         for t in range(max_new_tokens):
             token = sample_next(logits, temperature, top_k, top_p, generator)
@@ -152,7 +152,8 @@ def rollout(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, eos_
             steps = t + 1
             if t == max_new_tokens - 1 or _all_ranks_done(bool(done.all()), device):
                 break
-            logits = model(token[:, None], attention_mask=mask, position_ids=position[:, None],
+            # the mask up to this token's column: attention reads the filled part of the cache only
+            logits = model(token[:, None], attention_mask=mask[:, :P + t + 1], position_ids=position[:, None],
                            cache_slots=torch.tensor([P + t], device=device))[:, -1]
             position = position + 1
     model.train(was_training)

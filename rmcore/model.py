@@ -179,6 +179,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(cache_slots, k, v)
+            if attn_mask is not None:  # attend over the columns the mask covers (those filled so far), not the whole cache
+                k, v = k[:, :, :attn_mask.shape[-1]], v[:, :, :attn_mask.shape[-1]]
         gqa = self.n_kv_heads != self.n_heads
         if seq_lens is not None:  # packed sequences: causal attention within each one, none across (varlen)
             y = torch.cat([F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa) for qs, ks, vs
