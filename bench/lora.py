@@ -5,7 +5,8 @@
 
 Each configuration runs in its own process (peak RSS is per process): the model is built, then one warm-up and
 --steps timed RM steps (forward, backward, clip, AdamW) of bench/mfu.py on random tokens. LoRA: r 8, alpha 32,
-dropout 0.1 on every attention and MLP projection, the value head trained fully (TRL's reward-modeling guide).
+dropout 0.1 on every attention and MLP projection, the value head trained fully (TRL's reward-modeling guide);
+lora-p0: the same without dropout (each adapter's dropout keeps its own copy of its input for the backward pass).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from rmcore.model import ModelConfig, RewardModel  # noqa: E402
 
 def child(size: str, mode: str, steps: int):
     shape, B, T = SIZES[size]
-    lora = LoraConfig(enabled=True) if mode == "lora" else None
+    lora = {"full": None, "lora": LoraConfig(enabled=True), "lora-p0": LoraConfig(enabled=True, dropout=0.0)}[mode]
     d = Dist()
     model = build_model(RewardModel, d, None, ModelConfig(**shape, max_seq_len=T), lora=lora).train()
     optimizer = make_optimizer(model, 1e-5, 0.0)
@@ -60,7 +61,7 @@ def main():
     print(cpu_line(torch.get_num_threads()))
     rows = []
     for size in a.sizes:
-        for mode in ("full", "lora"):
+        for mode in ("full", "lora", "lora-p0"):
             proc = subprocess.run([sys.executable, __file__, "--child", size, mode, "--steps", str(a.steps)],
                                   capture_output=True, text=True)
             if proc.returncode:

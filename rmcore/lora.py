@@ -49,7 +49,7 @@ class LoraLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
         self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
-        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()  # p=0 dropout still copies x
         self.scaling = alpha / rank
         self.adapter_enabled = True
 
@@ -64,7 +64,9 @@ class LoraLinear(nn.Linear):
         y = F.linear(x, self.weight)
         if not self.adapter_enabled:
             return y
-        return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        a = self.lora_A(self.lora_dropout(x))
+        # y + scaling * a B^T as one addmm: one (tokens, out) tensor where `y + self.lora_B(a) * scaling` makes three
+        return torch.addmm(y.flatten(0, -2), a.flatten(0, -2), self.lora_B.weight.t(), alpha=self.scaling).view_as(y)
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int = 0) -> nn.Module:
