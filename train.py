@@ -70,7 +70,7 @@ def sft(cfg: TrainConfig) -> dict:
     d, tok = setup(cfg)
     train, held_out = load_splits(load_blocks, cfg, tok, d, "blocks")
     model = build_model(CausalLM, d, cfg.run.init_from, model_config(cfg, tok), bf16(cfg), cfg.run.seed,
-                        activation_checkpointing=cfg.model.activation_checkpointing)
+                        activation_checkpointing=cfg.model.activation_checkpointing, lora=cfg.model.lora)
     sampler = ShardedSampler(len(train), cfg.optim.micro_batch_size, d.rank, d.world_size, cfg.run.seed)
 
     @torch.no_grad()
@@ -105,7 +105,7 @@ def rm(cfg: TrainConfig) -> dict:
     if new_head:
         say(d, f"{cfg.run.init_from} has no value head (a causal LM): starting a fresh one, std 1/sqrt(dim+1)")
     model = build_model(RewardModel, d, cfg.run.init_from, model_config(cfg, tok), bf16(cfg), cfg.run.seed, new_head,
-                        cfg.model.activation_checkpointing)
+                        cfg.model.activation_checkpointing, cfg.model.lora)
     lengths = train.lengths() if cfg.data.group_by_length else None
     sampler = ShardedSampler(len(train), cfg.optim.micro_batch_size, d.rank, d.world_size, cfg.run.seed, lengths=lengths)
 

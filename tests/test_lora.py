@@ -1,11 +1,14 @@
 """LoRA: step 0 is the base model, only adapters and the head train, merged = unmerged, files interchangeable with
 PEFT both ways, FSDP2 parity and exact resume, and the adapter-free policy as PPO's reference."""
 import json
+import re
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import ppo
+import train
 from rmcore.checkpoint import load_pretrained, save_adapter, save_pretrained
 from rmcore.distributed import Dist
 from rmcore.lora import LoraConfig, LoraLinear, adapters_disabled, apply_lora, merged_state_dict
@@ -13,7 +16,7 @@ from rmcore.loop import build_model, make_optimizer
 from rmcore.losses import pairwise_loss
 from rmcore.model import CausalLM, ModelConfig, RewardModel
 from test_ppo import policy_dir, ppo_args, records, rm_dir  # noqa: F401  (fixtures)
-from test_train import args, losses, tok_dir, torchrun  # noqa: F401  (fixtures)
+from test_train import args, losses, tok_dir, torchrun, weights  # noqa: F401  (fixtures)
 
 SHAPE = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
 LORA = LoraConfig(enabled=True, rank=4, alpha=8.0, dropout=0.0)
@@ -128,7 +131,9 @@ def test_two_process_lora_run_matches_one_process_and_resumes_exactly(tmp_path, 
               "optim.epochs=2", "run.save_every=2", "run.eval_every=0"]
     one = torchrun(1, args("rm", tmp_path / "one", hh_file, tok_dir, "optim.micro_batch_size=8", *common))
     assert one.returncode == 0, one.stderr[-3000:]
-    assert "trainable of" in one.stdout + one.stderr and "LoRA r 4" in one.stdout + one.stderr
+    trainable, total = map(lambda x: int(x.replace(",", "")),
+                           re.search(r"parameters: ([\d,]+) trainable of ([\d,]+)", one.stdout + one.stderr).groups())
+    assert 0 < trainable < total / 5 and "LoRA r 4" in one.stdout + one.stderr  # the trunk is frozen
     two = torchrun(2, args("rm", tmp_path / "two", hh_file, tok_dir, "optim.micro_batch_size=4", *common))
     assert two.returncode == 0, two.stderr[-3000:]
     l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -157,3 +162,14 @@ def test_ppo_with_lora_reads_its_reference_with_the_adapters_off(tmp_path, hh_fi
     with pytest.raises(Exception, match="lora.dropout"):
         ppo.main(ppo_args(tmp_path / "q", hh_file, policy_dir, rm_dir, "model.lora.enabled=true",
                           "model.lora.dropout=0.1"))
+
+
+def test_sft_stage_with_lora_changes_only_the_adapted_weights(tmp_path, hh_file, tok_dir, policy_dir):  # noqa: F811
+    train.main(args("sft", tmp_path / "sft", hh_file, tok_dir, f"run.init_from={policy_dir}", "model.lora.enabled=true",
+                    "optim.max_steps=3", "optim.lr=1e-2", "run.eval_every=0", "data.eval=[]"))
+    base = load_file(str(policy_dir / "model.safetensors"))
+    tuned = weights(tmp_path / "sft")  # the merged export: a plain checkpoint
+    assert tuned.keys() == base.keys()
+    adapted = {k for k in base if any(f".{t}." in k for t in LoraConfig().target_modules)}
+    assert adapted and all(not torch.equal(tuned[k], base[k]) for k in adapted)
+    assert all(torch.equal(tuned[k], base[k]) for k in base if k not in adapted)  # embeddings, norms, LM head
