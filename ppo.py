@@ -105,9 +105,8 @@ def ppo(cfg: PpoTrainConfig) -> list[dict]:
     first, history, beta = resumed.get("iteration", 0), resumed.get("history", []), resumed.get("beta", pc.beta)
     step = trainer.start_step
     say = trainer.log.print
-    say(f"trainable parameters: {sum(p.numel() for p in model.parameters()):,} (policy"
-        f"{' + critic from ' + source if critic is not None else ''}); {n} samples per rank per iteration, "
-        f"{math.ceil(n / minibatch)} minibatches x {o.epochs} epochs")
+    say(f"trained: the policy{' + a critic from ' + source if critic is not None else ''}; {n} samples per rank "
+        f"per iteration, {math.ceil(n / minibatch)} minibatches x {o.epochs} epochs")  # counts: Trainer's line
     for it in range(first, pc.iterations):
         # 1. rollout, and one forward pass of each model over it
         samples = sample_iteration(policy, s, pc, cfg, d, tok, it, per_rank, with_logprobs=False)
