@@ -7,7 +7,7 @@
     python eval.py compare --policy-a DIR --policy-b DIR --judge RM_DIR --prompts FILE[a:b] --out runs/compare
     torchrun --nproc_per_node=N eval.py ...                     # each rank scores a share of the batches
 
-The report (report.json, report.md, PNG plots) is described in rmcore/evaluate.py. score's input is JSONL with a
+The report (report.json, report.md, PNG plots) is described in rmcore/eval/report.py. score's input is JSONL with a
 `text` (a whole transcript) or `prompt` + `response` per line; its output keeps the input order.
 """
 from __future__ import annotations
@@ -17,33 +17,39 @@ import json
 import sys
 from pathlib import Path
 
-from rmcore.data import DataError, iter_records, read_examples, require_data, tokenize_pairs
-from rmcore.distributed import init_distributed, shutdown
-from rmcore.errors import UserError, user_errors
-from rmcore.evaluate import RewardScorer, evaluate_pairs, markdown_report, plot_report, write_normalization
-from rmcore.loop import wandb_login
+from rmcore.data.datasets import tokenize_pairs
+from rmcore.data.files import iter_records
+from rmcore.data.formats import read_examples, require_data
+from rmcore.errors import DataError, UserError, user_errors
+from rmcore.eval.compare import compare_markdown, compare_policies
+from rmcore.eval.plots import plot_report
+from rmcore.eval.report import evaluate_pairs, markdown_report
+from rmcore.eval.scorer import RewardScorer, write_normalization
+from rmcore.training.distributed import init_distributed, say, shutdown
+from rmcore.training.logger import wandb_login
 
 
-def evaluate(args, d) -> dict:
+def evaluate(args, dist) -> dict:
     out = Path(args.out)
-    if d.is_main:
+    if dist.is_main:
         wandb_login(args.wandb)  # before the evaluation, not after it
     results, drops = {}, {}
     for model_dir in args.model:
-        scorer = RewardScorer(model_dir, batch_size=args.batch_size, d=d)
+        scorer = RewardScorer(model_dir, batch_size=args.batch_size, dist=dist)
         name = model_name(model_dir)
         max_length = args.max_length or scorer.config.get("rmcore", {}).get("max_length")
         for spec in args.data:
-            examples, report = read_examples([spec], args.format, args.skip_bad_lines, spec)
-            pairs = tokenize_pairs(examples, scorer.tokenizer, scorer.template, max_length, report, keep_examples=True)
-            say(d, report.summary())
+            examples, report = read_examples([spec], fmt=args.format, skip_bad_lines=args.skip_bad_lines, name=spec)
+            pairs = tokenize_pairs(examples, scorer.tokenizer, scorer.template, max_length=max_length, report=report,
+                                   keep_examples=True)
+            say(dist, report.summary())
             require_data(len(pairs), report, [spec], f"--data {spec}", "pairs to evaluate")
             drops[spec] = report.to_dict()
             results.setdefault(name, {})[spec] = evaluate_pairs(scorer, pairs, args.show, progress=True)
             r = results[name][spec]
-            say(d, f"{name} on {spec}: accuracy {100 * r['accuracy']:.2f}% over {r['pairs']} pairs "
+            say(dist, f"{name} on {spec}: accuracy {100 * r['accuracy']:.2f}% over {r['pairs']} pairs "
                    f"(ties {r['ties']}), loss {r['loss']:.4f}, ECE {r['calibration']['ece']:.4f}")
-    if d.is_main:
+    if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps({"results": results, "data": drops}, indent=2, default=float))
         text = markdown_report(results, drops)
@@ -58,7 +64,7 @@ def evaluate(args, d) -> dict:
         print(text.split("\n## ", 2)[1] if "\n## " in text else text)
         print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {len(plots)} plots")
         if args.wandb != "disabled":
-            import wandb
+            import wandb  # optional (the `wandb` extra): imported only when W&B logging is on
             run = wandb.init(project=args.project, mode=args.wandb, dir=str(out), job_type="eval",
                              config=vars(args))
             run.log({f"{m}/{s}/{k}": v for m, per in results.items() for s, r in per.items()
@@ -68,8 +74,9 @@ def evaluate(args, d) -> dict:
     return results
 
 
-def score(args, d):
-    scorer = RewardScorer(args.model, batch_size=args.batch_size, max_length=args.max_length, truncate=args.truncate, d=d)
+def score(args, dist):
+    scorer = RewardScorer(args.model, batch_size=args.batch_size, max_length=args.max_length, truncate=args.truncate,
+                          dist=dist)
     items = []
     # output i is input line i: a blank or unscorable line is an error, never skipped
     for where, record in iter_records(args.input, blank_lines="error"):
@@ -86,7 +93,7 @@ def score(args, d):
         else:
             raise DataError(f"{where}: expected a `text` string, or `prompt` and `response` strings")
     rewards = scorer.score(items, normalize=args.normalize, progress=True)
-    if d.is_main:
+    if dist.is_main:
         with open(args.output, "w") as f:
             for i, r in enumerate(rewards):
                 f.write(json.dumps({"index": i, "reward": r}) + "\n")
@@ -96,32 +103,32 @@ def score(args, d):
     return rewards
 
 
-def normalize(args, d):
-    scorer = RewardScorer(args.model, batch_size=args.batch_size, d=d)
+def normalize(args, dist):
+    scorer = RewardScorer(args.model, batch_size=args.batch_size, dist=dist)
     data = args.data or scorer.config.get("rmcore", {}).get("train_data")
     if not data:
         raise UserError("--data is required: the model's config.json does not record its training data")
-    examples, report = read_examples(data, args.format, args.skip_bad_lines, "normalisation data")
-    say(d, report.summary())
+    examples, report = read_examples(data, fmt=args.format, skip_bad_lines=args.skip_bad_lines,
+                                     name="normalisation data")
+    say(dist, report.summary())
     # the reference texts: each record's prompt + chosen response, the SFT split's texts; like training, texts
     # over the model's max_length are dropped (and counted), not truncated
     seqs = scorer.tokenizer.encode_batch([scorer.text_of((e.prompt, e.chosen)) for e in examples], bos=True, eos=True,
                                          specials=scorer.template.special_tokens)
     kept = [s for s in seqs if len(s) <= scorer.max_length]
-    say(d, f"{len(seqs) - len(kept)} of {len(seqs)} reference texts dropped: longer than max_length={scorer.max_length}")
+    say(dist, f"{len(seqs) - len(kept)} of {len(seqs)} reference texts dropped: longer than max_length={scorer.max_length}")
     rewards = scorer.score_ids(kept, progress=True)
-    if d.is_main:
+    if dist.is_main:
         stats = write_normalization(args.model, rewards, list(data))
         print(f"reward mean {stats['mean']:.4f}, std {stats['std']:.4f} over {stats['count']} texts -> {args.model}/config.json")
     return rewards
 
 
-def compare(args, d) -> dict:
-    from rmcore.compare import compare_markdown, compare_policies
-    r = compare_policies(args.policy_a, args.policy_b, args.judge, args.prompts, d.device, args.max_new_tokens,
-                         args.temperature, args.top_k, args.top_p, args.seed, args.tie_epsilon,
-                         batch_size=args.batch_size)
-    if d.is_main:
+def compare(args, dist) -> dict:
+    r = compare_policies(args.policy_a, args.policy_b, judge=args.judge, prompt_specs=args.prompts, device=dist.device,
+                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed, tie_epsilon=args.tie_epsilon, batch_size=args.batch_size)
+    if dist.is_main:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "compare.json").write_text(json.dumps(r, indent=2) + "\n")
@@ -134,11 +141,6 @@ def compare(args, d) -> dict:
 def model_name(path: str) -> str:
     p = Path(path)
     return p.parent.name if p.name == "export" else p.name  # runs/tiny/rm/export -> rm
-
-
-def say(d, text):
-    if d.is_main:
-        print(text, flush=True)
 
 
 def parse(argv):
@@ -186,8 +188,8 @@ def parse(argv):
 
 def main(argv):
     command, args = parse(argv)
-    d = init_distributed(args.device)
-    return {"evaluate": evaluate, "score": score, "normalize": normalize, "compare": compare}[command](args, d)
+    dist = init_distributed(args.device)
+    return {"evaluate": evaluate, "score": score, "normalize": normalize, "compare": compare}[command](args, dist)
 
 
 if __name__ == "__main__":

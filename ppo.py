@@ -17,7 +17,8 @@ Each iteration, top to bottom in `ppo` below:
      forward pass over the whole sequences, the same pass training takes;
   2. score the text, minus ppo.missing_eos_penalty for a response cut at the length limit, clipped (ppo.score_clip);
   3. per-token rewards -beta * kl_t (k1 or k3), the score added at the last real token; beta fixed or adaptive;
-  4. advantages: gae (critic), rloo or grpo (K samples per prompt, no critic); whitened over real tokens;
+  4. advantages from ppo.advantage, a name of rmcore.rl.ADVANTAGE_ESTIMATORS: gae (critic), rloo or grpo (K
+     samples per prompt, no critic); whitened over real tokens;
   5. optim.epochs passes over shuffled minibatches (optim.micro_batch_size x optim.grad_accum samples per rank),
      one AdamW step each: clipped policy loss, clipped value loss, entropy bonus, all means over real tokens;
   6. log (TRL's metric names), export the policy, checkpoint models, optimizer, beta and the iteration.
@@ -34,32 +35,31 @@ import numpy as np
 import torch
 from torch import nn
 
-from rmcore.align import Packed, pack, response_logits, response_logprobs, response_values, response_values_of
-from rmcore.config import ConfigError, PpoTrainConfig
-from rmcore.distributed import all_reduce_sum
+from rmcore.align.iteration import AlignRun, align_main, reference_model
+from rmcore.align.rewards import checked_rewards
+from rmcore.align.rollouts import Packed, pack, response_logits, response_logprobs, response_values, response_values_of
+from rmcore.config.sections import PpoConfig, PpoTrainConfig
+from rmcore.errors import ConfigError
 from rmcore.generate import token_logprobs
-from rmcore.iterations import (
-    align_main, build_policy, end_iteration, held_out_reward, prepare, reference_model, sample_iteration,
-)
-from rmcore.loop import Trainer, autocast, build_model, set_grad_sync
 from rmcore.model import CausalLM, RewardModel
-from rmcore.rewards import checked_rewards
 from rmcore.rl import (
-    adaptive_beta, entropy, gae, grpo_advantages, kl_k1, kl_k3, masked_whiten, policy_loss, rloo_advantages,
+    ADVANTAGE_ESTIMATORS, adaptive_beta, entropy, explained_variance, kl_k1, kl_k3, masked_whiten, policy_loss,
     shape_scores, token_rewards, value_loss,
 )
-from rmcore.rundir import export_pretrained
-from rmcore.runner import bf16, export_config, run_script, setup
 from rmcore.tokenizer import Tokenizer
+from rmcore.training.distributed import Dist, all_reduce_sum, gather_objects
+from rmcore.training.launch import run_script
+from rmcore.training.runtime import autocast, build_model, set_grad_sync
+from rmcore.training.trainer import Trainer
 
 
 def main(argv: list[str]) -> list[dict]:
-    return align_main(argv, "ppo", PpoTrainConfig, ppo)
+    return align_main(argv, name="ppo", config_class=PpoTrainConfig, loop=ppo)
 
 
 class ActorCritic(nn.Module):
     """The trained models as one module: one AdamW over both, one gradient clip, one checkpoint (TRL's
-    PolicyAndValueWrapper does the same). The critic is None for rloo and grpo."""
+    PolicyAndValueWrapper does the same). The critic is None for estimators without one (rloo, grpo)."""
 
     def __init__(self, policy: CausalLM, critic: RewardModel | None):
         super().__init__()
@@ -76,103 +76,99 @@ class Experience:
     """One iteration's rollout as training reads it; every tensor (B, T) over response positions."""
     batch: Packed
     logp_old: torch.Tensor
+    logp_ref: torch.Tensor
     values_old: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
 
 
 def ppo(cfg: PpoTrainConfig) -> list[dict]:
-    pc, o = cfg.ppo, cfg.optim
-    check_config(cfg)
-    d, tok = setup(cfg)
-    s = prepare(cfg, pc, d, tok, "ppo")
-    if pc.top_k or pc.top_p < 1:
-        warnings.warn(f"ppo.top_k={pc.top_k}, ppo.top_p={pc.top_p}: the samples do not come from the policy's "
-                      "distribution (logits / temperature) that the log-probs assume, so the KL estimate and the "
-                      "importance ratios are biased; top_k=0, top_p=1 keep them exact", stacklevel=2)
-    policy, reference = build_policy(cfg, d)
+    ppo_cfg, optim = cfg.ppo, cfg.optim
+    run = AlignRun.start(cfg, "ppo")
+    dist, tok = run.dist, run.tokenizer
+    if ppo_cfg.top_k or ppo_cfg.top_p < 1:
+        warnings.warn(f"ppo.top_k={ppo_cfg.top_k}, ppo.top_p={ppo_cfg.top_p}: the samples do not come from the "
+                      "policy's distribution (logits / temperature) that the log-probs assume, so the KL estimate and "
+                      "the importance ratios are biased; top_k=0, top_p=1 keep them exact", stacklevel=2)
+    estimator = ADVANTAGE_ESTIMATORS[ppo_cfg.advantage]
+    policy, reference = run.build_policy()
     critic = None
-    if pc.advantage == "gae":
+    if estimator.needs_critic:
         source, new_head = critic_source(cfg, tok)
-        critic = build_model(RewardModel, d, source, None, bf16(cfg), cfg.run.seed, new_head=new_head,
-                             activation_checkpointing=cfg.model.activation_checkpointing, lora=cfg.model.lora)
+        critic = build_model(RewardModel, dist, init_from=source, bf16=cfg.run.bf16, seed=cfg.run.seed,
+                             new_head=new_head, activation_checkpointing=cfg.model.activation_checkpointing,
+                             lora=cfg.model.lora)
     model = ActorCritic(policy, critic)
-    per_rank = math.ceil(pc.prompts_per_iter / d.world_size)  # equal shares: every rank runs the same forwards
-    n = per_rank * pc.k
-    minibatch = o.micro_batch_size * o.grad_accum
-    trainer = Trainer(cfg, d, model, total_steps=pc.iterations * o.epochs * math.ceil(n / minibatch))
+    n = run.prompts_per_rank * ppo_cfg.k
+    minibatch = optim.micro_batch_size * optim.grad_accum
+    trainer = Trainer(cfg, dist, model, total_steps=ppo_cfg.iterations * optim.epochs * math.ceil(n / minibatch))
     resumed = trainer.resumed or {}
-    first, history, beta = resumed.get("iteration", 0), resumed.get("history", []), resumed.get("beta", pc.beta)
+    first, history, beta = resumed.get("iteration", 0), resumed.get("history", []), resumed.get("beta", ppo_cfg.beta)
     step = trainer.start_step
-    say = trainer.log.print
-    say(f"trained: the policy{' + a critic from ' + source if critic is not None else ''}; {n} samples per rank "
-        f"per iteration, {math.ceil(n / minibatch)} minibatches x {o.epochs} epochs")  # counts: Trainer's line
-    for it in range(first, pc.iterations):
+    trainer.log.print(f"trained: the policy{' + a critic from ' + source if critic is not None else ''}; {n} samples "
+                      f"per rank per iteration, {math.ceil(n / minibatch)} minibatches x {optim.epochs} epochs")
+    for it in range(first, ppo_cfg.iterations):
         # 1. rollout, and one forward pass of each model over it
-        samples = sample_iteration(policy, s, pc, cfg, d, tok, it, per_rank, with_logprobs=False)
-        batch = pack([s.pool.ids[i] for i in samples.prompt_index], samples.tokens, tok.pad_id, d.device)
+        samples = run.sample(policy, iteration=it, with_logprobs=False)
+        batch = pack([run.prompts.ids[i] for i in samples.prompt_index], samples.tokens, tok.pad_id, dist.device)
         mask = batch.response_mask
-        with autocast(d, bf16(cfg)):
-            logp_old = response_logprobs(policy, batch, pc.temperature, o.micro_batch_size)
+        with autocast(dist, cfg.run.bf16):
+            logp_old = response_logprobs(policy, batch, ppo_cfg.temperature, optim.micro_batch_size)
             with reference_model(policy, reference) as ref:
-                logp_ref = response_logprobs(ref, batch, pc.temperature, o.micro_batch_size)
-            values_old = (response_values_of(critic, batch, o.micro_batch_size) if critic is not None
+                logp_ref = response_logprobs(ref, batch, ppo_cfg.temperature, optim.micro_batch_size)
+            values_old = (response_values_of(critic, batch, optim.micro_batch_size) if critic is not None
                           else torch.zeros_like(mask))
         # 2. score
-        ended = torch.tensor(samples.stopped, device=d.device)
-        raw_scores = torch.tensor(checked_rewards(s.reward, samples.prompts, samples.responses), device=d.device)
-        scores = shape_scores(raw_scores, ended, pc.missing_eos_penalty, pc.score_clip)
+        ended = torch.tensor(samples.stopped, device=dist.device)
+        raw_scores = torch.tensor(checked_rewards(run.reward, samples.prompts, samples.responses), device=dist.device)
+        scores = shape_scores(raw_scores, ended, ppo_cfg.missing_eos_penalty, ppo_cfg.score_clip)
         # 3. per-token rewards
-        kl = (kl_k1 if pc.kl_estimator == "k1" else kl_k3)(logp_old, logp_ref) * mask
+        kl = (kl_k1 if ppo_cfg.kl_estimator == "k1" else kl_k3)(logp_old, logp_ref) * mask
         rewards = token_rewards(scores, kl, mask, beta)
-        if pc.whiten_rewards:
+        if ppo_cfg.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         # 4. advantages
-        if pc.advantage == "gae":
-            advantages, returns = gae(rewards, values_old, mask, pc.gamma, pc.lam)
-        else:  # one advantage per sample from its whole reward (score - beta * sum kl), on each of its tokens
-            group = rloo_advantages if pc.advantage == "rloo" else grpo_advantages
-            advantages, returns = group(rewards.sum(-1), pc.k)[:, None] * mask, torch.zeros_like(mask)
-        if pc.whiten_advantages:
+        advantages, returns = estimator.estimate(rewards, values_old, mask, k=ppo_cfg.k, gamma=ppo_cfg.gamma,
+                                                 lam=ppo_cfg.lam)
+        if ppo_cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
-        exp = Experience(batch, logp_old, values_old, advantages, returns)
+        exp = Experience(batch, logp_old, logp_ref, values_old, advantages, returns)
         # 5. epochs of shuffled minibatches, one optimizer step each
         model.train()
         totals: dict[str, float] = {}
-        for epoch in range(o.epochs):
-            order = torch.from_numpy(np.random.default_rng([cfg.run.seed, it, epoch, d.rank]).permutation(n))
+        for epoch in range(optim.epochs):
+            order = torch.from_numpy(np.random.default_rng([cfg.run.seed, it, epoch, dist.rank]).permutation(n))
             for start in range(0, n, minibatch):
                 rows = order[start:start + minibatch]
                 count = trainer.global_count(float(mask[rows].sum()))
-                sums = ppo_minibatch(model, exp, rows, o.micro_batch_size, count, pc, d, bf16(cfg))
-                mb = minibatch_metrics(sums, d)
-                trainer.step(step, {"loss/policy": sums["policy"], "loss/value": sums["value"]}, count,
-                             {"iteration": it + 1, **mb}, int(sums["tokens"]), [f"sample {int(r)}" for r in rows])
+                sums = ppo_minibatch(model, exp, rows, count=count, ppo_cfg=ppo_cfg, dist=dist, bf16=cfg.run.bf16,
+                                     micro_batch_size=optim.micro_batch_size)
+                trainer.step(step, losses={"loss/policy": sums["policy"], "loss/value": sums["value"]}, count=count,
+                             metrics={"iteration": it + 1, **minibatch_metrics(sums, dist)},
+                             tokens=int(sums["tokens"]), ids=[f"sample {int(r)}" for r in rows])
                 for k, v in sums.items():
                     totals[k] = totals.get(k, 0.0) + v
                 step += 1
         # 6. figures, beta, held-out reward, log, export, checkpoint
-        stats = {"iteration": it + 1, **rollout_stats(raw_scores, scores, ended, kl, logp_old, logp_ref, values_old,
-                                                      returns, batch, beta, pc, tok.eos_id, d),
-                 **minibatch_metrics(totals, d, suffix="_avg")}
-        if pc.adaptive_kl:  # Ziegler et al.: after each rollout, with n = the samples it held
-            beta = adaptive_beta(beta, stats["objective/kl"], pc.kl_target, stats["samples"], pc.kl_horizon)
-        if s.held_out is not None:
-            stats["eval_reward"] = held_out_reward(policy, s, pc, cfg, d, tok)
+        stats = {"iteration": it + 1,
+                 **rollout_stats(exp, raw_scores=raw_scores, scores=scores, ended=ended, kl=kl, beta=beta,
+                                 has_critic=critic is not None, eos_id=tok.eos_id, dist=dist),
+                 **minibatch_metrics(totals, dist, suffix="_avg")}
+        if ppo_cfg.adaptive_kl:  # Ziegler et al.: after each rollout, with n = the samples it held
+            beta = adaptive_beta(beta, stats["objective/kl"], ppo_cfg.kl_target, stats["samples"], ppo_cfg.kl_horizon)
+        if run.held_out is not None:
+            stats["eval_reward"] = run.held_out_reward(policy)
         history.append(stats)
-        end_iteration(trainer, policy, cfg, pc, tok, it, step, history, {"beta": beta}, "ppo",
-                      {"score": ["objective/scores", "objective/rlhf_reward", "eval_reward"],
-                       "KL to the reference (per response)": ["objective/kl_k1", "objective/kl_k3"],
-                       "response tokens": ["response_length"]})
-    if cfg.run.export:
-        export_pretrained(policy, Path(cfg.run.out_dir) / "export", d, tok, export_config(cfg), cfg.run.init_from)
-        trainer.log.print(f"exported {Path(cfg.run.out_dir) / 'export'}")
-    trainer.log.close()
+        run.end_iteration(trainer, policy, iteration=it, step=step, history=history, extra_state={"beta": beta},
+                          plot_panels={"score": ["objective/scores", "objective/rlhf_reward", "eval_reward"],
+                                       "KL to the reference (per response)": ["objective/kl_k1", "objective/kl_k3"],
+                                       "response tokens": ["response_length"]})
+    trainer.export_and_close(tok, policy)
     return history
 
 
-def ppo_minibatch(model: ActorCritic, exp: Experience, rows: torch.Tensor, micro_batch_size: int, count: float,
-                  pc, d, bf16_on: bool) -> dict[str, float]:
+def ppo_minibatch(model: ActorCritic, exp: Experience, rows: torch.Tensor, *, count: float, ppo_cfg: PpoConfig,
+                  dist: Dist, bf16: bool, micro_batch_size: int) -> dict[str, float]:
     """Forward and backward over one minibatch, micro-batch by micro-batch; every loss is a mean over the
     minibatch's real tokens on all ranks (count), so micro-batching and the number of ranks never change it.
     Returns token-weighted sums for the log."""
@@ -183,20 +179,20 @@ def ppo_minibatch(model: ActorCritic, exp: Experience, rows: torch.Tensor, micro
         model.set_requires_gradient_sync(j == len(micro) - 1)
         b = exp.batch.rows(r)
         m = b.response_mask
-        with autocast(d, bf16_on):
+        with autocast(dist, bf16):
             logits = response_logits(model.policy, b)
             values = response_values(model.critic, b) if model.critic is not None else None
-        logits = logits.float() / pc.temperature  # the distribution the samples came from
+        logits = logits.float() / ppo_cfg.temperature  # the distribution the samples came from
         logp = token_logprobs(logits, b.responses)
-        pg, clipfrac = policy_loss(logp, exp.logp_old[r], exp.advantages[r], m, pc.clip)
+        pg, clipfrac = policy_loss(logp, exp.logp_old[r], exp.advantages[r], m, ppo_cfg.clip)
         ent = entropy(logits, m)
-        loss = pg - pc.entropy_coef * ent
+        loss = pg - ppo_cfg.entropy_coef * ent
         vl = vclip = torch.zeros(())
         if values is not None:
-            vl, vclip = value_loss(values, exp.values_old[r], exp.returns[r], m, pc.clip_value)
-            loss = loss + pc.value_coef * vl
+            vl, vclip = value_loss(values, exp.values_old[r], exp.returns[r], m, ppo_cfg.clip_value)
+            loss = loss + ppo_cfg.value_coef * vl
         n_tok = float(m.sum())
-        (loss * (n_tok / count * d.world_size)).backward()
+        (loss * (n_tok / count * dist.world_size)).backward()
         with torch.no_grad():
             log_ratio = torch.where(m.bool(), logp - exp.logp_old[r], 0)
             ratio = log_ratio.exp() * m
@@ -210,11 +206,11 @@ def ppo_minibatch(model: ActorCritic, exp: Experience, rows: torch.Tensor, micro
     return sums
 
 
-def minibatch_metrics(sums: dict[str, float], d, suffix: str = "") -> dict[str, float]:
+def minibatch_metrics(sums: dict[str, float], dist: Dist, suffix: str = "") -> dict[str, float]:
     """Token means over every rank of ppo_minibatch's sums, under TRL's names (val/ratio_var: the variance of the
     per-token ratio)."""
     keys = list(sums)
-    totals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], d.device)))
+    totals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], dist.device)))
     n = max(totals["tokens"], 1.0)
     ratio = totals["ratio"] / n
     return {f"policy/approxkl{suffix}": totals["approxkl"] / n, f"policy/clipfrac{suffix}": totals["clipfrac"] / n,
@@ -223,10 +219,11 @@ def minibatch_metrics(sums: dict[str, float], d, suffix: str = "") -> dict[str, 
             "val/ratio": ratio, "val/ratio_var": totals["ratio_sq"] / n - ratio ** 2}
 
 
-def rollout_stats(raw_scores, scores, ended, kl, logp_old, logp_ref, values_old, returns, batch: Packed, beta: float,
-                  pc, eos_id: int, d) -> dict:
+def rollout_stats(exp: Experience, *, raw_scores: torch.Tensor, scores: torch.Tensor, ended: torch.Tensor,
+                  kl: torch.Tensor, beta: float, has_critic: bool, eos_id: int, dist: Dist) -> dict:
     """The rollout's figures over every rank: per-response sums averaged over responses (TRL's objective/*),
     the critic's explained variance over real tokens, length and how responses ended."""
+    batch, logp_old, logp_ref = exp.batch, exp.logp_old, exp.logp_ref
     mask = batch.response_mask
     lengths = mask.sum(-1)
     last = batch.responses.gather(1, (lengths.long() - 1).clamp(min=0)[:, None])[:, 0]
@@ -239,43 +236,29 @@ def rollout_stats(raw_scores, scores, ended, kl, logp_old, logp_ref, values_old,
         "no_eos_fraction": (~ended).float(), "val/num_eos_tokens": (last == eos_id).float(),
     }
     keys = list(per_response)
-    real = mask.bool()
-    err = (returns - values_old)[real]
-    sums = all_reduce_sum([float(per_response[k].sum()) for k in keys] +
-                          [len(scores), float(real.sum()), float(returns[real].sum()), float((returns[real] ** 2).sum()),
-                           float(err.sum()), float((err ** 2).sum())], d.device)
-    n, tokens, r1, r2, e1, e2 = sums[len(keys):]
+    sums = all_reduce_sum([float(per_response[k].sum()) for k in keys] + [len(scores)], dist.device)
+    n = sums[-1]
     stats = {k: v / n for k, v in zip(keys, sums)}
     stats["val/num_eos_tokens"] *= n  # a count, as TRL logs it
     stats["objective/rlhf_reward"] = stats["objective/scores"] + stats["objective/non_score_reward"]
-    if pc.advantage == "gae":
-        var_r = r2 / tokens - (r1 / tokens) ** 2
-        stats["val/explained_variance"] = 1 - (e2 / tokens - (e1 / tokens) ** 2) / max(var_r, 1e-12)
+    if has_critic:  # over every rank's real tokens
+        real = mask.bool()
+        values, returns = (torch.cat(gather_objects([x[real].cpu()])) for x in (exp.values_old, exp.returns))
+        stats["val/explained_variance"] = float(explained_variance(values, returns, torch.ones_like(returns)))
     stats.update({"beta": beta, "samples": int(n)})
     return stats
-
-
-def check_config(cfg: PpoTrainConfig):
-    pc = cfg.ppo
-    if pc.temperature <= 0:
-        raise ConfigError(f"ppo.temperature={pc.temperature}: PPO samples from the policy; expected > 0")
-    if pc.advantage in ("rloo", "grpo") and pc.k < 2:
-        raise ConfigError(f"ppo.advantage={pc.advantage} compares the K samples of a prompt: ppo.k={pc.k}, expected >= 2")
-    if cfg.model.lora.enabled and cfg.model.lora.dropout:
-        raise ConfigError(f"model.lora.dropout={cfg.model.lora.dropout}: PPO's update must read the log-probs the "
-                          "rollout read (no dropout, Huang et al. 2024); set model.lora.dropout=0")
 
 
 def critic_source(cfg: PpoTrainConfig, tok: Tokenizer) -> tuple[str, bool]:
     """(directory the critic starts from, whether its value head is fresh). It reads the policy's token ids, so
     its tokenizer must be the policy's: a mismatch stops here rather than being misread for a whole run."""
-    pc = cfg.ppo
-    if pc.critic == "policy":
+    ppo_cfg = cfg.ppo
+    if ppo_cfg.critic == "policy":
         return cfg.run.init_from, True
-    path = pc.reward if pc.critic == "reward" else pc.critic
+    path = ppo_cfg.reward if ppo_cfg.critic == "reward" else ppo_cfg.critic
     if not (Path(path) / "config.json").is_file():
-        raise ConfigError(f"ppo.critic={pc.critic}: {path} is not a reward model directory; advantage=gae needs a "
-                          "critic (ppo.critic=policy starts one from the policy's trunk with a fresh value head)")
+        raise ConfigError(f"ppo.critic={ppo_cfg.critic}: {path} is not a reward model directory; advantage=gae needs "
+                          "a critic (ppo.critic=policy starts one from the policy's trunk with a fresh value head)")
     if not Tokenizer.from_pretrained(path).same_ids(tok):
         raise ConfigError(f"the critic {path} has another tokenizer than the policy {cfg.run.init_from}: it reads "
                           "the policy's token ids, so the ids must mean the same tokens (ppo.critic=policy starts a "

@@ -6,7 +6,7 @@
 
 Each stage is one function below, readable top to bottom: data, model, then the loop. The RM loss is spelled out
 here from the pure functions in rmcore/losses.py; the SFT step is rmcore/sft.py's, which raft.py shares.
-rmcore.loop.Trainer does the bookkeeping every loop shares.
+rmcore.training.trainer.Trainer does the bookkeeping every loop shares.
 
 The loss of an optimizer step is the sum of per-pair (or per-token) losses divided by the number of pairs (or
 target tokens) in the whole step, over all micro-batches and all ranks; each micro-batch's part is multiplied by
@@ -21,26 +21,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmcore.config import ConfigError, TrainConfig, load_stages, parse_cli
-from rmcore.data import (
-    ShardedSampler, Template, collate_blocks, collate_pairs, load_blocks, load_pairs, read_examples, require_data,
-)
-from rmcore.distributed import all_reduce_sum, barrier, init_distributed
+from rmcore.config.loader import parse_cli
+from rmcore.config.sections import TrainConfig, load_stages
+from rmcore.data.batching import collate_blocks, collate_pairs
+from rmcore.data.datasets import load_blocks, load_pairs
+from rmcore.data.formats import read_examples, require_data
+from rmcore.data.sampler import ShardedSampler
+from rmcore.data.tokenizer_training import train_tokenizer
+from rmcore.errors import ConfigError
 from rmcore.losses import PREFERENCE_SUM_KEYS, centering_loss, metrics_from_sums, pairwise_loss, preference_sums
-from rmcore.loop import Trainer, autocast, build_model, set_grad_sync
 from rmcore.model import CausalLM, RewardModel
-from rmcore.rundir import RunLock
 from rmcore.sft import sft_step, sft_sums
-from rmcore.runner import bf16, export_config, has_value_head, load_splits, model_config, run_script, say, setup
-from rmcore.tokenizer import train_tokenizer
+from rmcore.training.distributed import all_reduce_sum, barrier, init_distributed, say
+from rmcore.training.launch import has_value_head, load_splits, run_script, setup
+from rmcore.training.run_dir import RunLock
+from rmcore.training.runtime import autocast, build_model, set_grad_sync
+from rmcore.training.trainer import Trainer
 
 
 def main(argv: list[str]) -> dict:
     path, overrides = parse_cli(argv, "train.py")
     result = {}
     for cfg in load_stages(path, overrides):
-        d = init_distributed(cfg.run.device)
-        with RunLock(cfg.run.out_dir, d):  # one run per out_dir; a second one stops here, naming the first
+        with RunLock(cfg.run.out_dir, init_distributed(cfg.run.device)):  # one run per out_dir; a second one stops here
             if cfg.run.stage in ("raft", "ppo"):
                 raise ConfigError(f"run.stage={cfg.run.stage} is run by {cfg.run.stage}.py: "
                                   f"python {cfg.run.stage}.py --config ...")
@@ -51,13 +54,14 @@ def main(argv: list[str]) -> dict:
 # ------------------------------------------------------------------------------------------------ stages
 def tokenizer_stage(cfg: TrainConfig) -> dict:
     """Train a SentencePiece tokenizer on the training texts, as the model will see them (templated)."""
-    d = init_distributed(cfg.run.device)
+    dist = init_distributed(cfg.run.device)
     out = Path(cfg.run.out_dir)
-    if d.is_main:
-        examples, report = read_examples(cfg.data.train, cfg.data.format, cfg.data.skip_bad_lines, "tokenizer data")
+    if dist.is_main:
+        examples, report = read_examples(cfg.data.train, fmt=cfg.data.format, skip_bad_lines=cfg.data.skip_bad_lines,
+                                         name="tokenizer data")
         print(report.summary())
         require_data(len(examples), report, cfg.data.train, "data.train (tokenizer)", "texts")
-        template = Template.from_config(cfg.data)
+        template = cfg.data.build_template()
         texts = [template.render(e.prompt, r) for e in examples for r in (e.chosen, e.rejected) if r is not None]
         tok = train_tokenizer(texts, out, cfg.run.tokenizer_vocab_size)
         print(f"trained {tok} on {len(texts):,} texts -> {out}")
@@ -67,56 +71,60 @@ def tokenizer_stage(cfg: TrainConfig) -> dict:
 
 def sft(cfg: TrainConfig) -> dict:
     """Supervised fine-tuning on block-packed text: masked next-token cross-entropy."""
-    d, tok = setup(cfg)
-    train, held_out = load_splits(load_blocks, cfg, tok, d, "blocks")
-    model = build_model(CausalLM, d, cfg.run.init_from, model_config(cfg, tok), bf16(cfg), cfg.run.seed,
+    dist, tok = setup(cfg)
+    train, held_out = load_splits(load_blocks, cfg, tok, dist, "blocks")
+    model = build_model(CausalLM, dist, init_from=cfg.run.init_from, architecture=cfg.model.architecture(tok),
+                        bf16=cfg.run.bf16, seed=cfg.run.seed,
                         activation_checkpointing=cfg.model.activation_checkpointing, lora=cfg.model.lora)
-    sampler = ShardedSampler(len(train), cfg.optim.micro_batch_size, d.rank, d.world_size, cfg.run.seed)
+    shard = {"rank": dist.rank, "world_size": dist.world_size}
+    sampler = ShardedSampler(len(train), cfg.optim.micro_batch_size, **shard, seed=cfg.run.seed)
 
     @torch.no_grad()
     def evaluate() -> dict:
         model.eval()
         loss_sum = count = 0.0
-        for idx in ShardedSampler(len(held_out), cfg.optim.micro_batch_size, d.rank, d.world_size, shuffle=False):
-            loss, n = sft_sums(model, collate_blocks(held_out, idx, cfg.data.document_mask), d, bf16(cfg))
+        for idx in ShardedSampler(len(held_out), cfg.optim.micro_batch_size, **shard, shuffle=False):
+            loss, n = sft_sums(model, collate_blocks(held_out, idx, cfg.data.document_mask), dist, cfg.run.bf16)
             loss_sum, count = loss_sum + float(loss), count + float(n)
         model.train()
-        loss_sum, count = all_reduce_sum([loss_sum, count], d.device)
+        loss_sum, count = all_reduce_sum([loss_sum, count], dist.device)
         return {"loss": loss_sum / max(count, 1), "tokens": int(count)}
 
-    trainer = Trainer(cfg, d, model, sampler, evaluate if held_out is not None else None)
+    trainer = Trainer(cfg, dist, model, sampler=sampler, evaluate=evaluate if held_out is not None else None)
     model.train()
     for step, micro_batches in trainer.steps():
         batches = [collate_blocks(train, idx, cfg.data.document_mask) for idx in micro_batches]
-        loss_sum, n_targets = sft_step(model, batches, d, bf16(cfg))
-        tokens = sum(b["input_ids"].numel() for b in batches)
-        trainer.step(step, {"loss": loss_sum}, n_targets, {}, tokens, [i for b in batches for i in b["ids"]])
-    return trainer.finish(tok, export_config(cfg))
+        loss_sum, n_targets = sft_step(model, batches, dist, cfg.run.bf16)
+        trainer.step(step, losses={"loss": loss_sum}, count=n_targets, metrics={},
+                     tokens=sum(b["input_ids"].numel() for b in batches), ids=[i for b in batches for i in b["ids"]])
+    return trainer.finish(tok)
 
 
 def rm(cfg: TrainConfig) -> dict:
     """Reward model: Bradley-Terry pairwise loss (+ optional margin, + optional centering) on chosen/rejected pairs."""
-    d, tok = setup(cfg)
-    train, held_out = load_splits(load_pairs, cfg, tok, d, "pairs")
+    dist, tok = setup(cfg)
+    train, held_out = load_splits(load_pairs, cfg, tok, dist, "pairs")
     if cfg.loss.margin and np.isnan(train.margin).all():
         raise ConfigError("loss.margin=true, but no training pair carries a margin (a `margin` or `score_chosen`/"
                          "`score_rejected` field): the run would be a no-margin run under a margin label")
     new_head = cfg.run.init_from is not None and not has_value_head(cfg.run.init_from)
     if new_head:
-        say(d, f"{cfg.run.init_from} has no value head (a causal LM): starting a fresh one, std 1/sqrt(dim+1)")
-    model = build_model(RewardModel, d, cfg.run.init_from, model_config(cfg, tok), bf16(cfg), cfg.run.seed, new_head,
-                        cfg.model.activation_checkpointing, cfg.model.lora)
+        say(dist, f"{cfg.run.init_from} has no value head (a causal LM): starting a fresh one, std 1/sqrt(dim+1)")
+    model = build_model(RewardModel, dist, init_from=cfg.run.init_from, architecture=cfg.model.architecture(tok),
+                        bf16=cfg.run.bf16, seed=cfg.run.seed, new_head=new_head,
+                        activation_checkpointing=cfg.model.activation_checkpointing, lora=cfg.model.lora)
+    shard = {"rank": dist.rank, "world_size": dist.world_size}
     lengths = train.lengths() if cfg.data.group_by_length else None
-    sampler = ShardedSampler(len(train), cfg.optim.micro_batch_size, d.rank, d.world_size, cfg.run.seed, lengths=lengths)
+    sampler = ShardedSampler(len(train), cfg.optim.micro_batch_size, **shard, seed=cfg.run.seed, lengths=lengths)
 
     def rewards(batch):
         """(r_chosen, r_rejected), each (B,), from one forward pass over the 2B rows."""
-        with autocast(d, bf16(cfg)):
+        with autocast(dist, cfg.run.bf16):
             if "seq_lens" in batch:  # packed: one row, no padding
-                r = model(batch["input_ids"].to(d.device), position_ids=batch["position_ids"].to(d.device),
+                r = model(batch["input_ids"].to(dist.device), position_ids=batch["position_ids"].to(dist.device),
                           seq_lens=batch["seq_lens"])
             else:  # collate_pairs pads on the right
-                r = model(batch["input_ids"].to(d.device), attention_mask=batch["attention_mask"].to(d.device),
+                r = model(batch["input_ids"].to(dist.device), attention_mask=batch["attention_mask"].to(dist.device),
                           right_padded=True)
         return r.float().chunk(2) if len(r) else (r.float(), r.float())
 
@@ -126,7 +134,7 @@ def rm(cfg: TrainConfig) -> dict:
         when enabled; `total_loss`, what is optimised: the pairwise term (with margin if enabled) + centering."""
         terms = {"loss": pairwise_loss(r_chosen, r_rejected, reduction="sum")}
         if cfg.loss.margin:
-            terms["margin_loss"] = pairwise_loss(r_chosen, r_rejected, batch["margin"].to(d.device), reduction="sum")
+            terms["margin_loss"] = pairwise_loss(r_chosen, r_rejected, batch["margin"].to(dist.device), reduction="sum")
         if cfg.loss.center_coef:
             terms["center_loss"] = centering_loss(r_chosen, r_rejected, cfg.loss.center_coef, reduction="sum")
         terms["total_loss"] = terms.get("margin_loss", terms["loss"]) + terms.get("center_loss", 0.0)
@@ -136,46 +144,42 @@ def rm(cfg: TrainConfig) -> dict:
     def evaluate() -> dict:
         model.eval()
         sums, loss_sums = dict.fromkeys(PREFERENCE_SUM_KEYS, 0.0), {}
-        for idx in ShardedSampler(len(held_out), cfg.optim.micro_batch_size, d.rank, d.world_size, shuffle=False):
-            batch = collate_pairs(held_out, idx, tok.pad_id, cfg.data.pack_pairs)
+        for idx in ShardedSampler(len(held_out), cfg.optim.micro_batch_size, **shard, shuffle=False):
+            batch = collate_pairs(held_out, idx, tok.pad_id, packed=cfg.data.pack_pairs)
             r_chosen, r_rejected = rewards(batch)
             for k, v in preference_sums(r_chosen, r_rejected).items():
                 sums[k] += v
             for k, v in pair_losses(r_chosen, r_rejected, batch).items():
                 loss_sums[k] = loss_sums.get(k, 0.0) + float(v)
         model.train()
-        totals = dict(zip(sums, all_reduce_sum(list(sums.values()), d.device)))
-        loss_sums = dict(zip(loss_sums, all_reduce_sum(list(loss_sums.values()), d.device)))
+        totals = dict(zip(sums, all_reduce_sum(list(sums.values()), dist.device)))
+        loss_sums = dict(zip(loss_sums, all_reduce_sum(list(loss_sums.values()), dist.device)))
         metrics = metrics_from_sums(totals)
         return {**{k: v / max(totals["pairs"], 1) for k, v in loss_sums.items()}, "acc": metrics["accuracy"],
                 **{k: metrics[k] for k in ("pairs", "ties", "tie_rate", "margin", "chosen_mean", "rejected_mean", "reward_mean", "reward_std")}}
 
-    trainer = Trainer(cfg, d, model, sampler, evaluate if held_out is not None else None)
+    trainer = Trainer(cfg, dist, model, sampler=sampler, evaluate=evaluate if held_out is not None else None)
     model.train()
     for step, micro_batches in trainer.steps():
-        batches = [collate_pairs(train, idx, tok.pad_id, cfg.data.pack_pairs) for idx in micro_batches]
+        batches = [collate_pairs(train, idx, tok.pad_id, packed=cfg.data.pack_pairs) for idx in micro_batches]
         n_pairs = trainer.global_count(sum(len(b["ids"]) for b in batches))  # the denominator: pairs in the whole step
         sums = {}  # summed on the device: one host sync per step, after the last backward
         for i, batch in enumerate(batches):
             set_grad_sync(model, i == len(batches) - 1)
             r_chosen, r_rejected = rewards(batch)
             terms = pair_losses(r_chosen, r_rejected, batch)
-            (terms["total_loss"] / n_pairs * d.world_size).backward()
+            (terms["total_loss"] / n_pairs * dist.world_size).backward()
             terms = {**terms, "wins": (r_chosen > r_rejected).sum(), "ties": (r_chosen == r_rejected).sum()}
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
         sums = dict(zip(sums, torch.stack(list(sums.values())).tolist()))
-        wins, ties = all_reduce_sum([sums.pop("wins"), sums.pop("ties")], d.device)
-        loss_sums = sums
+        wins, ties = all_reduce_sum([sums.pop("wins"), sums.pop("ties")], dist.device)
         tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
         padding = 1 - tokens / max(sum(b["input_ids"].numel() for b in batches), 1)  # this rank's share of pad slots
-        trainer.step(step, loss_sums, n_pairs, {"acc": wins / n_pairs, "ties": int(ties), "padding": padding}, tokens,
-                     [i for b in batches for i in b["ids"]])
-    return trainer.finish(tok, export_config(cfg))
-
-
-def to(x, d):
-    return None if x is None else x.to(d.device)
+        trainer.step(step, losses=sums, count=n_pairs, metrics={"acc": wins / n_pairs, "ties": int(ties),
+                                                                 "padding": padding},
+                     tokens=tokens, ids=[i for b in batches for i in b["ids"]])
+    return trainer.finish(tok)
 
 
 if __name__ == "__main__":

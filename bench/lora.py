@@ -23,9 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mfu import SIZES, cpu_line, step_fn  # noqa: E402
-from rmcore.distributed import Dist  # noqa: E402
+from rmcore.training.distributed import Dist  # noqa: E402
 from rmcore.lora import LoraConfig, parameter_counts  # noqa: E402
-from rmcore.loop import build_model, clip_grad_norm, make_optimizer  # noqa: E402
+from rmcore.training.runtime import build_model  # noqa: E402
+from rmcore.training.trainer import clip_grad_norm, make_optimizer  # noqa: E402
 from rmcore.model import ModelConfig, RewardModel  # noqa: E402
 
 
@@ -33,8 +34,8 @@ def child(size: str, mode: str, steps: int):
     shape, B, T = SIZES[size]
     lora = {"full": None, "lora": LoraConfig(enabled=True), "lora-p0": LoraConfig(enabled=True, dropout=0.0)}[mode]
     d = Dist()
-    model = build_model(RewardModel, d, None, ModelConfig(**shape, max_seq_len=T), lora=lora).train()
-    optimizer = make_optimizer(model, 1e-5, 0.0)
+    model = build_model(RewardModel, d, architecture=ModelConfig(**shape, max_seq_len=T), lora=lora).train()
+    optimizer = make_optimizer(model, lr=1e-5)
     step = step_fn("rm", model, d, False, B, T)
     times = []
     for i in range(steps + 1):

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rmcore.distributed import init_distributed, shutdown  # noqa: E402
-from rmcore.loop import autocast, build_model, clip_grad_norm, make_optimizer  # noqa: E402
+from rmcore.training.distributed import init_distributed, shutdown  # noqa: E402
+from rmcore.training.runtime import autocast, build_model  # noqa: E402
+from rmcore.training.trainer import clip_grad_norm, make_optimizer  # noqa: E402
 from rmcore.losses import pairwise_loss  # noqa: E402
 from rmcore.model import CausalLM, ModelConfig, RewardModel  # noqa: E402
 from rmcore.sft import sft_step  # noqa: E402
@@ -100,11 +101,11 @@ def measure(size: str, stage: str, precision: str, steps: int, d, compile_blocks
     shape, B, T = SIZES[size]
     bf16 = precision == "bf16"
     cfg = ModelConfig(**shape, max_seq_len=T)
-    model = build_model(CausalLM if stage == "sft" else RewardModel, d, None, cfg, bf16, seed=0).train()
+    model = build_model(CausalLM if stage == "sft" else RewardModel, d, architecture=cfg, bf16=bf16, seed=0).train()
     if compile_blocks:  # torch.compile per transformer block (torchtitan's granularity); compile time not timed
         for block in model.model.layers:
             block.compile()
-    optimizer = make_optimizer(model, 1e-5, 0.0)
+    optimizer = make_optimizer(model, lr=1e-5)
     step = step_fn(stage, model, d, bf16, B, T)
 
     def full_step():

@@ -46,7 +46,7 @@ def build(out: Path, pairs: int) -> Path:
     """The tokenizer and the transformers-saved model both sides start from."""
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
-    from rmcore.tokenizer import train_tokenizer
+    from rmcore.data.tokenizer_training import train_tokenizer
     model_dir = out / "model"
     if (model_dir / "config.json").is_file():
         return model_dir

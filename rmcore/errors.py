@@ -1,10 +1,9 @@
 """Errors a user causes, and how the entry points report them: one clear message, no traceback.
 
-Missing or malformed data, a bad config, missing model or tokenizer files: each is raised as a subclass of
-UserError (DataError, ConfigError, CheckpointError, ...) whose message says what was expected and where. The
-scripts (train.py, eval.py, raft.py, ppo.py) run their main under `user_errors()`, which prints `error: <message>`
-to stderr and exits with status 2. `RMCORE_TRACEBACK=1` re-raises instead, for debugging. Anything else, a bug,
-keeps its traceback.
+Missing or malformed data, a bad config, missing model or tokenizer files: each is raised as one of the UserError
+subclasses below, whose message says what was expected and where. The scripts (train.py, eval.py, raft.py, ppo.py)
+run their main under `user_errors()`, which prints `error: <message>` to stderr and exits with status 2.
+`RMCORE_TRACEBACK=1` re-raises instead, for debugging. Anything else, a bug, keeps its traceback.
 """
 from __future__ import annotations
 
@@ -15,6 +14,38 @@ from contextlib import contextmanager
 
 class UserError(Exception):
     """An input the user controls does not fit; the message alone says what to change."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config file, override or command line that does not fit the config dataclasses."""
+
+
+class DataError(UserError, ValueError):
+    """Input that does not fit: the message starts with `path:line:` and says what was expected."""
+
+
+class TokenizerError(UserError, ValueError):
+    """A tokenizer directory that is missing its files or names special tokens it does not have."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A model directory or training checkpoint that is missing files or does not match the model."""
+
+
+class RunDirError(UserError):
+    """The run directory is in use, or holds another run."""
+
+
+class NonFiniteWeights(UserError):
+    """Weights hold NaN or inf: nothing is written from them."""
+
+
+class NonFiniteLoss(UserError):
+    """A NaN or inf loss or gradient norm, with where it happened and where to restart from."""
+
+
+class WandbUnavailable(UserError):
+    """logging.wandb=online without credentials or without the network."""
 
 
 @contextmanager

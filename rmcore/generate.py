@@ -14,8 +14,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 
+from rmcore.data.batching import pad
 from rmcore.model import CausalLM, KVCache, default_position_ids
 
 
@@ -24,24 +25,12 @@ def kv_cache(model: CausalLM, batch_size: int, max_len: int, dtype: torch.dtype,
     """Attach a fresh KV cache (in the compute dtype) to every attention layer for the duration of the block."""
     cfg = model.cfg
     for layer in model.model.layers:
-        layer.self_attn.kv_cache = KVCache(batch_size, max_len, cfg.n_kv_heads, cfg.head_dim, dtype, device)
+        layer.self_attn.kv_cache = KVCache(batch_size, max_len, cfg.n_kv_heads, cfg.head_dim, dtype=dtype, device=device)
     try:
         yield
     finally:
         for layer in model.model.layers:
             layer.self_attn.kv_cache = None
-
-
-def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (input_ids, attention_mask), padded on the left to the longest prompt."""
-    width = max((len(p) for p in prompts), default=0)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if p:
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -102,7 +91,7 @@ class Rollout:
 
 
 @torch.no_grad()
-def rollout(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
+def rollout(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, pad_id: int,
             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
             generator: torch.Generator | None = None, with_logprobs: bool = False,
             stop_strings: tuple[str, ...] = (), tokenizer=None, dtype: torch.dtype | None = None) -> Rollout:
@@ -115,7 +104,7 @@ def rollout(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, eos_
     if dtype is None:
         dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
                  else model.lm_head.weight.dtype)
-    input_ids, attention_mask = left_pad(prompts, pad_id, device)
+    input_ids, attention_mask = pad(prompts, pad_id, side="left", device=device)
     B, P = input_ids.shape
     mask = torch.cat([attention_mask, torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)], 1)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -164,16 +153,14 @@ def rollout(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, eos_
 
 def _all_ranks_done(local_done: bool, device) -> bool:
     """True when every rank's rows are done; one tiny collective per decoding step under torchrun."""
-    if not dist.is_initialized():
+    if not torch_dist.is_initialized():
         return local_done
     flag = torch.tensor([0 if local_done else 1], device=device)
-    dist.all_reduce(flag)
+    torch_dist.all_reduce(flag)
     return int(flag) == 0
 
 
-def generate(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None, **kwargs) -> list[list[int]]:
-    """The new tokens of each row, ending at its EOS (included) or stop, or after max_new_tokens."""
-    return rollout(model, prompts, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p, generator,
-                   **kwargs).responses()
+def generate(model: CausalLM, prompts: list[list[int]], **settings) -> list[list[int]]:
+    """The new tokens of each row, ending at its EOS (included) or stop, or after max_new_tokens; `settings` are
+    rollout's (max_new_tokens, eos_id, pad_id, temperature, ...)."""
+    return rollout(model, prompts, **settings).responses()

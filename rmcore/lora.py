@@ -15,10 +15,13 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from rmcore.config.loader import check_at_least
 
 PEFT_PREFIX = "base_model.model."
 
@@ -31,20 +34,19 @@ class LoraConfig:
     dropout: float = 0.1
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     train_head: bool = True  # a reward model's value head trains fully (PEFT: modules_to_save=["score"])
-    export: str = "merged"   # merged: a plain HF checkpoint; adapter: PEFT's adapter files over run.init_from
+    export: Literal["merged", "adapter"] = "merged"  # a plain HF checkpoint, or PEFT's adapter files over init_from
 
     def __post_init__(self):
-        if self.rank < 1:
-            raise ValueError(f"model.lora.rank must be >= 1, got {self.rank}")
-        if self.export not in ("merged", "adapter"):
-            raise ValueError(f"model.lora.export must be merged or adapter, got {self.export!r}")
         self.target_modules = tuple(self.target_modules)
+
+    def check(self, source: str) -> None:
+        check_at_least(self, 1, ("rank",), prefix="model.lora", source=source)
 
 
 class LoraLinear(nn.Linear):
     """An nn.Linear (no bias) with a low-rank update. `weight` keeps its name, so base checkpoints load unchanged."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float,
+    def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float, dropout: float,
                  device=None, dtype=None):
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
         self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
@@ -80,8 +82,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int = 0) -> nn.Module:
             for name, old in list(parent.named_children()):
                 if name not in cfg.target_modules or not isinstance(old, nn.Linear):
                     continue
-                new = LoraLinear(old.in_features, old.out_features, cfg.rank, cfg.alpha, cfg.dropout,
-                                 device=old.weight.device, dtype=old.weight.dtype)
+                new = LoraLinear(old.in_features, old.out_features, rank=cfg.rank, alpha=cfg.alpha,
+                                 dropout=cfg.dropout, device=old.weight.device, dtype=old.weight.dtype)
                 new.weight = old.weight
                 if not old.weight.is_meta:
                     new.reset_adapter(generator)

@@ -12,8 +12,8 @@ Conventions shared by all functions in this file:
   per-token terms.
 - Nothing here reads a config or touches a model: callers pass tensors and coefficients.
 
-Sections: reward-model losses and metrics, then supervised fine-tuning (next-token) losses. Policy-optimisation
-losses (PPO clipped surrogate, value loss, KL penalty) get their own section at the end of the file.
+Sections: reward-model losses and metrics, then supervised fine-tuning (next-token) losses. The losses of policy
+optimisation (PPO's clipped surrogate and value loss, the KL penalty) are in rmcore/rl.py.
 """
 from __future__ import annotations
 
@@ -254,7 +254,3 @@ def sft_loss(
     if reduction == "none":
         return per_token
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Policy optimisation (PPO): clipped surrogate, value loss and KL penalty belong in this section.

@@ -1,7 +1,7 @@
 """The model: an OpenLLaMA-style decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention) and two heads.
 
 Module names follow HF LLaMA (`model.layers.0.self_attn.q_proj`, ...) so a checkpoint's keys are this file's
-parameter names; `rmcore/checkpoint.py` holds the explicit map and the checks.
+parameter names; `rmcore/interop/hf_checkpoint.py` holds the explicit map and the checks.
 
     Transformer    token ids -> final hidden states (B, T, dim)
     CausalLM       Transformer + lm_head          -> logits (B, T, vocab)
@@ -15,18 +15,18 @@ documents). A `KVCache` per layer makes generation incremental (see `rmcore/gene
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from rmcore.lora import LoraConfig
-
 
 @dataclass
 class ModelConfig:
+    """The architecture: what config.json records. How a model is trained (LoRA, activation checkpointing) is the
+    training config's `model` section (rmcore.config.sections.ModelSection), never part of the weights."""
     vocab_size: int = 32000
     dim: int = 3200
     n_layers: int = 26
@@ -37,8 +37,6 @@ class ModelConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
     tie_embeddings: bool = False
-    activation_checkpointing: bool = False  # recompute each block in backward: memory for compute
-    lora: LoraConfig = field(default_factory=LoraConfig)  # how to train, like the line above: not in config.json
     # token ids travel with the model so a saved directory is self-describing
     bos_id: int = 1
     eos_id: int = 2
@@ -149,7 +147,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache(nn.Module):
     """Preallocated keys and values for one layer; slot s of every row holds the token at column s (gpt-fast)."""
 
-    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
+    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, *, dtype, device=None):
         super().__init__()
         shape = (batch_size, n_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -171,7 +169,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, attn_mask, cache_slots=None, seq_lens=None):
+    def forward(self, x, cos, sin, attn_mask, *, cache_slots=None, seq_lens=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -210,8 +208,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attn_mask, cache_slots=None, seq_lens=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache_slots, seq_lens)
+    def forward(self, x, cos, sin, attn_mask, *, cache_slots=None, seq_lens=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache_slots=cache_slots, seq_lens=seq_lens)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -240,8 +238,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.activation_checkpointing = False  # recompute each block in backward: memory for compute (a way to train)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, attn_mask=None, cache_slots=None,
+    def forward(self, input_ids, attention_mask=None, *, position_ids=None, attn_mask=None, cache_slots=None,
                 seq_lens=None):
         """Final hidden states (B, T, dim). With a KV cache, `cache_slots` (T,) are the cache columns written.
         seq_lens: one row holding several sequences end to end (lengths summing to T, position_ids restarting at
@@ -255,10 +254,11 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
         for layer in self.layers:
-            if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, attn_mask, cache_slots, seq_lens, use_reentrant=False)
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, attn_mask, cache_slots=cache_slots, seq_lens=seq_lens,
+                               use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn_mask, cache_slots, seq_lens)
+                x = layer(x, cos, sin, attn_mask, cache_slots=cache_slots, seq_lens=seq_lens)
         return self.norm(x)
 
     @torch.no_grad()
@@ -274,8 +274,8 @@ def init_linear(module: nn.Linear, std: float):
 
 
 class _Pretrained(nn.Module):
-    """What both heads share: weight init. HF-format loading and saving: rmcore.checkpoint.load_pretrained /
-    save_pretrained (the checkpoint module imports this one, never the other way round)."""
+    """What both heads share: weight init. HF-format loading and saving: rmcore.interop.hf_checkpoint's
+    load_pretrained / save_pretrained (that module imports this one, never the other way round)."""
 
     hf_architecture: str
 
@@ -302,11 +302,12 @@ class CausalLM(_Pretrained):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, attn_mask=None, cache_slots=None,
+    def forward(self, input_ids, attention_mask=None, *, position_ids=None, attn_mask=None, cache_slots=None,
                 keep_last: int | None = None):
         """Logits (B, T, vocab); with keep_last, those of the last keep_last positions only (the head over a long
         prompt is wasted work when only the response's tokens are scored)."""
-        h = self.model(input_ids, attention_mask, position_ids, attn_mask, cache_slots)
+        h = self.model(input_ids, attention_mask, position_ids=position_ids, attn_mask=attn_mask,
+                       cache_slots=cache_slots)
         return self.lm_head(h if keep_last is None else h[:, -keep_last:])
 
 
@@ -342,14 +343,15 @@ class RewardModel(_Pretrained):
     def init_head(self):
         init_linear(self.score, 1.0 / math.sqrt(self.cfg.dim + 1))
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, attn_mask=None, every_token: bool = False,
+    def forward(self, input_ids, attention_mask=None, *, position_ids=None, attn_mask=None, every_token: bool = False,
                 right_padded: bool = False, seq_lens: tuple[int, ...] | None = None):
         """Rewards (B,), fp32 whatever the trunk's precision; with every_token, the head at every position (B, T):
         the values a PPO critic reads. right_padded: the caller's promise that every row is its real tokens then
         padding; the trunk then runs plain causal attention (exact: no real token sees a later position) with no
         (B, 1, T, T) mask, and the last real token is read at sum(mask) - 1 without a host-device sync.
         seq_lens: one packed row of several sequences (Transformer.forward); one reward per sequence."""
-        h = self.model(input_ids, None if right_padded else attention_mask, position_ids, attn_mask, seq_lens=seq_lens)
+        h = self.model(input_ids, None if right_padded else attention_mask, position_ids=position_ids,
+                       attn_mask=attn_mask, seq_lens=seq_lens)
         if every_token:
             last = h
         elif seq_lens is not None:

@@ -2,8 +2,14 @@
 
 Shapes: per-token tensors are (B, T) over response positions, with `mask` (B, T) 1 on real response tokens;
 per-sample tensors are (B,). Samples of one prompt are consecutive rows in groups of K (RLOO, GRPO).
+
+ADVANTAGE_ESTIMATORS at the end is what `ppo.advantage` names: adding an estimator is one function, one entry
+there and its test; ppo.py and the config's allowed values read the registry.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -117,3 +123,45 @@ def adaptive_beta(beta: float, kl: float, target: float, n_steps: int, horizon: 
     """Ziegler et al.: e = clip(KL / target - 1, -0.2, 0.2); beta * (1 + e * n / horizon)."""
     e = min(max(kl / target - 1.0, -0.2), 0.2)
     return beta * (1.0 + e * n_steps / horizon)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Advantage estimators: per-token rewards (B, T) -> (advantages, returns), both (B, T) and 0 on padding
+
+
+def gae_estimate(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, k: int, gamma: float,
+                 lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over the critic's values (gae above); returns = A + V are the critic's targets."""
+    return gae(rewards, values, mask, gamma, lam)
+
+
+def _per_sample(group_advantages, rewards: torch.Tensor, mask: torch.Tensor,
+                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # one advantage per sample from its whole reward (score - beta * sum kl), on each of its tokens; no critic
+    return group_advantages(rewards.sum(-1), k)[:, None] * mask, torch.zeros_like(mask)
+
+
+def rloo_estimate(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, k: int, gamma: float,
+                  lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RLOO's advantage of each sample's summed reward (rloo_advantages), on each of its tokens."""
+    return _per_sample(rloo_advantages, rewards, mask, k)
+
+
+def grpo_estimate(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, k: int, gamma: float,
+                  lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO's advantage of each sample's summed reward (grpo_advantages), on each of its tokens."""
+    return _per_sample(grpo_advantages, rewards, mask, k)
+
+
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    estimate: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (rewards, values, mask, *, k, gamma, lam)
+    needs_critic: bool  # reads a critic's values, which ppo.py then builds and trains
+    per_group: bool     # compares the K samples of each prompt, so ppo.k must be >= 2
+
+
+ADVANTAGE_ESTIMATORS = {
+    "gae": AdvantageEstimator(gae_estimate, needs_critic=True, per_group=False),
+    "rloo": AdvantageEstimator(rloo_estimate, needs_critic=False, per_group=True),
+    "grpo": AdvantageEstimator(grpo_estimate, needs_critic=False, per_group=True),
+}

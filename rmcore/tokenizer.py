@@ -1,42 +1,25 @@
-"""
-Tokenizer: one small wrapper over a SentencePiece `tokenizer.model` (LLaMA / OpenLLaMA format) or a
-HuggingFace `tokenizers` `tokenizer.json`, plus training of either kind and a command to do it:
-
-    python -m rmcore.tokenizer train --input data.jsonl.gz --out tok/ [--vocab-size 8000] [--kind sentencepiece|bpe]
+"""Tokenizer: one small wrapper over a SentencePiece `tokenizer.model` (LLaMA / OpenLLaMA format) or a
+HuggingFace `tokenizers` `tokenizer.json`. Training one: rmcore/data/tokenizer_training.py.
 
 Text is always text: strings such as "</s>" inside a transcript are tokenized as characters, never as the
 special token, in both backends; BOS/EOS only ever come from the `bos` / `eos` flags.
 """
 
-import argparse
-import gzip
-import io
+from __future__ import annotations
+
 import json
-import os
 import re
-import sys
-import time
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import sentencepiece as spm
 import tokenizers
-from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors
 
-from rmcore.errors import UserError
+from rmcore.errors import TokenizerError
+from rmcore.interop.tokenizer_json import exact_conversion, special_tokens_template
 
 SP_FILE, HF_FILE = "tokenizer.model", "tokenizer.json"
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # later files override earlier, as in transformers
-SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3 in every tokenizer trained here
-
-# Touches leading, repeated and trailing spaces, newlines, digits, non-ASCII and a literal special token: the
-# cases where a converted SentencePiece model could disagree with the original.
-_PROBE = "  Hi  there,\n\n  I'm 12345 years old.   \té ’ ほん 👍🏾 \uf04a a literal </s> and <s>\n "
-
-
-class TokenizerError(UserError, ValueError):
-    """A tokenizer directory that is missing its files or names special tokens it does not have."""
 
 
 class Tokenizer:
@@ -92,7 +75,7 @@ class Tokenizer:
     # loading and saving
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Tokenizer":
+    def from_pretrained(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
         d = path.parent if path.is_file() else path
         names = _special_token_names(d)
@@ -104,7 +87,7 @@ class Tokenizer:
                 sp.load(str(sp_file))
             except (RuntimeError, OSError) as e:
                 raise TokenizerError(f"{sp_file} is not a SentencePiece model: {e}") from e
-            tok = cls._from_sp(sp, names, sp_file)
+            tok = cls.from_sentencepiece(sp, names, sp_file)
             tok.chat_template = names.get("chat_template")
             return tok
         if hf_file.is_file():
@@ -112,7 +95,7 @@ class Tokenizer:
                 backend = tokenizers.Tokenizer.from_file(str(hf_file))
             except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
                 raise TokenizerError(f"{hf_file}: not a valid tokenizer.json ({str(e)[:200]})") from None
-            tok = cls._from_hf(backend, names, hf_file)
+            tok = cls.from_tokenizers(backend, names, hf_file)
             tok.chat_template = names.get("chat_template")
             return tok
         raise TokenizerError(
@@ -120,7 +103,9 @@ class Tokenizer:
         )
 
     @classmethod
-    def _from_sp(cls, sp: spm.SentencePieceProcessor, names: dict, where) -> "Tokenizer":
+    def from_sentencepiece(cls, sp: spm.SentencePieceProcessor, names: dict, where) -> Tokenizer:
+        """A loaded SentencePiece model; `names` (bos_token, eos_token, pad_token, add_bos_token) as the config
+        files give them, `where` for messages."""
         def piece_id(key, default):
             if key not in names:
                 return default
@@ -136,7 +121,8 @@ class Tokenizer:
         return cls(sp, bos, eos, pad, names.get("add_bos_token", True))
 
     @classmethod
-    def _from_hf(cls, tok: tokenizers.Tokenizer, names: dict, where) -> "Tokenizer":
+    def from_tokenizers(cls, tok: tokenizers.Tokenizer, names: dict, where) -> Tokenizer:
+        """A loaded `tokenizers` backend; names and where as in from_sentencepiece."""
         unk = getattr(tok.model, "unk_token", None)
 
         def token_id(key, default):
@@ -161,11 +147,9 @@ class Tokenizer:
         path.mkdir(parents=True, exist_ok=True)
         if self.is_sp:
             (path / SP_FILE).write_bytes(self.backend.serialized_model_proto())
-            # transformers can only convert a tokenizer.model through protobuf, and its LlamaTokenizer pipeline
-            # drops SentencePiece's dummy prefix before a leading space. Writing our own exact conversion next to
-            # the .model avoids both; it is checked against SentencePiece before it is trusted.
-            hf = _sp_to_hf(self.backend, self._piece(self.bos_id))
-            if hf.encode(_PROBE, add_special_tokens=False).ids == self.backend.encode(_PROBE):
+            # our own exact tokenizer.json beside the .model (rmcore/interop/tokenizer_json.py says why)
+            hf = exact_conversion(self.backend, self._piece(self.bos_id))
+            if hf is not None:
                 hf.post_processor = self._post_processor(add_eos)
                 hf.save(str(path / HF_FILE))
             else:
@@ -196,7 +180,7 @@ class Tokenizer:
 
     def _post_processor(self, add_eos: bool):
         bos, eos = (self._piece(self.bos_id), self.bos_id), (self._piece(self.eos_id), self.eos_id)
-        return _special_template(bos if self.add_bos else None, eos if add_eos else None)
+        return special_tokens_template(bos if self.add_bos else None, eos if add_eos else None)
 
     # -------------------------------------------------------------------------------------------------------
     # encoding and decoding
@@ -289,7 +273,7 @@ class Tokenizer:
     def _piece(self, i: int) -> str:
         return self.backend.id_to_piece(i) if self.is_sp else self.backend.id_to_token(i)
 
-    def same_ids(self, other: "Tokenizer") -> bool:
+    def same_ids(self, other: Tokenizer) -> bool:
         """Whether every id means the same token here and in `other` (so a model can read the other's ids)."""
         return ((self.vocab_size, self.bos_id, self.eos_id, self.pad_id) ==
                 (other.vocab_size, other.bos_id, other.eos_id, other.pad_id) and
@@ -322,135 +306,3 @@ def _special_token_names(d: Path) -> dict:
                 if key == "chat_template" and isinstance(value, str):
                     names[key] = value
     return names
-
-
-def _sp_to_hf(sp: spm.SentencePieceProcessor, bos: str) -> tokenizers.Tokenizer:
-    """A `tokenizers` BPE that reproduces a LLaMA-style (BPE, byte-fallback, identity) SentencePiece model."""
-    n = sp.vocab_size()
-    vocab = {sp.id_to_piece(i): i for i in range(n)}
-    special = [i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
-    normal = [i for i in range(n) if not (i in special or sp.is_byte(i) or sp.is_unused(i))]
-    pieces = {sp.id_to_piece(i) for i in normal}
-    # SentencePiece BPE repeatedly merges the adjacent pair whose concatenation scores highest, so every split
-    # of every piece is a merge, ranked by the score of the piece it makes.
-    merges = []
-    for i in sorted(normal, key=lambda i: -sp.get_score(i)):
-        p = sp.id_to_piece(i)
-        splits = [(p[:k], p[k:]) for k in range(1, len(p)) if p[:k] in pieces and p[k:] in pieces]
-        merges += sorted(splits, key=lambda m: (vocab[m[0]], vocab[m[1]]))
-    unk = sp.id_to_piece(sp.unk_id())
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
-    # Prepend on the whole text, unlike Metaspace, also prefixes a text that already starts with a space.
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    tok.add_special_tokens([AddedToken(sp.id_to_piece(i), special=True, normalized=False) for i in special])
-    tok.post_processor = _special_template((bos, vocab[bos]))
-    tok.encode_special_tokens = True
-    return tok
-
-
-def _special_template(bos: tuple[str, int] | None, eos: tuple[str, int] | None = None):
-    """What transformers' tokenizer(text) adds around a text: BOS and/or EOS, each where given."""
-    start, start_b = (f"{bos[0]}:0 ", f" {bos[0]}:1") if bos else ("", "")
-    end, end_b = (f" {eos[0]}:0", f" {eos[0]}:1") if eos else ("", "")
-    return processors.TemplateProcessing(single=f"{start}$A:0{end}", pair=f"{start}$A:0{end}{start_b} $B:1{end_b}",
-                                         special_tokens=[t for t in (bos, eos) if t])
-
-
-# -----------------------------------------------------------------------------------------------------------
-# training
-
-
-def train_tokenizer(texts: Iterable[str], out_dir, vocab_size: int = 8000, kind: str = "sentencepiece") -> Tokenizer:
-    """Train a tokenizer with <unk>=0, <s>=1, </s>=2, <pad>=3, save it to out_dir and return it loaded from there."""
-    if kind == "sentencepiece":
-        # SentencePiece wants sentences: it skips inputs over max_sentence_length (4192 bytes), which whole
-        # multi-turn transcripts often are, so it is fed lines. A newline is then never a piece and becomes the
-        # byte <0x0A>, as in LLaMA. It holds every sentence in memory and its BPE merge loop scales with the
-        # data, so a big corpus is cut to a shuffled sample of 2M lines: plenty for an 8k-32k vocab, and memory
-        # and time stay bounded (the 4.6k HH test transcripts, ~25k lines, take ~0.2 s on 2 cores).
-        lines = (line for text in texts for line in text.split("\n") if line.strip())
-        model = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=lines, model_writer=model, model_type="bpe", vocab_size=vocab_size,
-            input_sentence_size=2_000_000, shuffle_input_sentence=True,
-            # LLaMA's settings, so that decode(encode(t)) == t for any text:
-            byte_fallback=True,  # characters outside the vocab become UTF-8 bytes, never <unk>
-            normalization_rule_name="identity", remove_extra_whitespaces=False,  # no NFKC, keep every space
-            add_dummy_prefix=True, allow_whitespace_only_pieces=True, split_digits=True,
-            character_coverage=0.99995,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-            unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", pad_piece="<pad>",
-            num_threads=os.cpu_count() or 1, minloglevel=2,
-        )
-        tok = Tokenizer._from_sp(spm.SentencePieceProcessor(model_proto=model.getvalue()), {}, "the trained model")
-    elif kind == "bpe":
-        # Byte-level BPE in the GPT-2 style: every byte is in the base alphabet, so nothing is ever unknown.
-        hf = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        hf.decoder = decoders.ByteLevel()
-        trainer = tokenizers.trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        )
-        hf.train_from_iterator(texts, trainer)
-        hf.post_processor = _special_template(("<s>", hf.token_to_id("<s>")))
-        tok = Tokenizer._from_hf(hf, {}, "the trained model")
-    else:
-        raise ValueError(f"kind must be 'sentencepiece' or 'bpe', got {kind!r}")
-    tok.save_pretrained(out_dir)
-    return Tokenizer.from_pretrained(out_dir)
-
-
-def _iter_texts(paths) -> Iterator[str]:
-    """.txt: one text per line. .jsonl / .jsonl.gz: every string value in each record (HH: chosen, rejected)."""
-    def strings(x):
-        if isinstance(x, str):
-            yield x
-        elif isinstance(x, (list, dict)):
-            for v in x.values() if isinstance(x, dict) else x:
-                yield from strings(v)
-
-    for p in map(str, paths):
-        with (gzip.open(p, "rt", encoding="utf-8") if p.endswith(".gz") else open(p, encoding="utf-8")) as f:
-            for line in f:
-                if p.endswith((".jsonl", ".jsonl.gz")):
-                    if line.strip():
-                        yield from strings(json.loads(line))
-                elif line.rstrip("\n"):
-                    yield line.rstrip("\n")
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m rmcore.tokenizer", description="Train a tokenizer.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a tokenizer on .txt / .jsonl / .jsonl.gz files")
-    train.add_argument("--input", nargs="+", required=True, help=".txt (one text per line) or .jsonl[.gz] files")
-    train.add_argument("--out", required=True, help="directory to write the tokenizer to")
-    train.add_argument("--vocab-size", type=int, default=8000)
-    train.add_argument("--kind", choices=["sentencepiece", "bpe"], default="sentencepiece")
-    args = parser.parse_args(argv)
-
-    for p in args.input:
-        if not Path(p).is_file():
-            parser.error(f"input file not found: {p}")
-    stats = {"texts": 0, "chars": 0}
-
-    def counted(texts):
-        for t in texts:
-            stats["texts"] += 1
-            stats["chars"] += len(t)
-            yield t
-
-    t0 = time.time()
-    tok = train_tokenizer(counted(_iter_texts(args.input)), args.out, args.vocab_size, args.kind)
-    print(f"read {len(args.input)} file(s): {', '.join(args.input)}")
-    print(f"     {stats['texts']:,} texts, {stats['chars']:,} characters")
-    print(f"wrote {args.kind} tokenizer to {args.out} ({', '.join(sorted(os.listdir(args.out)))}) "
-          f"in {time.time() - t0:.1f}s: {tok}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,18 @@
-"""Shared test fixtures. The shipped data is found through one setting, RMCORE_DATA (default ../shared/data)."""
+"""Shared test fixtures. The shipped data is found through one setting, RMCORE_DATA (default ../shared/data).
+
+Module-scoped fixtures (a tokenizer, a tiny policy, a tiny reward model) are made once per test module that asks.
+Helpers that are not fixtures: tests/helpers/.
+"""
+import gzip
+import json
 import os
 from pathlib import Path
 
 import pytest
+
+import train
+from helpers.runs import args
+from rmcore.data.tokenizer_training import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("RMCORE_DATA", REPO.parent / "shared" / "data")).resolve()
@@ -15,6 +25,33 @@ def hh_file() -> Path:
     if not HH_TEST.is_file():
         pytest.fail(f"shipped data not found at {HH_TEST}; set RMCORE_DATA to the folder holding hh-rlhf/")
     return HH_TEST
+
+
+@pytest.fixture(scope="module")
+def tok_dir(hh_file, tmp_path_factory):
+    """A 500-piece SentencePiece tokenizer trained on 300 chosen transcripts."""
+    with gzip.open(hh_file, "rt") as f:
+        texts = [json.loads(line)["chosen"] for _, line in zip(range(300), f)]
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(texts, out, vocab_size=500)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def policy_dir(hh_file, tok_dir, tmp_path_factory):
+    """A tiny policy: a fresh 2-layer LLaMA after a few SFT steps on HH text (it writes letters, not sense)."""
+    out = tmp_path_factory.mktemp("policy")
+    train.main(args("sft", out, hh_file, tok_dir, "optim.max_steps=20", "optim.lr=3e-3", "run.eval_every=0",
+                    "data.eval=[]"))
+    return out / "export"
+
+
+@pytest.fixture(scope="module")
+def rm_dir(hh_file, tok_dir, tmp_path_factory):
+    """A tiny reward model with the policy's tokenizer: PPO's critic starts from it."""
+    out = tmp_path_factory.mktemp("rm")
+    train.main(args("rm", out, hh_file, tok_dir, "optim.max_steps=3", "run.eval_every=0", "data.eval=[]"))
+    return out / "export"
 
 
 # Tests that write non-finite weights by hand (never through training) to check what reads them.

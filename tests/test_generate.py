@@ -21,7 +21,7 @@ PROMPTS = [[BOS, 5, 9, 33, 4], [BOS, 7], [BOS, 11, 12]]
 
 def test_logprobs_equal_a_forward_pass_over_the_finished_sequences(model):
     g = torch.Generator().manual_seed(0)
-    r = rollout(model, PROMPTS, 12, EOS, PAD, temperature=0.7, generator=g, with_logprobs=True)
+    r = rollout(model, PROMPTS, max_new_tokens=12, eos_id=EOS, pad_id=PAD, temperature=0.7, generator=g, with_logprobs=True)
     with torch.no_grad():
         logits = model(r.sequences, attention_mask=r.attention_mask)
     P = r.prompt_width
@@ -33,10 +33,10 @@ def test_logprobs_equal_a_forward_pass_over_the_finished_sequences(model):
 
 
 def test_response_mask_covers_up_to_and_including_the_stop(model):
-    free = rollout(model, PROMPTS, 10, -1, PAD, temperature=0)
+    free = rollout(model, PROMPTS, max_new_tokens=10, eos_id=-1, pad_id=PAD, temperature=0)
     assert free.response_mask.all() and not free.stopped.any()
     eos = free.sequences[0, free.prompt_width + 3].item()  # row 0 stops at its 4th token
-    r = rollout(model, PROMPTS, 10, eos, PAD, temperature=0)
+    r = rollout(model, PROMPTS, max_new_tokens=10, eos_id=eos, pad_id=PAD, temperature=0)
     for row, (resp, full) in enumerate(zip(r.responses(), free.responses())):
         n = full.index(eos) + 1 if eos in full else len(full)
         assert resp == full[:n]
@@ -53,11 +53,11 @@ class Letters:
 
 
 def test_stop_strings_end_a_row_and_cut_the_same_way_everywhere(model):
-    free = rollout(model, PROMPTS, 10, -1, PAD, temperature=0)
+    free = rollout(model, PROMPTS, max_new_tokens=10, eos_id=-1, pad_id=PAD, temperature=0)
     text = Letters().decode(free.responses()[1])
     stop = text[4:6]  # a string that first completes at or before the 6th token of row 1
     first = text.find(stop)
-    r = rollout(model, PROMPTS, 10, -1, PAD, temperature=0, stop_strings=(stop,), tokenizer=Letters())
+    r = rollout(model, PROMPTS, max_new_tokens=10, eos_id=-1, pad_id=PAD, temperature=0, stop_strings=(stop,), tokenizer=Letters())
     assert r.responses()[1] == free.responses()[1][:first + len(stop)] and r.stopped[1]
     cut, found = cut_at_stop(Letters().decode(r.responses()[1]), (stop,))
     assert found and cut == text[:first]
@@ -75,7 +75,7 @@ def test_kv_cache_takes_the_compute_dtype(model):
     torch.nn.functional.scaled_dot_product_attention = spy
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            rollout(model, PROMPTS[:1], 2, EOS, PAD, temperature=0)
+            rollout(model, PROMPTS[:1], max_new_tokens=2, eos_id=EOS, pad_id=PAD, temperature=0)
     finally:
         torch.nn.functional.scaled_dot_product_attention = real
     assert seen and set(seen) == {torch.bfloat16}

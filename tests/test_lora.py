@@ -9,14 +9,14 @@ from safetensors.torch import load_file
 
 import ppo
 import train
-from rmcore.checkpoint import load_pretrained, save_adapter, save_pretrained
-from rmcore.distributed import Dist
+from rmcore.interop.hf_checkpoint import load_pretrained, save_adapter, save_pretrained
+from rmcore.training.distributed import Dist
 from rmcore.lora import LoraConfig, LoraLinear, adapters_disabled, apply_lora, merged_state_dict
-from rmcore.loop import build_model, make_optimizer
+from rmcore.training.runtime import build_model
+from rmcore.training.trainer import make_optimizer
 from rmcore.losses import pairwise_loss
 from rmcore.model import CausalLM, ModelConfig, RewardModel
-from test_ppo import policy_dir, ppo_args, records, rm_dir  # noqa: F401  (fixtures)
-from test_train import args, losses, tok_dir, torchrun, weights  # noqa: F401  (fixtures)
+from helpers.runs import args, losses, ppo_args, records, torchrun, weights
 
 SHAPE = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)
 LORA = LoraConfig(enabled=True, rank=4, alpha=8.0, dropout=0.0)
@@ -47,7 +47,7 @@ def randomize_adapters(model, seed=2):
 
 def test_step_zero_is_the_base_model_and_only_adapters_and_head_train(base):
     plain = load_pretrained(RewardModel, base).eval()
-    model = build_model(RewardModel, Dist(), str(base), lora=LORA, seed=3)
+    model = build_model(RewardModel, Dist(), init_from=str(base), lora=LORA, seed=3)
     x = tokens()
     model.eval()
     assert torch.equal(model(x), plain(x))  # B = 0: exactly the base model
@@ -93,9 +93,9 @@ def hf_rewards(model, x):
 def test_rmcore_adapter_opens_in_peft_with_the_same_rewards(base, tmp_path):
     from peft import PeftModel
     from transformers import LlamaForSequenceClassification
-    model = build_model(RewardModel, Dist(), str(base), lora=LORA, seed=3)
+    model = build_model(RewardModel, Dist(), init_from=str(base), lora=LORA, seed=3)
     randomize_adapters(model)
-    save_adapter(model, tmp_path / "adapter", model.state_dict(), base)
+    save_adapter(model, tmp_path / "adapter", model.state_dict(), lora=LORA, base=base)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
     theirs = PeftModel.from_pretrained(LlamaForSequenceClassification.from_pretrained(base), tmp_path / "adapter")
@@ -126,27 +126,27 @@ def test_peft_adapter_loads_into_rmcore_with_the_same_rewards(base, tmp_path):
         assert torch.allclose(ours(x), hf_rewards(theirs.eval(), x), atol=1e-4)
 
 
-def test_two_process_lora_run_matches_one_process_and_resumes_exactly(tmp_path, hh_file, tok_dir):  # noqa: F811
+def test_two_process_lora_run_matches_one_process_and_resumes_exactly(tmp_path, hh_file, tok_dir):
     common = ["model.lora.enabled=true", "model.lora.rank=4", "model.lora.dropout=0", "optim.max_steps=4",
               "optim.epochs=2", "run.save_every=2", "run.eval_every=0"]
-    one = torchrun(1, args("rm", tmp_path / "one", hh_file, tok_dir, "optim.micro_batch_size=8", *common))
+    one = torchrun(1, "train.py", args("rm", tmp_path / "one", hh_file, tok_dir, "optim.micro_batch_size=8", *common))
     assert one.returncode == 0, one.stderr[-3000:]
     trainable, total = map(lambda x: int(x.replace(",", "")),
                            re.search(r"parameters: ([\d,]+) trainable of ([\d,]+)", one.stdout + one.stderr).groups())
     assert 0 < trainable < total / 5 and "LoRA r 4" in one.stdout + one.stderr  # the trunk is frozen
-    two = torchrun(2, args("rm", tmp_path / "two", hh_file, tok_dir, "optim.micro_batch_size=4", *common))
+    two = torchrun(2, "train.py", args("rm", tmp_path / "two", hh_file, tok_dir, "optim.micro_batch_size=4", *common))
     assert two.returncode == 0, two.stderr[-3000:]
     l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(l1) == 4 and all(abs(l1[s] - l2[s]) < 1e-5 for s in l1), (l1, l2)
-    cut = torchrun(2, args("rm", tmp_path / "cut", hh_file, tok_dir, "optim.micro_batch_size=4", *common,
+    cut = torchrun(2, "train.py", args("rm", tmp_path / "cut", hh_file, tok_dir, "optim.micro_batch_size=4", *common,
                            "run.halt_at_step=3"))
     assert cut.returncode == 0, cut.stderr[-3000:]
-    rest = torchrun(2, args("rm", tmp_path / "cut", hh_file, tok_dir, "optim.micro_batch_size=4", *common))
+    rest = torchrun(2, "train.py", args("rm", tmp_path / "cut", hh_file, tok_dir, "optim.micro_batch_size=4", *common))
     assert rest.returncode == 0 and "resumed from" in rest.stdout + rest.stderr
     assert losses(tmp_path / "cut") == l2
 
 
-def test_ppo_with_lora_reads_its_reference_with_the_adapters_off(tmp_path, hh_file, policy_dir, rm_dir):  # noqa: F811
+def test_ppo_with_lora_reads_its_reference_with_the_adapters_off(tmp_path, hh_file, policy_dir, rm_dir):
     history = ppo.main(ppo_args(tmp_path / "p", hh_file, policy_dir, rm_dir, "ppo.iterations=2", "optim.lr=3e-3",
                                 "model.lora.enabled=true", "model.lora.export=adapter"))
     assert history[0]["objective/kl"] == 0  # B = 0: the policy is its reference, exactly
@@ -164,7 +164,7 @@ def test_ppo_with_lora_reads_its_reference_with_the_adapters_off(tmp_path, hh_fi
                           "model.lora.dropout=0.1"))
 
 
-def test_sft_stage_with_lora_changes_only_the_adapted_weights(tmp_path, hh_file, tok_dir, policy_dir):  # noqa: F811
+def test_sft_stage_with_lora_changes_only_the_adapted_weights(tmp_path, hh_file, tok_dir, policy_dir):
     train.main(args("sft", tmp_path / "sft", hh_file, tok_dir, f"run.init_from={policy_dir}", "model.lora.enabled=true",
                     "optim.max_steps=3", "optim.lr=1e-2", "run.eval_every=0", "data.eval=[]"))
     base = load_file(str(policy_dir / "model.safetensors"))

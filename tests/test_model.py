@@ -8,8 +8,10 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification  # the `dev` extra
 
 from rmcore import CausalLM, ModelConfig, RewardModel
-from rmcore.checkpoint import CheckpointError, load_pretrained, save_pretrained
-from rmcore.generate import generate, left_pad, sample_next
+from rmcore.errors import CheckpointError
+from rmcore.interop.hf_checkpoint import load_pretrained, save_pretrained
+from rmcore.data.batching import pad
+from rmcore.generate import generate, sample_next
 from rmcore.model import last_real_index
 
 PAD, BOS, EOS, VOCAB = 0, 1, 2, 128
@@ -254,10 +256,10 @@ def test_greedy_kv_cache_equals_recomputation_and_transformers(lm_dir):
     hf = LlamaForCausalLM.from_pretrained(lm_dir).eval()
     prompts = [[BOS, 5, 9, 33, 17, 4], [BOS, 70], [BOS, 11, 12, 13]]
     n = 12
-    got = generate(ours, prompts, n, eos_id=-1, pad_id=PAD, temperature=0)  # eos -1: never stop early
+    got = generate(ours, prompts, max_new_tokens=n, eos_id=-1, pad_id=PAD, temperature=0)  # eos -1: never stop early
     for p, g in zip(prompts, got):
         assert g == greedy_by_recomputation(ours, p, n)
-    ids, mask = left_pad(prompts, PAD)
+    ids, mask = pad(prompts, PAD, side="left")
     hf_out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
                          pad_token_id=PAD, eos_token_id=None)
     assert hf_out[:, ids.shape[1]:].tolist() == got
@@ -266,11 +268,11 @@ def test_greedy_kv_cache_equals_recomputation_and_transformers(lm_dir):
 def test_generation_stops_at_eos_per_row(lm_dir):
     ours = load_pretrained(CausalLM, lm_dir).eval()
     prompts = [[BOS, 5, 9, 33], [BOS, 70, 71]]
-    free = generate(ours, prompts, 8, eos_id=-1, pad_id=PAD, temperature=0)
+    free = generate(ours, prompts, max_new_tokens=8, eos_id=-1, pad_id=PAD, temperature=0)
     stop = free[0][2]  # make row 0's third token the EOS
     if stop in free[1]:
         pytest.fail("pick prompts whose continuations differ")  # keeps the test's premise explicit
-    got = generate(ours, prompts, 8, eos_id=stop, pad_id=PAD, temperature=0)
+    got = generate(ours, prompts, max_new_tokens=8, eos_id=stop, pad_id=PAD, temperature=0)
     assert got[0] == free[0][:3]
     assert got[1] == free[1]
 
@@ -316,10 +318,10 @@ def assert_same_rewards_loss_grads(model, forward_a, forward_b):
 def test_right_padded_fast_path_equals_the_masked_path():
     """right_padded=True (causal attention, no dense mask) gives the same rewards, pairwise loss and gradients as
     the (B, 1, T, T) padding mask, in fp32."""
-    from rmcore.data import right_pad
+    from rmcore.data.batching import pad
     model = small_reward_model()
     seqs = [torch.randint(3, VOCAB, (n,)).tolist() for n in (5, 17, 9, 12, 3, 17)]
-    ids, mask = right_pad(seqs, pad_id=0)
+    ids, mask = pad(seqs, 0)
     r = assert_same_rewards_loss_grads(model, lambda: model(ids, attention_mask=mask),
                                        lambda: model(ids, attention_mask=mask, right_padded=True))
     for i, s in enumerate(seqs):  # and each row equals that sequence alone, without padding
@@ -330,7 +332,8 @@ def test_packed_pairs_equal_the_padded_path():
     """collate_pairs(packed=True): one row, position ids restarting, attention within each sequence; the same
     rewards, pairwise loss and gradients as right-padded rows with the dense mask (fp32, 1e-5)."""
     import numpy as np
-    from rmcore.data import PairDataset, collate_pairs
+    from rmcore.data.batching import collate_pairs
+    from rmcore.data.datasets import PairDataset
     model = small_reward_model()
     lens = [(5, 9), (17, 3), (11, 11), (2, 14)]
     pairs = PairDataset(chosen=[np.random.randint(3, VOCAB, a) for a, _ in lens],

@@ -10,7 +10,9 @@ import pytest
 import sentencepiece as spm
 import tokenizers
 
-from rmcore.tokenizer import Tokenizer, TokenizerError, train_tokenizer, _iter_texts
+from rmcore.data.tokenizer_training import iter_texts, train_tokenizer
+from rmcore.errors import TokenizerError
+from rmcore.tokenizer import Tokenizer
 
 # Edges where SentencePiece and a converted HF tokenizer have been known to part ways.
 EDGE_TEXTS = ["", " ", "  leading spaces", "trailing  \n", "a\tb\r\nc", "12345 + 0.5", "literal </s> and <s> <pad>",
@@ -20,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def hh_texts(hh_file):
-    # read independently of rmcore's _iter_texts, so the CLI test can compare against it
+    # read independently of rmcore's iter_texts, so the CLI test can compare against it
     with gzip.open(hh_file, "rt", encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     assert len(records) == 2312
@@ -186,14 +188,14 @@ def test_iter_texts_formats(tmp_path):
     (tmp_path / "a.txt").write_text("one line\n\ntwo  line \n")
     with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
         f.write(json.dumps({"chosen": "c", "rejected": "r", "n": 3, "turns": [{"text": "t"}]}) + "\n\n")
-    assert list(_iter_texts([tmp_path / "a.txt", tmp_path / "b.jsonl.gz"])) == ["one line", "two  line ", "c", "r", "t"]
+    assert list(iter_texts([tmp_path / "a.txt", tmp_path / "b.jsonl.gz"])) == ["one line", "two  line ", "c", "r", "t"]
     with pytest.raises(ValueError, match="kind"):
         train_tokenizer(["x"], tmp_path / "out", kind="wordpiece")
 
 
 def test_cli_trains_a_loadable_tokenizer(hh_file, hh_texts, sp_dir, tmp_path):
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "rmcore.tokenizer", "train", "--input", str(hh_file), "--out", str(out),
+    cmd = [sys.executable, "-m", "rmcore.data.tokenizer_training", "train", "--input", str(hh_file), "--out", str(out),
            "--vocab-size", "4000"]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

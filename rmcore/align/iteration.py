@@ -1,0 +1,162 @@
+"""The iteration cycle raft.py and ppo.py share. `AlignRun` holds what every iteration reads (the config, the
+process group, the tokenizer, the template and stop strings, the prompt pools, the reward); its methods are the
+steps both loops take: build the policy, sample an iteration, the held-out reward, and the end of an iteration
+(log, export, checkpoint, plot, the halt that resume tests use). What happens between sampling and the end is each
+script's own algorithm.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rmcore.align.rewards import RewardFn, checked_rewards, load_reward
+from rmcore.align.rollouts import PromptPool, Samples, default_stop_strings, load_prompts, sample
+from rmcore.config.loader import parse_cli
+from rmcore.config.sections import AlignConfig, load_stages
+from rmcore.data.formats import require_data
+from rmcore.data.template import Template
+from rmcore.eval.plots import plot_history
+from rmcore.lora import adapters_disabled
+from rmcore.model import CausalLM
+from rmcore.tokenizer import Tokenizer
+from rmcore.training.checkpoints import export_pretrained, run_record
+from rmcore.training.distributed import Dist, init_distributed, say
+from rmcore.training.launch import setup
+from rmcore.training.run_dir import RunLock
+from rmcore.training.runtime import autocast, build_model, compute_dtype, frozen
+from rmcore.training.trainer import Trainer
+
+
+def align_main(argv: list[str], *, name: str, config_class: type, loop):
+    """The main of raft.py and ppo.py (name): the config from the command line (checked by its sections), the run
+    directory's lock, then the script's loop(cfg)."""
+    path, overrides = parse_cli(argv, f"{name}.py")
+    [cfg] = load_stages(path, overrides, config_class)
+    cfg.run.stage = name
+    with RunLock(cfg.run.out_dir, init_distributed(cfg.run.device)):
+        return loop(cfg)
+
+
+@dataclass
+class AlignRun:
+    """What every iteration of an alignment run reads. `name` (raft or ppo) is the config section and the prefix
+    of the logged figures."""
+    cfg: object                   # the whole config (RaftTrainConfig, PpoTrainConfig)
+    name: str
+    dist: Dist
+    tokenizer: Tokenizer
+    template: Template
+    stop_strings: tuple[str, ...]
+    prompts: PromptPool
+    held_out: PromptPool | None   # data.eval's prompts, answered greedily each iteration
+    reward: RewardFn
+
+    @classmethod
+    def start(cls, cfg, name: str) -> AlignRun:
+        """Process group, run directory and tokenizer (launch.setup), then the prompt pools (prompts longer than
+        max_prompt_tokens dropped and counted) and the reward, loaded (its normalisation checked) before any
+        sampling."""
+        dist, tokenizer = setup(cfg)
+        section: AlignConfig = getattr(cfg, name)
+        template = cfg.data.build_template().check(tokenizer)
+        stops = tuple(section.stop_strings) if section.stop_strings is not None else default_stop_strings(template)
+
+        def pool(specs: list[str], what: str) -> PromptPool:
+            prompts = load_prompts(specs, tokenizer, template, max_tokens=section.max_prompt_tokens,
+                                   name=f"{name} {what}", fmt=cfg.data.format, skip_bad_lines=cfg.data.skip_bad_lines)
+            say(dist, prompts.report.summary())
+            return prompts
+
+        prompts = pool(cfg.data.train, "prompts")
+        require_data(len(prompts), prompts.report, cfg.data.train, f"data.train ({name} prompts)", "prompts")
+        held_out = pool(cfg.data.eval, "held-out prompts") if cfg.data.eval and section.eval_prompts else None
+        reward = load_reward(section.reward, dist.device, normalize=section.reward_normalize)
+        return cls(cfg, name, dist, tokenizer, template, stops, prompts, held_out, reward)
+
+    @property
+    def section(self) -> AlignConfig:
+        """The script's own section: cfg.raft or cfg.ppo."""
+        return getattr(self.cfg, self.name)
+
+    @property
+    def prompts_per_rank(self) -> int:
+        """Equal shares of an iteration's prompts: every rank runs the same forwards."""
+        return math.ceil(self.section.prompts_per_iter / self.dist.world_size)
+
+    def build_policy(self):
+        """(policy, reference): the policy to train (run.init_from) and the KL reference it starts from. With LoRA
+        the reference is the policy itself with its adapters off (no second copy of the weights), so it is None
+        here; otherwise a frozen copy. Read reference log-probs through `reference_model`."""
+        cfg = self.cfg
+        policy = build_model(CausalLM, self.dist, init_from=cfg.run.init_from, bf16=cfg.run.bf16, seed=cfg.run.seed,
+                             activation_checkpointing=cfg.model.activation_checkpointing, lora=cfg.model.lora)
+        if cfg.model.lora.enabled:
+            return policy, None
+        reference = build_model(CausalLM, self.dist, init_from=cfg.run.init_from, bf16=cfg.run.bf16, seed=cfg.run.seed)
+        return policy, frozen(reference)
+
+    def sample(self, policy, *, iteration: int, with_logprobs: bool) -> Samples:
+        """This rank's share of the iteration's prompts, K samples each. The generator is seeded by (seed,
+        iteration, rank), so a resumed iteration samples exactly what the interrupted one did."""
+        cfg, section, dist = self.cfg, self.section, self.dist
+        generator = torch.Generator(device=dist.device).manual_seed(cfg.run.seed * 1_000_003 + iteration * 1_009
+                                                                    + dist.rank)
+        per_rank = self.prompts_per_rank
+        indices = self.prompts.draw(per_rank * dist.world_size, cfg.run.seed, iteration)[dist.rank::dist.world_size]
+        with autocast(dist, cfg.run.bf16):
+            return sample(policy, self.prompts, indices, tokenizer=self.tokenizer, k=section.k,
+                          max_new_tokens=section.max_new_tokens, batch_size=section.generation_batch_size,
+                          temperature=section.temperature, top_k=section.top_k, top_p=section.top_p,
+                          stop_strings=self.stop_strings, generator=generator, with_logprobs=with_logprobs,
+                          progress=dist.is_main and cfg.logging.progress, dtype=compute_dtype(cfg.run.bf16))
+
+    def held_out_reward(self, policy) -> float:
+        """Mean reward of greedy responses to the first eval_prompts held-out prompts (every rank generates all of
+        them: greedy is deterministic, and every rank runs the same forwards)."""
+        section = self.section
+        indices = list(range(min(section.eval_prompts, len(self.held_out))))
+        with autocast(self.dist, self.cfg.run.bf16):
+            out = sample(policy, self.held_out, indices, tokenizer=self.tokenizer,
+                         max_new_tokens=section.max_new_tokens, batch_size=section.generation_batch_size,
+                         temperature=0.0, stop_strings=self.stop_strings, dtype=compute_dtype(self.cfg.run.bf16))
+        return float(np.mean(checked_rewards(self.reward, out.prompts, out.responses)))
+
+    def end_iteration(self, trainer: Trainer, policy, *, iteration: int, step: int, history: list[dict],
+                      extra_state: dict, plot_panels: dict[str, list[str]]):
+        """Log the iteration's figures (history[-1]) under `name/`, export the policy, checkpoint (with
+        `extra_state`, the loop's own), write name_history.json and a plot of `plot_panels` ({title: [keys]}), and
+        halt when asked (halt_after_iteration)."""
+        cfg, section, name, out, stats = self.cfg, self.section, self.name, Path(self.cfg.run.out_dir), history[-1]
+        trainer.log.log(step, {k if "/" in k else f"{name}/{k}": v for k, v in stats.items()}, advance=False)
+        trainer.log.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
+        export_pretrained(policy, out / "iterations" / f"iteration_{iteration + 1:04d}", self.dist,
+                          tokenizer=self.tokenizer, extra_config=run_record(cfg), base=cfg.run.init_from,
+                          lora=cfg.model.lora)
+        trainer.save(step, {"iteration": iteration + 1, "history": history, **extra_state})
+        if self.dist.is_main:
+            for old in sorted((out / "iterations").glob("iteration_*"))[:-section.keep_exports]:
+                shutil.rmtree(old, ignore_errors=True)
+            (out / f"{name}_history.json").write_text(json.dumps(history, indent=2) + "\n")
+            plot_history(history, plot_panels, out / f"{name}_history.png")
+        last = section.iterations
+        if section.halt_after_iteration is not None and section.halt_after_iteration <= iteration + 1 < last:
+            trainer.log.print(f"halting after iteration {iteration + 1} ({name}.halt_after_iteration)")
+            trainer.log.close()
+            raise SystemExit(0)
+
+
+@contextmanager
+def reference_model(policy, reference):
+    """The model that gives the reference log-probs: `reference`, or the policy with its LoRA adapters off."""
+    if reference is not None:
+        yield reference
+    else:
+        with adapters_disabled(policy):
+            yield policy

@@ -1,0 +1,261 @@
+"""The config sections train.py, raft.py and ppo.py read, each with the checks of its own values.
+
+    TrainConfig            run | model | data | optim | loss | logging        (train.py: tokenizer, sft, rm)
+    RaftTrainConfig        TrainConfig + raft                                 (raft.py)
+    PpoTrainConfig         TrainConfig + ppo                                  (ppo.py)
+
+`data` is rmcore.data.datasets.DataConfig and `model.lora` rmcore.lora.LoraConfig, beside the code that reads them;
+`model` is the architecture (rmcore.model.ModelConfig) plus how it is trained. `load_stages` builds the configs of
+a command line (one, or each file of a chain) and runs every check before anything is written: a value the types
+allow but a run cannot use (a zero size, a negative rate, a warmup ratio above 1) is a ConfigError naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Literal
+
+from rmcore.config.loader import check_at_least, load_config, load_yaml_file
+from rmcore.data.datasets import DataConfig
+from rmcore.errors import ConfigError
+from rmcore.lora import LoraConfig
+from rmcore.model import ModelConfig
+from rmcore.rl import ADVANTAGE_ESTIMATORS
+
+AdvantageName = Literal[tuple(ADVANTAGE_ESTIMATORS)]
+
+
+@dataclasses.dataclass
+class RunConfig:
+    stage: Literal["tokenizer", "sft", "rm", "raft", "ppo"] = "rm"  # raft, ppo: raft.py's, ppo.py's runs
+    out_dir: str = "runs/default"       # config.yaml, metrics.jsonl, checkpoints/, export/ go here
+    init_from: str | None = None        # an HF-format directory (open_llama_3b, an SFT export); None = fresh init
+    tokenizer: str | None = None        # tokenizer directory; default: init_from
+    tokenizer_vocab_size: int = 8000    # stage tokenizer: vocabulary of the tokenizer it trains
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device has native bf16, else fp32
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_every: int = 0                 # optimizer steps between evaluations; 0 = at the end only
+    save_every: int = 0                 # optimizer steps between checkpoints; 0 = none before the end
+    keep: int = 2                       # checkpoints kept on disk
+    resume: str = "auto"                # auto (latest complete checkpoint, if any) | never | a checkpoint path
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or its batch is skipped and counted
+    max_skips_in_a_row: int = 10        # with skip: this many non-finite steps in a row stop the run
+    halt_at_step: int | None = None     # stop after this step as if killed (resume tests and debugging)
+    export: bool = True                 # write out_dir/export (HF format + tokenizer) at the end
+
+    @property
+    def bf16(self) -> bool:
+        """Whether the run computes in bf16 (once launch.setup has resolved precision=auto)."""
+        return self.precision == "bf16"
+
+    def check(self, source: str) -> None:
+        check_at_least(self, 1, ("keep", "max_skips_in_a_row", "tokenizer_vocab_size"), prefix="run", source=source)
+        check_at_least(self, 0, ("eval_every", "save_every"), prefix="run", source=source)
+
+
+@dataclasses.dataclass
+class ModelSection(ModelConfig):
+    """The `model` section: the architecture of a fresh init (ModelConfig's fields; a loaded model brings its own
+    config.json) and how any model is trained, which is never part of its weights."""
+    activation_checkpointing: bool = False  # recompute each block in backward: memory for compute
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+
+    def architecture(self, tokenizer) -> ModelConfig:
+        """A fresh init's ModelConfig, with the tokenizer's vocabulary and special ids (the two must agree)."""
+        shape = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)}
+        return ModelConfig(**{**shape, "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
+                              "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id})
+
+    def check(self, source: str) -> None:
+        check_at_least(self, 0, ("dim", "n_layers"), prefix="model", source=source)
+        self.lora.check(source)
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 5e-6
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = 0.0           # fraction of the steps spent warming up linearly
+    min_lr_ratio: float = 0.0           # decay ends at min_lr_ratio * lr
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0              # max global grad norm; 0 = no clipping
+    epochs: int = 1
+    micro_batch_size: int = 8           # per process: pairs (rm) or blocks (sft) per forward
+    grad_accum: int = 1                 # micro-batches per optimizer step
+    max_steps: int | None = None        # stop early after this many optimizer steps
+
+    def check(self, source: str) -> None:
+        check_at_least(self, 1, ("micro_batch_size", "grad_accum", "epochs", "max_steps"), prefix="optim",
+                       source=source)
+        check_at_least(self, 0, ("lr", "warmup_ratio", "weight_decay", "grad_clip"), prefix="optim", source=source)
+        if self.warmup_ratio > 1:
+            raise ConfigError(f"{source}: optim.warmup_ratio={self.warmup_ratio}; expected a fraction in [0, 1]")
+
+
+@dataclasses.dataclass
+class LossConfig:
+    margin: bool = False                # subtract the data's per-pair margin (Llama 2)
+    center_coef: float = 0.0            # reward centering (Eisenstein et al. 2023); TRL recommends 0.01
+
+    def check(self, source: str) -> None:
+        check_at_least(self, 0, ("center_coef",), prefix="loss", source=source)
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    wandb: Literal["disabled", "offline", "online"] = "disabled"
+    project: str = "rmcore"
+    run_name: str | None = None
+    progress: bool = True               # progress bar on rank 0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    def check(self, source: str) -> None:
+        """Every section's own checks; `source` (a file, or the command line) opens each message."""
+        for section in (self.run, self.model, self.data, self.optim, self.loss):
+            section.check(source)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# raft.py and ppo.py
+
+
+@dataclasses.dataclass
+class AlignConfig:
+    """What raft.py and ppo.py share: the reward, the iterations, the prompts and how responses are sampled."""
+    reward: str = ""                    # a reward model directory, or module:function (prompts, responses) -> rewards
+    reward_normalize: bool = False      # apply the statistics `eval.py normalize` stored with the reward model
+    iterations: int = 3
+    prompts_per_iter: int = 2048        # across all ranks
+    k: int = 8                          # samples per prompt
+    max_prompt_tokens: int = 256        # longer prompts are dropped from the pool and counted
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0                      # 0 = off
+    top_p: float = 1.0
+    stop_strings: list[str] | None = None  # None: the template's human tag and HH's "Human:" (EOS always stops)
+    generation_batch_size: int = 16     # rows sampled at once per rank
+    eval_prompts: int = 16              # prompts of data.eval answered greedily every iteration; 0 = none
+    keep_exports: int = 2               # per-iteration policy exports kept on disk
+    halt_after_iteration: int | None = None  # stop as if killed after this iteration (resume tests)
+
+    def check(self, source: str, name: str) -> None:
+        """name: the section's name, raft or ppo."""
+        check_at_least(self, 1, ("iterations", "prompts_per_iter", "k", "max_prompt_tokens", "max_new_tokens",
+                                 "generation_batch_size", "keep_exports"), prefix=name, source=source)
+        check_at_least(self, 0, ("temperature", "eval_prompts"), prefix=name, source=source)
+        if not self.reward:
+            raise ConfigError(f"{name}.reward is not set: a reward model directory, or module:function")
+
+
+def check_alignment_run(cfg: TrainConfig, section: AlignConfig, source: str, name: str) -> None:
+    """What raft.py and ppo.py need of the rest of the config: a policy to start from, and no step-based saving
+    (they checkpoint after every iteration)."""
+    section.check(source, name)
+    if cfg.run.init_from is None:
+        raise ConfigError(f"run.init_from is not set: {name} starts from a policy (an SFT export)")
+    if cfg.run.save_every:
+        raise ConfigError(f"run.save_every does not apply to {name}.py: it checkpoints after every iteration")
+
+
+@dataclasses.dataclass
+class RaftConfig(AlignConfig):
+    """raft.py: reward-ranked fine-tuning (Dong et al. 2023). The policy is run.init_from; its training set is
+    remade every iteration from its own samples, fine-tuned on with the `optim` settings (optim.epochs is the number
+    of epochs per iteration) and data.sft_loss_on (default here: `response`, the kept response's tokens)."""
+    selection: Literal["local", "global"] = "local"  # best of each prompt's K, or the top 1/K of the whole batch
+    discard: list[Literal["empty", "truncated", "tag"]] = dataclasses.field(
+        default_factory=lambda: ["empty", "truncated", "tag"])  # samples left out of ranking, each reason counted
+    reset_optimizer: bool = False       # a fresh AdamW state each iteration (the reference keeps it)
+
+
+@dataclasses.dataclass
+class RaftTrainConfig(TrainConfig):
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(sft_loss_on="response"))
+    raft: RaftConfig = dataclasses.field(default_factory=RaftConfig)
+
+    def check(self, source: str) -> None:
+        super().check(source)
+        check_alignment_run(self, self.raft, source, "raft")
+
+
+@dataclasses.dataclass
+class PpoConfig(AlignConfig):
+    """ppo.py: PPO (and the critic-free RLOO / GRPO) on the policy run.init_from. Each iteration samples
+    prompts_per_iter x k responses; optim.epochs passes of shuffled minibatches of optim.micro_batch_size x
+    optim.grad_accum samples per rank follow, one optimizer step each. Defaults are TRL's PPOConfig's."""
+    k: int = 1                          # samples per prompt (rloo and grpo need >= 2)
+    prompts_per_iter: int = 64
+    advantage: AdvantageName = "gae"    # a name of rmcore.rl.ADVANTAGE_ESTIMATORS
+    critic: str = "reward"              # gae: `reward` (a copy of the reward model), `policy` (the policy's trunk + a
+                                        # fresh value head) or a reward-model directory
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    beta: float = 0.05                  # KL coefficient (its start, when adaptive)
+    adaptive_kl: bool = False           # Ziegler et al.'s controller towards kl_target
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    missing_eos_penalty: float | None = None  # subtracted from the score of a response cut at max_new_tokens
+    score_clip: float | None = None     # scores clipped to [-score_clip, score_clip]
+    whiten_rewards: bool = False        # per-token rewards whitened over real tokens, mean shifted back
+    whiten_advantages: bool = True      # advantages whitened over real tokens
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2                   # policy ratio clip
+    clip_value: float = 0.2             # value clip around the rollout's values
+    value_coef: float = 0.1
+    entropy_coef: float = 0.0
+
+    def check(self, source: str, name: str = "ppo") -> None:
+        super().check(source, name)
+        check_at_least(self, 1, ("kl_target", "kl_horizon"), prefix=name, source=source)
+        check_at_least(self, 0, ("beta", "missing_eos_penalty", "score_clip", "gamma", "lam", "clip", "clip_value",
+                                 "value_coef", "entropy_coef"), prefix=name, source=source)
+        if self.temperature <= 0:
+            raise ConfigError(f"ppo.temperature={self.temperature}: PPO samples from the policy; expected > 0")
+        if ADVANTAGE_ESTIMATORS[self.advantage].per_group and self.k < 2:
+            raise ConfigError(f"ppo.advantage={self.advantage} compares the K samples of a prompt: ppo.k={self.k}, "
+                              f"expected >= 2")
+
+
+@dataclasses.dataclass
+class PpoTrainConfig(TrainConfig):
+    # LoRA without dropout: the update must read the log-probs the rollout read
+    model: ModelSection = dataclasses.field(default_factory=lambda: ModelSection(lora=LoraConfig(dropout=0.0)))
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(epochs=4, lr=1e-6, schedule="constant"))
+    ppo: PpoConfig = dataclasses.field(default_factory=PpoConfig)
+
+    def check(self, source: str) -> None:
+        super().check(source)
+        check_alignment_run(self, self.ppo, source, "ppo")
+        if self.model.lora.enabled and self.model.lora.dropout:
+            raise ConfigError(f"model.lora.dropout={self.model.lora.dropout}: PPO's update must read the log-probs "
+                              "the rollout read (no dropout, Huang et al. 2024); set model.lora.dropout=0")
+
+
+def load_stages(path: str | None, overrides: list[str] | tuple[str, ...] = (), cls: type = TrainConfig) -> list:
+    """The configs to run, each checked: one, or each file of a chain (`chain: [a.yaml, b.yaml]`, paths relative to
+    the chain file), every one with the same command-line overrides."""
+    if path is not None:
+        data = load_yaml_file(path) or {}
+        if isinstance(data, dict) and "chain" in data:
+            if set(data) != {"chain"} or not isinstance(data["chain"], list):
+                raise ConfigError(f"{path}: a chain file holds only `chain: [stage.yaml, ...]`")
+            here = os.path.dirname(path)
+            stages = [load_config(cls, os.path.join(here, p), overrides) for p in data["chain"]]
+            for cfg, p in zip(stages, data["chain"]):
+                cfg.check(os.path.join(here, p))
+            return stages
+    cfg = load_config(cls, path, overrides)
+    cfg.check(path or "the command line")
+    return [cfg]

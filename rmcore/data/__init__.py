@@ -1,0 +1,10 @@
+"""Data, from a file to a batch:
+
+    files.py      file spec ──read──> records                  (.jsonl[.gz], .json, .parquet; slices; $RMCORE_DATA)
+    formats.py    record ──parse (a FORMATS entry)──> Example(prompt, chosen, rejected) in HH form
+    template.py   Example ──Template.render──> the text the model sees
+    datasets.py   text ──tokenizer──> ids ──length filter (dropped, counted)──> PairDataset / BlockDataset
+    sampler.py    ShardedSampler: each rank's micro-batches, disjoint, resumable
+    batching.py   collate_pairs / collate_blocks / collate_documents ──> tensors (one `pad` helper)
+    tokenizer_training.py   a tokenizer trained on the data
+"""

@@ -1,0 +1,65 @@
+"""PNG plots: the evaluation report's (eval.py) and an alignment run's history (raft.py, ppo.py). matplotlib is
+optional (the `plots` extra): nothing else imports it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files (the Agg backend: no display needed)."""
+    import matplotlib  # optional (the `plots` extra): imported only when a plot is drawn
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_report(report: dict, out_dir: Path, name: str) -> list[Path]:
+    """PNG plots for one (model, dataset): reward histograms, reliability diagram, accuracy by length."""
+    plt = pyplot()
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for side in ("chosen", "rejected"):
+        h = report["histograms"][side]
+        ax.stairs(h["counts"], h["edges"], label=side)
+    ax.set(xlabel="reward", ylabel="pairs", title=f"{name}: rewards")
+    ax.legend()
+    written.append(_save(fig, out_dir / f"{name}_rewards.png"))
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    bins = [b for b in report["calibration"]["bins"] if b["count"]]
+    ax.plot([0.5, 1], [0.5, 1], "k--", lw=1, label="perfect")
+    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", label="model")
+    ax.set(xlabel="confidence sigmoid(|r_c - r_r|)", ylabel="accuracy", title=f"{name}: ECE {report['calibration']['ece']:.3f}")
+    ax.legend()
+    written.append(_save(fig, out_dir / f"{name}_reliability.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    buckets = [b for b in report["length"]["accuracy_by_length"] if b["count"]]
+    ax.bar([f"{b['lo']:.0f}-{b['hi']:.0f}" for b in buckets], [b["accuracy"] for b in buckets])
+    ax.axhline(0.5, color="k", ls="--", lw=1)
+    ax.set(xlabel="mean response tokens", ylabel="accuracy", title=f"{name}: accuracy by length")
+    written.append(_save(fig, out_dir / f"{name}_accuracy_by_length.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+    return path
+
+
+def plot_history(history: list[dict], panels: dict[str, list[str]], path: Path):
+    """One panel per title, each key of it a line against the iteration."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    iterations = [h["iteration"] for h in history]
+    for ax, (title, keys) in zip(axes[0], panels.items()):
+        for key in keys:
+            if key in history[0]:
+                ax.plot(iterations, [h[key] for h in history], marker="o", label=key)
+        ax.set_xlabel("iteration")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    _save(fig, path)

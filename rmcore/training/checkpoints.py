@@ -1,0 +1,251 @@
+"""Training checkpoints and exports: sharded DCP checkpoints that only their own run resumes, and HF-format exports,
+neither ever written from non-finite weights.
+
+    out_dir/checkpoints/step_N/     DCP shards of model + optimizer, RNG per rank, trainer.json (step, loader
+                                    position, and the run's identity: the config keys that define the run)
+    out_dir/export/                 HF-format model + tokenizer, written at the end
+
+run.resume=auto continues only a checkpoint whose identity equals this run's: any difference (model shape, data,
+optimizer, loss, seed, world size, ...) is an error naming the keys. A checkpoint that cannot be read is reported
+and the previous complete one is used.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
+)
+
+from rmcore.config.loader import config_to_dict
+from rmcore.errors import CheckpointError, ConfigError, NonFiniteWeights, RunDirError
+from rmcore.interop.hf_checkpoint import save_adapter, save_merged, save_pretrained
+from rmcore.lora import LoraConfig
+from rmcore.training.distributed import Dist, all_reduce_sum, barrier, broadcast_object
+
+# one process saving a DCP checkpoint without a process group is a supported, intended case here
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+# Keys that do not change what a run computes: how often it evaluates, saves or logs, where its directory is.
+NOT_IDENTITY = ("run.out_dir", "run.resume", "run.halt_at_step", "run.eval_every", "run.save_every", "run.keep",
+                "run.export", "run.device", "logging.", "raft.halt_after_iteration", "raft.keep_exports",
+                "ppo.halt_after_iteration", "ppo.keep_exports")
+
+
+# ------------------------------------------------------------------------------------------------ identity
+def run_identity(cfg, world_size: int) -> dict:
+    """The flattened config keys that define what a run computes, plus the world size."""
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix[:-1]] = value
+
+    walk("", config_to_dict(cfg))
+    flat = {k: v for k, v in flat.items() if not k.startswith(NOT_IDENTITY)}
+    flat["world_size"] = world_size
+    return flat
+
+
+def check_identity(path: Path, saved: dict | None, current: dict):
+    """Refuse checkpoint `path` unless its stored identity equals this run's, listing every key that differs."""
+    if saved is None:  # written before identities were stored
+        return
+    missing = object()
+    diff = [f"{k}: checkpoint {saved.get(k, '(absent)')!r}, this run {current.get(k, '(absent)')!r}"
+            for k in sorted(set(saved) | set(current)) if saved.get(k, missing) != current.get(k, missing)]
+    if diff:
+        raise RunDirError(f"{path} is a checkpoint of a different run; it will not be resumed with another config. "
+                          f"Differences:\n  " + "\n  ".join(diff) +
+                          "\nUse a new run.out_dir, or run.resume=never to move the earlier run aside.")
+
+
+def read_trainer_json(path: Path) -> dict:
+    try:
+        return json.loads((path / "trainer.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / 'trainer.json'}: unreadable ({e})") from None
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+class Checkpointer:
+    """Sharded training checkpoints with torch.distributed.checkpoint, in `out_dir/checkpoints/step_NNNNNNN`.
+
+    Each is written to `step_N.partial` and renamed only after every rank has finished and rank 0 has written
+    `trainer.json`, so a crash or a full disk mid-save leaves a `.partial` directory that is never resumed.
+    Holds the model and optimizer (sharded), the step, the data-loader position, each rank's RNG states and the
+    run's identity. Loading checks every model tensor's presence and shape against the checkpoint's metadata.
+    """
+
+    def __init__(self, out_dir: str | Path, dist: Dist, keep: int = 2):
+        self.root = Path(out_dir) / "checkpoints"
+        self.dist = dist
+        self.keep = keep
+
+    def complete(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("step_*") if not p.name.endswith(".partial")
+                      and (p / "trainer.json").is_file())
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def candidates(self, resume: str) -> list[Path]:
+        """Checkpoints to try, oldest first (the last is tried first): resume auto -> every complete one,
+        never -> none, a path -> that one."""
+        if resume == "never":
+            return []
+        if resume == "auto":
+            return self.complete()
+        path = Path(resume)
+        if not (path / "trainer.json").is_file():
+            raise ConfigError(f"run.resume={resume}: not a complete rmcore checkpoint (no trainer.json)")
+        return [path]
+
+    def save(self, model, optimizer, step: int, trainer_state: dict):
+        check_finite(model, self.dist, f"checkpoint at step {step}")
+        final = self.root / f"step_{step:07d}"
+        partial = final.with_name(final.name + ".partial")
+        if self.dist.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
+        torch.save(rng_state(), partial / f"rng_rank{self.dist.rank}.pt")
+        barrier()
+        if self.dist.is_main:
+            (partial / "trainer.json").write_text(json.dumps({"step": step, **trainer_state}))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            for old in self.complete()[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return final
+
+    def load(self, path: Path, model, optimizer, identity: dict | None = None) -> dict:
+        """Restore model, optimizer and RNG in place; return trainer.json (step, loader state, ...). With
+        `identity`, a checkpoint of another run is refused."""
+        state_json = read_trainer_json(path)
+        if identity is not None:
+            check_identity(path, state_json.get("identity"), identity)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        check_tensors(path, model_sd)
+        state = {"model": model_sd, "optim": optim_sd}
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except (Exception, CheckpointException) as e:  # DCP's wrapper of per-rank read errors is a BaseException
+            raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {str(e).strip()[:300]})") from None
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        rng_file = path / f"rng_rank{self.dist.rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return state_json
+
+    def load_latest(self, resume: str, model, optimizer, identity: dict | None = None) -> tuple[Path | None, dict]:
+        """Load the newest readable candidate; an unreadable one is reported and the one before it is tried."""
+        candidates = broadcast_object([str(p) for p in self.candidates(resume)] if self.dist.is_main else None)
+        failures = []
+        for path in map(Path, reversed(candidates)):
+            try:
+                state, error = self.load(path, model, optimizer, identity), None
+            except CheckpointError as e:
+                state, error = None, str(e)
+            if all_reduce_sum([error is not None], self.dist.device)[0] == 0:
+                if failures:
+                    warnings.warn(f"resumed from {path} instead: " + "; ".join(failures), stacklevel=2)
+                return path, state
+            failures.append(error or f"{path}: another rank could not read it")
+            if self.dist.is_main:
+                print(f"warning: checkpoint {path} cannot be resumed ({failures[-1]}); trying the one before",
+                      flush=True)
+        if failures:
+            raise CheckpointError("no checkpoint could be resumed:\n  " + "\n  ".join(failures) +
+                                  "\n(run.resume=never starts over, moving these aside)")
+        return None, {}
+
+
+def check_tensors(path: Path, model_sd: dict):
+    """Every model tensor of this run must be in the checkpoint with the same shape, and nothing else."""
+    try:
+        meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"{path}/.metadata: unreadable ({type(e).__name__}: {str(e)[:200]})") from None
+    saved = {k[len("model."):]: tuple(v.size) for k, v in meta.items() if k.startswith("model.") and hasattr(v, "size")}
+    want = {k: tuple(v.shape) for k, v in model_sd.items()}
+    missing = sorted(set(want) - set(saved))
+    unexpected = sorted(set(saved) - set(want))
+    shapes = [f"{k}: checkpoint {saved[k]}, model {want[k]}" for k in sorted(set(want) & set(saved)) if saved[k] != want[k]]
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"{path} does not fit this model\n  missing tensors: {missing[:20]}\n  unexpected "
+                              f"tensors: {unexpected[:20]}\n  shape mismatches: {shapes[:20]}")
+
+
+def check_finite(model, dist: Dist, what: str):
+    """Refuse to write `what` from weights holding NaN or inf (checked on every rank's shards)."""
+    bad = next((name for name, p in model.state_dict().items()
+                if p.is_floating_point() and not bool(torch.isfinite(_local(p)).all())), None)
+    if all_reduce_sum([bad is not None], dist.device)[0]:
+        raise NonFiniteWeights(f"not writing the {what}: the weights hold NaN or inf"
+                               + (f" (first: {bad})" if bad else " (on another rank)"))
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def export_pretrained(model, out: Path, dist: Dist, *, tokenizer=None, extra_config: dict | None = None,
+                      base: str | None = None, lora: LoraConfig | None = None):
+    """Write an HF-format directory (config.json, safetensors, tokenizer files) from a plain or FSDP2 model. A
+    model trained with LoRA (lora.enabled) is written merged, or with lora.export=adapter as PEFT's adapter files
+    over `base`."""
+    check_finite(model, dist, f"export to {out}")
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.is_main:
+        if lora is None or not lora.enabled:
+            save_pretrained(model, out, state_dict=full, extra_config=extra_config)
+        elif lora.export == "adapter":
+            save_adapter(model, out, full, lora=lora, base=base, extra_config=extra_config)
+        else:
+            save_merged(model, out, full, lora, extra_config)
+        if tokenizer is not None:
+            # transformers' tokenizer(text) must give what the model was trained on: a reward model reads EOS, and
+            # a template written in special tokens (ChatML) needs them read as such
+            template = (extra_config or {}).get("rmcore", {}).get("template", {})
+            tokenizer.save_pretrained(out, add_eos=model.hf_architecture == "LlamaForSequenceClassification",
+                                      split_special_tokens=not template.get("special_tokens", False))
+    barrier()
+
+
+def run_record(cfg) -> dict:
+    """What an export's config.json records of the run (under "rmcore"), so evaluation and scoring apply the
+    template the model was trained with."""
+    return {"rmcore": {"stage": cfg.run.stage, "template": cfg.data.build_template().to_dict(),
+                       "max_length": cfg.data.max_length, "train_data": list(cfg.data.train)}}

@@ -1,0 +1,113 @@
+"""ppo.py end to end on a tiny model: rollout log-probs, the first minibatch at ratio 1, a known reward that rises
+(gae and grpo), exact resume, torchrun, and the checks made at start. The math itself: tests/formulas/test_rl.py."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ppo
+import train
+from rmcore.align.rollouts import pack, response_logprobs
+from rmcore.interop.hf_checkpoint import load_pretrained
+from rmcore.errors import ConfigError
+from rmcore.model import CausalLM
+from rmcore.data.tokenizer_training import train_tokenizer
+from helpers.runs import REPO, args, ppo_args, records, torchrun
+
+
+def test_logprobs_of_a_left_padded_batch_equal_each_sequence_alone(policy_dir):
+    model = load_pretrained(CausalLM, policy_dir).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (9, 3, 6)]
+    responses = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (2, 7, 4)]
+    batch = pack(prompts, responses, pad_id=0)
+    together = response_logprobs(model, batch, temperature=0.7, batch_size=3)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        alone = response_logprobs(model, pack([p], [r], pad_id=0), temperature=0.7, batch_size=1)
+        assert torch.allclose(together[i, :len(r)], alone[0], atol=1e-5), i
+        assert (together[i, len(r):] == 0).all()  # padding after the response
+        # and against a plain forward of the sequence alone, logits / temperature
+        logits = model(torch.tensor([p + r]))[0, len(p) - 1:-1] / 0.7
+        want = logits.log_softmax(-1).gather(-1, torch.tensor(r)[:, None])[:, 0]
+        assert torch.allclose(alone[0], want, atol=1e-5)
+
+
+def test_first_minibatch_is_at_ratio_one_and_kl_zero(tmp_path, hh_file, policy_dir, rm_dir):
+    history = ppo.main(ppo_args(tmp_path / "p", hh_file, policy_dir, rm_dir, "ppo.iterations=1"))
+    first = next(r for r in records(tmp_path / "p") if "loss/policy" in r)
+    assert abs(first["val/ratio"] - 1) < 1e-6 and first["val/ratio_var"] < 1e-10
+    assert first["policy/approxkl"] < 1e-12 and first["policy/clipfrac"] == 0
+    assert history[0]["objective/kl"] == 0 and history[0]["objective/kl_k3"] == 0  # policy = reference exactly
+    assert history[0]["objective/non_score_reward"] == 0
+    later = [r for r in records(tmp_path / "p") if "loss/policy" in r][1:]
+    assert any(abs(r["val/ratio"] - 1) > 1e-6 for r in later)  # the policy did move after the first step
+    trl_names = ["objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+                 "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg",
+                 "loss/value_avg", "val/clipfrac_avg", "val/ratio", "val/ratio_var", "val/num_eos_tokens"]
+    assert all(k in history[0] for k in trl_names)
+    assert (tmp_path / "p" / "ppo_history.png").is_file()
+
+
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_ppo_raises_a_known_reward(tmp_path, hh_file, policy_dir, rm_dir, advantage):
+    extra = ["ppo.k=4", "ppo.prompts_per_iter=8"] if advantage == "grpo" else []
+    history = ppo.main(ppo_args(tmp_path / "p", hh_file, policy_dir, rm_dir, f"ppo.advantage={advantage}",
+                                "ppo.iterations=8", "optim.lr=3e-3", "ppo.beta=0.01", *extra))
+    scores = [h["objective/scores"] for h in history]  # letters "e" per response
+    assert sum(scores[-2:]) / 2 > scores[0] + 1.0, scores
+    assert all(abs(h["objective/kl"]) < 1e3 for h in history), [h["objective/kl"] for h in history]
+
+
+def test_ppo_resumes_exactly_after_a_kill(tmp_path, hh_file, policy_dir, rm_dir):
+    common = ("ppo.iterations=3", "ppo.adaptive_kl=true", "ppo.kl_horizon=100")  # beta moves: it must be restored
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    ppo.main(ppo_args(whole, hh_file, policy_dir, rm_dir, *common))
+    with pytest.raises(SystemExit):
+        ppo.main(ppo_args(cut, hh_file, policy_dir, rm_dir, *common, "ppo.halt_after_iteration=2"))
+    assert not (cut / "export").exists()
+    ppo.main(ppo_args(cut, hh_file, policy_dir, rm_dir, *common))
+    a, b = load_file(whole / "export" / "model.safetensors"), load_file(cut / "export" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha, hb = (json.loads((p / "ppo_history.json").read_text()) for p in (whole, cut))
+    assert ha == hb and len({h["beta"] for h in ha}) == 3
+
+
+def test_ppo_under_torchrun_completes_and_resumes_exactly(tmp_path, hh_file, policy_dir, rm_dir):
+    """2 processes (gloo, FSDP2 over policy, critic and the frozen reference): a run killed after its first
+    iteration and resumed ends with the same weights and history as one never killed."""
+    def run(out, *extra):
+        proc = torchrun(2, "ppo.py", ppo_args(out, hh_file, policy_dir, rm_dir, "ppo.iterations=2", *extra),
+                        timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run(tmp_path / "whole")
+    run(tmp_path / "cut", "ppo.halt_after_iteration=1")
+    run(tmp_path / "cut")
+    ha, hb = (json.loads((tmp_path / p / "ppo_history.json").read_text()) for p in ("whole", "cut"))
+    assert ha == hb and [h["samples"] for h in ha] == [16, 16]
+    a, b = (load_file(tmp_path / p / "export" / "model.safetensors") for p in ("whole", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_start_checks(tmp_path, hh_file, policy_dir, rm_dir):
+    other = tmp_path / "other_tok"
+    train_tokenizer(["hello world, a few words of text"] * 50, other, vocab_size=300)
+    mismatched = tmp_path / "rm_other_tokenizer"
+    shutil.copytree(rm_dir, mismatched)
+    shutil.copy(other / "tokenizer.model", mismatched / "tokenizer.model")
+    (mismatched / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match="another tokenizer than the policy"):
+        ppo.main(ppo_args(tmp_path / "a", hh_file, policy_dir, mismatched))
+    with pytest.raises(ConfigError, match="ppo.k=1, expected >= 2"):
+        ppo.main(ppo_args(tmp_path / "b", hh_file, policy_dir, rm_dir, "ppo.advantage=rloo"))
+    with pytest.raises(ConfigError, match="not a reward model directory"):
+        ppo.main(ppo_args(tmp_path / "c", hh_file, policy_dir, rm_dir, "ppo.critic=reward"))  # the reward is a function
+    with pytest.warns(UserWarning, match="KL estimate and the importance ratios are biased"):
+        ppo.main(ppo_args(tmp_path / "d", hh_file, policy_dir, rm_dir, "ppo.top_k=20", "ppo.iterations=1",
+                          "ppo.critic=policy", "optim.epochs=1", "run.export=false"))
