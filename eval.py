@@ -1,6 +1,7 @@
 """Evaluate reward models on preference sets, score text, and store reward normalisation statistics.
 
-    python eval.py --model runs/tiny/rm/export --data "${RMCORE_DATA}/hh-rlhf/harmless-base/test.jsonl.gz[1932:]" --out runs/eval
+    python eval.py --model runs/tiny/rm/export --out runs/eval \
+        --data "${RMCORE_DATA}/hh-rlhf/harmless-base/test.jsonl.gz[1932:]"
     python eval.py --model A --model B --data X.jsonl --data Y.parquet --out runs/eval   # + generalization table
     python eval.py score --model DIR --input texts.jsonl --output scores.jsonl [--normalize] [--truncate left]
     python eval.py normalize --model DIR [--data FILE ...]     # default data: the model's own training split
@@ -17,11 +18,11 @@ import json
 import sys
 from pathlib import Path
 
+from rmcore.align.compare import compare_markdown, compare_policies
 from rmcore.data.datasets import tokenize_pairs
 from rmcore.data.files import iter_records
 from rmcore.data.formats import read_examples, require_data
 from rmcore.errors import DataError, UserError, user_errors
-from rmcore.eval.compare import compare_markdown, compare_policies
 from rmcore.eval.plots import plot_report
 from rmcore.eval.report import evaluate_pairs, markdown_report
 from rmcore.eval.scorer import RewardScorer, write_normalization
@@ -86,7 +87,7 @@ def score(args, dist):
             if not record["text"].strip():
                 raise DataError(f"{where}: empty `text`; there is nothing to score")
             items.append(record["text"])
-        elif isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
+        elif isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("prompt", "response")):
             if not record["response"].strip():
                 raise DataError(f"{where}: empty `response`; there is nothing to score")
             items.append((record["prompt"], record["response"]))
@@ -116,11 +117,13 @@ def normalize(args, dist):
     seqs = scorer.tokenizer.encode_batch([scorer.text_of((e.prompt, e.chosen)) for e in examples], bos=True, eos=True,
                                          specials=scorer.template.special_tokens)
     kept = [s for s in seqs if len(s) <= scorer.max_length]
-    say(dist, f"{len(seqs) - len(kept)} of {len(seqs)} reference texts dropped: longer than max_length={scorer.max_length}")
+    say(dist, f"{len(seqs) - len(kept)} of {len(seqs)} reference texts dropped: longer than "
+              f"max_length={scorer.max_length}")
     rewards = scorer.score_ids(kept, progress=True)
     if dist.is_main:
         stats = write_normalization(args.model, rewards, list(data))
-        print(f"reward mean {stats['mean']:.4f}, std {stats['std']:.4f} over {stats['count']} texts -> {args.model}/config.json")
+        print(f"reward mean {stats['mean']:.4f}, std {stats['std']:.4f} over {stats['count']} texts -> "
+              f"{args.model}/config.json")
     return rewards
 
 
@@ -149,10 +152,12 @@ def parse(argv):
     p = argparse.ArgumentParser(prog=f"eval.py{'' if command == 'evaluate' else ' ' + command}")
     if command == "evaluate":
         p.add_argument("--model", action="append", required=True, help="HF-format reward model directory (repeatable)")
-        p.add_argument("--data", action="append", required=True, help="preference file, optionally sliced: f.jsonl[a:b] (repeatable)")
+        p.add_argument("--data", action="append", required=True,
+                       help="preference file, optionally sliced: f.jsonl[a:b] (repeatable)")
         p.add_argument("--out", default="runs/eval")
         p.add_argument("--show", type=int, default=5, help="most confidently wrong/right pairs listed")
-        p.add_argument("--max-length", type=int, help="drop pairs longer than this (default: the model's training max_length)")
+        p.add_argument("--max-length", type=int,
+                       help="drop pairs longer than this (default: the model's training max_length)")
         p.add_argument("--wandb", choices=["disabled", "offline", "online"], default="disabled")
         p.add_argument("--project", default="rmcore")
     elif command == "score":
@@ -166,7 +171,8 @@ def parse(argv):
         p.add_argument("--policy-a", required=True)
         p.add_argument("--policy-b", required=True)
         p.add_argument("--judge", required=True, help="reward model directory")
-        p.add_argument("--prompts", action="append", required=True, help="prompt file(s), optionally sliced (repeatable)")
+        p.add_argument("--prompts", action="append", required=True,
+                       help="prompt file(s), optionally sliced (repeatable)")
         p.add_argument("--out", default="runs/compare")
         p.add_argument("--max-new-tokens", type=int, default=128)
         p.add_argument("--temperature", type=float, default=1.0)

@@ -43,8 +43,17 @@ from rmcore.errors import ConfigError
 from rmcore.generate import token_logprobs
 from rmcore.model import CausalLM, RewardModel
 from rmcore.rl import (
-    ADVANTAGE_ESTIMATORS, adaptive_beta, entropy, explained_variance, kl_k1, kl_k3, masked_whiten, policy_loss,
-    shape_scores, token_rewards, value_loss,
+    ADVANTAGE_ESTIMATORS,
+    adaptive_beta,
+    entropy,
+    explained_variance,
+    kl_k1,
+    kl_k3,
+    masked_whiten,
+    policy_loss,
+    shape_scores,
+    token_rewards,
+    value_loss,
 )
 from rmcore.tokenizer import Tokenizer
 from rmcore.training.distributed import Dist, all_reduce_sum, gather_objects
@@ -132,7 +141,8 @@ def ppo(cfg: PpoTrainConfig) -> list[dict]:
                                                  lam=ppo_cfg.lam)
         if ppo_cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
-        exp = Experience(batch, logp_old, logp_ref, values_old, advantages, returns)
+        exp = Experience(batch=batch, logp_old=logp_old, logp_ref=logp_ref, values_old=values_old,
+                         advantages=advantages, returns=returns)
         # 5. epochs of shuffled minibatches, one optimizer step each
         model.train()
         totals: dict[str, float] = {}

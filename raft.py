@@ -61,7 +61,8 @@ def raft(cfg: RaftTrainConfig) -> list[dict]:
         if cfg.raft.selection == "local":
             kept = select_local(rewards, k, valid)
         else:  # the top 1/K of every rank's samples together; this rank keeps its own among them
-            everyone = gather_objects([(dist.rank, i, float(r), bool(v)) for i, (r, v) in enumerate(zip(rewards, valid))])
+            everyone = gather_objects([(dist.rank, i, float(r), bool(v))
+                                       for i, (r, v) in enumerate(zip(rewards, valid))])
             top = select_global(np.array([x[2] for x in everyone]), k, np.array([x[3] for x in everyone]))
             kept = sorted(everyone[j][1] for j in top if everyone[j][0] == dist.rank)
         with autocast(dist, cfg.run.bf16):  # KL(policy || start) on the samples, k1 estimate summed over each response
@@ -110,10 +111,12 @@ def iteration_stats(rows: list[dict]) -> dict:
         return float(np.mean(xs)) if xs else float("nan")
 
     kept = [r for r in rows if r["kept"]]
-    stats = {"reward_first": mean(r["reward"] for r in rows if r["first"]), "reward_all": mean(r["reward"] for r in rows),
+    stats = {"reward_first": mean(r["reward"] for r in rows if r["first"]),
+             "reward_all": mean(r["reward"] for r in rows),
              "reward_kept": mean(r["reward"] for r in kept), "samples": len(rows), "kept": len(kept),
              "response_tokens": mean(len(r["tokens"]) for r in rows),
-             "distinct_1": distinct_n([r["tokens"] for r in rows], 1), "distinct_2": distinct_n([r["tokens"] for r in rows], 2),
+             "distinct_1": distinct_n([r["tokens"] for r in rows], 1),
+             "distinct_2": distinct_n([r["tokens"] for r in rows], 2),
              "truncated_fraction": mean(not r["stopped"] for r in rows),
              "kl_start_all": mean(r["kl"] for r in rows), "kl_start_kept": mean(r["kl"] for r in kept)}
     for reason in ("empty", "truncated", "tag"):

@@ -76,7 +76,7 @@ def sft(cfg: TrainConfig) -> dict:
     model = build_model(CausalLM, dist, init_from=cfg.run.init_from, architecture=cfg.model.architecture(tok),
                         bf16=cfg.run.bf16, seed=cfg.run.seed,
                         activation_checkpointing=cfg.model.activation_checkpointing, lora=cfg.model.lora)
-    shard = {"rank": dist.rank, "world_size": dist.world_size}
+    shard = {"rank": dist.rank, "world_size": dist.world_size}  # this rank's share of every split
     sampler = ShardedSampler(len(train), cfg.optim.micro_batch_size, **shard, seed=cfg.run.seed)
 
     @torch.no_grad()
@@ -113,7 +113,7 @@ def rm(cfg: TrainConfig) -> dict:
     model = build_model(RewardModel, dist, init_from=cfg.run.init_from, architecture=cfg.model.architecture(tok),
                         bf16=cfg.run.bf16, seed=cfg.run.seed, new_head=new_head,
                         activation_checkpointing=cfg.model.activation_checkpointing, lora=cfg.model.lora)
-    shard = {"rank": dist.rank, "world_size": dist.world_size}
+    shard = {"rank": dist.rank, "world_size": dist.world_size}  # this rank's share of every split
     lengths = train.lengths() if cfg.data.group_by_length else None
     sampler = ShardedSampler(len(train), cfg.optim.micro_batch_size, **shard, seed=cfg.run.seed, lengths=lengths)
 
@@ -156,7 +156,8 @@ def rm(cfg: TrainConfig) -> dict:
         loss_sums = dict(zip(loss_sums, all_reduce_sum(list(loss_sums.values()), dist.device)))
         metrics = metrics_from_sums(totals)
         return {**{k: v / max(totals["pairs"], 1) for k, v in loss_sums.items()}, "acc": metrics["accuracy"],
-                **{k: metrics[k] for k in ("pairs", "ties", "tie_rate", "margin", "chosen_mean", "rejected_mean", "reward_mean", "reward_std")}}
+                **{k: metrics[k] for k in ("pairs", "ties", "tie_rate", "margin", "chosen_mean", "rejected_mean",
+                                           "reward_mean", "reward_std")}}
 
     trainer = Trainer(cfg, dist, model, sampler=sampler, evaluate=evaluate if held_out is not None else None)
     model.train()
@@ -174,7 +175,8 @@ def rm(cfg: TrainConfig) -> dict:
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
         sums = dict(zip(sums, torch.stack(list(sums.values())).tolist()))
         wins, ties = all_reduce_sum([sums.pop("wins"), sums.pop("ties")], dist.device)
-        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
+        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                     for b in batches)
         padding = 1 - tokens / max(sum(b["input_ids"].numel() for b in batches), 1)  # this rank's share of pad slots
         trainer.step(step, losses=sums, count=n_pairs, metrics={"acc": wins / n_pairs, "ties": int(ties),
                                                                  "padding": padding},

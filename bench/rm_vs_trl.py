@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("RMCORE_DATA", REPO.parent / "shared" / "data")) / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+DATA = (Path(os.environ.get("RMCORE_DATA", REPO.parent / "shared" / "data"))
+        / "hh-rlhf" / "harmless-base" / "test.jsonl.gz")
 HELD_OUT = "[1932:]"
 
 
@@ -46,6 +47,7 @@ def build(out: Path, pairs: int) -> Path:
     """The tokenizer and the transformers-saved model both sides start from."""
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
+
     from rmcore.data.tokenizer_training import train_tokenizer
     model_dir = out / "model"
     if (model_dir / "config.json").is_file():
@@ -154,7 +156,8 @@ def main():
         for side, i, r in rows:
             print(f"| {side} | {i} | {r['tokens_per_s']:.0f} | {r['padding']:.1%} | {r['rss_gb']:.2f} | "
                   f"{r['loss']:.4f} | {r['acc']:.2%} |")
-        print(f"rmcore/TRL real tokens/s: {', '.join(f'{x:.2f}' for x in ratios)}; median {statistics.median(ratios):.2f}")
+        print(f"rmcore/TRL real tokens/s: {', '.join(f'{x:.2f}' for x in ratios)}; "
+              f"median {statistics.median(ratios):.2f}")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,15 @@ class WandbUnavailable(UserError):
     """logging.wandb=online without credentials or without the network."""
 
 
+def check_at_least(section, minimum: float, names: tuple[str, ...], *, prefix: str, source: str) -> None:
+    """Each named field of `section` must be >= minimum; None (where a field allows it) means "no limit". For the
+    checks a section runs on its own values, which the types allow but a run cannot use."""
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and not value >= minimum:
+            raise ConfigError(f"{source}: {prefix}.{name}={value!r}; expected >= {minimum}")
+
+
 @contextmanager
 def user_errors():
     try:

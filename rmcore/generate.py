@@ -25,7 +25,8 @@ def kv_cache(model: CausalLM, batch_size: int, max_len: int, dtype: torch.dtype,
     """Attach a fresh KV cache (in the compute dtype) to every attention layer for the duration of the block."""
     cfg = model.cfg
     for layer in model.model.layers:
-        layer.self_attn.kv_cache = KVCache(batch_size, max_len, cfg.n_kv_heads, cfg.head_dim, dtype=dtype, device=device)
+        layer.self_attn.kv_cache = KVCache(batch_size, max_len, cfg.n_kv_heads, cfg.head_dim, dtype=dtype,
+                                           device=device)
     try:
         yield
     finally:
@@ -148,7 +149,8 @@ def rollout(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, e
     model.train(was_training)
     response_mask = mask[:, P:].clone()
     response_mask[:, steps:] = 0
-    return Rollout(torch.cat([input_ids, out], 1), mask, response_mask, logprobs, stopped, P)
+    return Rollout(sequences=torch.cat([input_ids, out], 1), attention_mask=mask, response_mask=response_mask,
+                   logprobs=logprobs, stopped=stopped, prompt_width=P)
 
 
 def _all_ranks_done(local_done: bool, device) -> bool:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rmcore.config.loader import check_at_least
+from rmcore.errors import check_at_least
 
 PEFT_PREFIX = "base_model.model."
 

@@ -162,7 +162,8 @@ def metrics_from_sums(sums: dict[str, int | float]) -> dict[str, int | float]:
     if n == 0:
         nan = float("nan")
         out.update(accuracy=nan, tie_rate=nan, margin=nan)
-        out.update(chosen_mean=nan, chosen_std=nan, rejected_mean=nan, rejected_std=nan, reward_mean=nan, reward_std=nan)
+        out.update(chosen_mean=nan, chosen_std=nan, rejected_mean=nan, rejected_std=nan, reward_mean=nan,
+                   reward_std=nan)
         return out
     # A tie is not a win: a model that outputs a constant scores accuracy 0, not 0.5, and tie_rate says why.
     out["accuracy"] = sums["wins"] / n

@@ -127,7 +127,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
-    return 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim))
+    even = torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32)
+    return 1.0 / (cfg.rope_theta ** (even / cfg.head_dim))
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +155,8 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k[:, :, slots] = k.to(self.k.dtype)  # under autocast RoPE leaves k in fp32; the cache keeps the compute dtype
+        # under autocast RoPE leaves k in fp32; the cache keeps the compute dtype
+        self.k[:, :, slots] = k.to(self.k.dtype)
         self.v[:, :, slots] = v.to(self.v.dtype)
         return self.k, self.v
 
@@ -177,7 +179,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(cache_slots, k, v)
-            if attn_mask is not None:  # attend over the columns the mask covers (those filled so far), not the whole cache
+            if attn_mask is not None:  # attend over the columns the mask covers (those filled so far), not all
                 k, v = k[:, :, :attn_mask.shape[-1]], v[:, :, :attn_mask.shape[-1]]
         gqa = self.n_kv_heads != self.n_heads
         if seq_lens is not None:  # packed sequences: causal attention within each one, none across (varlen)
@@ -249,7 +251,8 @@ class Transformer(nn.Module):
             position_ids = (default_position_ids(attention_mask) if attention_mask is not None
                             else torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids))
         if attn_mask is None and attention_mask is not None:
-            slots = cache_slots if cache_slots is not None else torch.arange(input_ids.shape[1], device=input_ids.device)
+            slots = (cache_slots if cache_slots is not None
+                     else torch.arange(input_ids.shape[1], device=input_ids.device))
             attn_mask = padding_attn_mask(attention_mask, slots)
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)

@@ -21,8 +21,8 @@ def kl_k1(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
 
 def kl_k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
     """k3 = (exp(l) - 1) - l with l = logp_ref - logp (Schulman's estimator: never negative)."""
-    l = logp_ref - logp
-    return torch.expm1(l) - l
+    log_ratio = logp_ref - logp
+    return torch.expm1(log_ratio) - log_ratio
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -113,7 +113,8 @@ def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """1 - Var(R - V) / Var(R) over real tokens (1: the critic predicts the returns; <= 0: no better than their mean)."""
+    """1 - Var(R - V) / Var(R) over real tokens (1: the critic predicts the returns; <= 0: no better than their
+    mean)."""
     def var(x):
         return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
     return 1 - var(returns - values) / var(returns).clamp(min=1e-12)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from rmcore.data.tokenizer_training import train_tokenizer
+
 import train
 from helpers.runs import args
-from rmcore.data.tokenizer_training import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("RMCORE_DATA", REPO.parent / "shared" / "data")).resolve()

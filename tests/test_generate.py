@@ -21,7 +21,8 @@ PROMPTS = [[BOS, 5, 9, 33, 4], [BOS, 7], [BOS, 11, 12]]
 
 def test_logprobs_equal_a_forward_pass_over_the_finished_sequences(model):
     g = torch.Generator().manual_seed(0)
-    r = rollout(model, PROMPTS, max_new_tokens=12, eos_id=EOS, pad_id=PAD, temperature=0.7, generator=g, with_logprobs=True)
+    r = rollout(model, PROMPTS, max_new_tokens=12, eos_id=EOS, pad_id=PAD, temperature=0.7, generator=g,
+                with_logprobs=True)
     with torch.no_grad():
         logits = model(r.sequences, attention_mask=r.attention_mask)
     P = r.prompt_width
@@ -57,7 +58,8 @@ def test_stop_strings_end_a_row_and_cut_the_same_way_everywhere(model):
     text = Letters().decode(free.responses()[1])
     stop = text[4:6]  # a string that first completes at or before the 6th token of row 1
     first = text.find(stop)
-    r = rollout(model, PROMPTS, max_new_tokens=10, eos_id=-1, pad_id=PAD, temperature=0, stop_strings=(stop,), tokenizer=Letters())
+    r = rollout(model, PROMPTS, max_new_tokens=10, eos_id=-1, pad_id=PAD, temperature=0, stop_strings=(stop,),
+                tokenizer=Letters())
     assert r.responses()[1] == free.responses()[1][:first + len(stop)] and r.stopped[1]
     cut, found = cut_at_stop(Letters().decode(r.responses()[1]), (stop,))
     assert found and cut == text[:first]

@@ -7,15 +7,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import ppo
-import train
 from rmcore.interop.hf_checkpoint import load_pretrained, save_adapter, save_pretrained
-from rmcore.training.distributed import Dist
 from rmcore.lora import LoraConfig, LoraLinear, adapters_disabled, apply_lora, merged_state_dict
-from rmcore.training.runtime import build_model
-from rmcore.training.trainer import make_optimizer
 from rmcore.losses import pairwise_loss
 from rmcore.model import CausalLM, ModelConfig, RewardModel
+from rmcore.training.distributed import Dist
+from rmcore.training.runtime import build_model
+from rmcore.training.trainer import make_optimizer
+
+import ppo
+import train
 from helpers.runs import args, losses, ppo_args, records, torchrun, weights
 
 SHAPE = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)

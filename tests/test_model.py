@@ -4,14 +4,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification  # the `dev` extra
 
 from rmcore import CausalLM, ModelConfig, RewardModel
-from rmcore.errors import CheckpointError
-from rmcore.interop.hf_checkpoint import load_pretrained, save_pretrained
 from rmcore.data.batching import pad
+from rmcore.errors import CheckpointError
 from rmcore.generate import generate, sample_next
+from rmcore.interop.hf_checkpoint import load_pretrained, save_pretrained
 from rmcore.model import last_real_index
 
 PAD, BOS, EOS, VOCAB = 0, 1, 2, 128
@@ -142,7 +141,7 @@ def test_rewards_are_fp32_under_bf16_autocast_and_bf16_weights(rm_dir):
 def test_last_real_index_when_pad_equals_eos():
     # PAD == EOS and the real sequence ends with EOS: a "first pad token" rule would stop at the EOS inside
     # the sequence or at column 0; the mask says where the sequence ends.
-    ids = torch.tensor([[5, EOS, 7, EOS, EOS, EOS], [EOS, EOS, 4, 9, 8, EOS]])
+    _ids = torch.tensor([[5, EOS, 7, EOS, EOS, EOS], [EOS, EOS, 4, 9, 8, EOS]])
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]])
     assert last_real_index(mask).tolist() == [3, 5]
 
@@ -163,7 +162,8 @@ def test_rmcore_save_loads_in_transformers(tmp_path, rm_dir, lm_dir):
     assert len(set(index["weight_map"].values())) > 2
     hf_lm = LlamaForCausalLM.from_pretrained(tmp_path / "lm").eval()
     with torch.no_grad():
-        assert (hf_lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits - lm(ids, mask))[mask.bool()].abs().max() < 1e-4
+        assert (hf_lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+                - lm(ids, mask))[mask.bool()].abs().max() < 1e-4
 
 
 def test_transformers_saves_load_in_rmcore(tmp_path):
@@ -332,6 +332,7 @@ def test_packed_pairs_equal_the_padded_path():
     """collate_pairs(packed=True): one row, position ids restarting, attention within each sequence; the same
     rewards, pairwise loss and gradients as right-padded rows with the dense mask (fp32, 1e-5)."""
     import numpy as np
+
     from rmcore.data.batching import collate_pairs
     from rmcore.data.datasets import PairDataset
     model = small_reward_model()

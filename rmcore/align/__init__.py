@@ -1,3 +1,8 @@
-"""What raft.py and ppo.py share: rollouts.py (prompt pool, K samples per prompt, samples packed and scored),
-selection.py (discard rules, best-of-K), rewards.py (the reward interface), iteration.py (the iteration cycle,
-AlignRun)."""
+"""Policies: what raft.py and ppo.py share, and eval.py's `compare` of two policies.
+
+    rollouts.py    prompt pool, K samples per prompt, samples packed and scored in one forward (log-probs, values)
+    selection.py   discard rules, best-of-K selection (RAFT)
+    rewards.py     the reward interface: a reward-model directory or module:function
+    iteration.py   the iteration cycle both loops share (AlignRun)
+    compare.py     two policies answer the same prompts, a reward model judges (eval.py compare)
+"""

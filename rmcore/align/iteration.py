@@ -19,7 +19,7 @@ import torch
 from rmcore.align.rewards import RewardFn, checked_rewards, load_reward
 from rmcore.align.rollouts import PromptPool, Samples, default_stop_strings, load_prompts, sample
 from rmcore.config.loader import parse_cli
-from rmcore.config.sections import AlignConfig, load_stages
+from rmcore.config.sections import AlignConfig, TrainConfig, load_stages
 from rmcore.data.formats import require_data
 from rmcore.data.template import Template
 from rmcore.eval.plots import plot_history
@@ -48,7 +48,7 @@ def align_main(argv: list[str], *, name: str, config_class: type, loop):
 class AlignRun:
     """What every iteration of an alignment run reads. `name` (raft or ppo) is the config section and the prefix
     of the logged figures."""
-    cfg: object                   # the whole config (RaftTrainConfig, PpoTrainConfig)
+    cfg: TrainConfig              # the whole config: RaftTrainConfig or PpoTrainConfig
     name: str
     dist: Dist
     tokenizer: Tokenizer
@@ -78,7 +78,8 @@ class AlignRun:
         require_data(len(prompts), prompts.report, cfg.data.train, f"data.train ({name} prompts)", "prompts")
         held_out = pool(cfg.data.eval, "held-out prompts") if cfg.data.eval and section.eval_prompts else None
         reward = load_reward(section.reward, dist.device, normalize=section.reward_normalize)
-        return cls(cfg, name, dist, tokenizer, template, stops, prompts, held_out, reward)
+        return cls(cfg=cfg, name=name, dist=dist, tokenizer=tokenizer, template=template, stop_strings=stops,
+                   prompts=prompts, held_out=held_out, reward=reward)
 
     @property
     def section(self) -> AlignConfig:

@@ -51,7 +51,8 @@ def load_reward(spec: str, device="cpu", *, dtype: torch.dtype | None = None, no
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"reward {spec!r}: cannot import it ({e})") from None
     if normalize:
-        raise ConfigError(f"reward {spec!r}: normalize applies to a reward model's stored statistics, not to a function")
+        raise ConfigError(f"reward {spec!r}: normalize applies to a reward model's stored statistics, not to a "
+                          f"function")
     return fn
 
 

@@ -64,11 +64,11 @@ def default_stop_strings(template: Template) -> tuple[str, ...]:
 @dataclass
 class Samples:
     """K responses for each of a rank's prompts, flattened prompt-major: sample j of prompt i is row i * K + j."""
-    prompt_index: list[int]        # index into the pool, per sample
-    prompts: list[str]             # HH-form prompt, per sample
-    responses: list[str]           # response text cut at its stop
-    tokens: list[list[int]]        # response token ids, up to and including the stop
-    stopped: list[bool]            # ended at EOS / a stop string (False: cut at max_new_tokens)
+    prompt_index: list[int] = field(default_factory=list)       # index into the pool, per sample
+    prompts: list[str] = field(default_factory=list)            # HH-form prompt, per sample
+    responses: list[str] = field(default_factory=list)          # response text cut at its stop
+    tokens: list[list[int]] = field(default_factory=list)       # response token ids, up to and including the stop
+    stopped: list[bool] = field(default_factory=list)           # ended at EOS / a stop string (False: cut at the limit)
     logprobs: list[torch.Tensor] = field(default_factory=list)  # per-token log-probs, when asked for
 
 
@@ -80,7 +80,7 @@ def sample(model, pool: PromptPool, indices: list[int], *, tokenizer, k: int = 1
     progress: a bar with new tokens/s and ETA. dtype: the compute dtype (rmcore.training.runtime.compute_dtype),
     which the KV cache takes."""
     rows = [i for i in indices for _ in range(k)]
-    out = Samples([], [], [], [], [], [])
+    out = Samples()
     bar = None
     if progress:
         bar = tqdm(total=len(rows), unit="sample", desc="sampling", dynamic_ncols=True, leave=False)

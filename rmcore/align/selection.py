@@ -7,7 +7,6 @@ import numpy as np
 
 from rmcore.data.template import ASSISTANT, HUMAN, Template
 
-
 DISCARD_RULES = ("empty", "truncated", "tag")
 
 
@@ -19,7 +18,7 @@ def discard_reason(response: str, stopped: bool, template: Template, rules: tupl
     if "truncated" in rules and not stopped:
         return "truncated"
     if "tag" in rules:
-        tags = [t.strip() for t in (template.human, template.assistant) if t.strip()] + [HUMAN.strip(), ASSISTANT.strip()]
+        tags = [t.strip() for t in (template.human, template.assistant, HUMAN, ASSISTANT) if t.strip()]
         if any(t in response for t in tags):
             return "tag"
     return None

@@ -316,15 +316,6 @@ def load_config(cls: type[T], path: str | None = None, overrides: list[str] | tu
     return _build(cls, data, "")
 
 
-def check_at_least(section: Any, minimum: float, names: tuple[str, ...], *, prefix: str, source: str) -> None:
-    """Each named field of `section` must be >= minimum; None (where a field allows it) means "no limit". For the
-    checks a section runs on its own values, which the types allow but a run cannot use."""
-    for name in names:
-        value = getattr(section, name)
-        if value is not None and not value >= minimum:
-            raise ConfigError(f"{source}: {prefix}.{name}={value!r}; expected >= {minimum}")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Saving
 

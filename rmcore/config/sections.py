@@ -15,9 +15,9 @@ import dataclasses
 import os
 from typing import Literal
 
-from rmcore.config.loader import check_at_least, load_config, load_yaml_file
+from rmcore.config.loader import load_config, load_yaml_file
 from rmcore.data.datasets import DataConfig
-from rmcore.errors import ConfigError
+from rmcore.errors import ConfigError, check_at_least
 from rmcore.lora import LoraConfig
 from rmcore.model import ModelConfig
 from rmcore.rl import ADVANTAGE_ESTIMATORS

@@ -16,15 +16,14 @@ import numpy as np
 
 from rmcore.data.formats import FORMATS, Example, Report, read_examples
 from rmcore.data.template import Template
-from rmcore.config.loader import check_at_least
-from rmcore.errors import DataError
+from rmcore.errors import DataError, check_at_least
 
 RecordFormatName = Literal[("auto", *FORMATS)]
 
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=list)   # file specs, e.g. ["data/train.jsonl.gz", "data/test.jsonl.gz[:6275]"]
+    train: list[str] = field(default_factory=list)   # file specs, e.g. ["train.jsonl.gz", "test.jsonl.gz[:6275]"]
     eval: list[str] = field(default_factory=list)    # held-out file specs
     format: RecordFormatName = "auto"  # a FORMATS name (rmcore/data/formats.py), or auto: detected per file
     human_tag: str = "###Human:"           # the template: "\n\nHuman:" is written as this (the recipe's value),
@@ -32,7 +31,7 @@ class DataConfig:
     tag_separator: str = " "               # with this before each tag but one opening the text (see Template)
     template: Literal["tags", "chatml"] = "tags"   # tags: the three settings above; chatml: ChatML, as chat models
     system_prompt: str = ""                # chatml only: a system turn opening every text ("" = none)
-    max_length: int = 512                  # RM: a pair with either sequence longer (tokens, BOS/EOS included) is dropped
+    max_length: int = 512                  # RM: a pair with a side longer (tokens, BOS/EOS included) is dropped
     block_size: int = 1024                 # SFT: tokens per packed block
     sft_loss_on: Literal["all", "assistant", "response"] = "all"  # SFT loss on every token (recipe), on every
     #                                      assistant turn, or on the final response only (RAFT's kept samples)
@@ -80,7 +79,8 @@ def tokenize_pairs(examples: list[Example], tokenizer, template: Template, *, ma
     too_long = f"longer than max_length={max_length} tokens"
     for i in range(0, len(examples), batch):
         part = examples[i:i + batch]
-        texts = [template.render(e.prompt, e.chosen) for e in part] + [template.render(e.prompt, e.rejected) for e in part]
+        texts = [template.render(e.prompt, e.chosen) for e in part] + [template.render(e.prompt, e.rejected)
+                                                                       for e in part]
         tokens = tokenizer.encode_batch(texts, bos=True, eos=True, specials=template.special_tokens)
         for e, c, r in zip(part, tokens[:len(part)], tokens[len(part):]):
             if max_length is not None and max(len(c), len(r)) > max_length:

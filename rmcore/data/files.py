@@ -151,7 +151,8 @@ def _jsonl_rows(path: Path, blank_lines: str = "skip") -> Iterator[tuple[str, ob
         try:
             yield str(n), json.loads(text)
         except json.JSONDecodeError as e:
-            yield str(n), DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); expected one JSON object per line")
+            yield str(n), DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); expected one JSON "
+                                    f"object per line")
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
@@ -160,9 +161,11 @@ def _json_rows(path: Path) -> Iterator[tuple[str, object]]:
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: invalid UTF-8 at byte {e.start}; expected UTF-8 text") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}); expected a JSON list of records") from None
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}); expected a JSON list of "
+                        f"records") from None
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__} (for one record per line use .jsonl)")
+        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__} (for one record per line "
+                        f"use .jsonl)")
     for i, record in enumerate(data):
         yield f"record {i}", record
 
@@ -171,7 +174,8 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, object]]:
     try:
         import pyarrow.parquet as pq  # optional (the `parquet` extra): only .parquet files need it
     except ImportError:
-        raise DataError(f"{path}: reading .parquet needs pyarrow: pip install 'rmcore[parquet]' (or pip install pyarrow)") from None
+        raise DataError(f"{path}: reading .parquet needs pyarrow: pip install 'rmcore[parquet]' (or pip install "
+                        f"pyarrow)") from None
     row = 0
     try:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from rmcore.data.files import FileSpec, iter_records
-from rmcore.errors import DataError
 from rmcore.data.template import ASSISTANT, HUMAN
+from rmcore.errors import DataError
+
 
 @dataclass
 class Example:
@@ -51,7 +52,8 @@ class Report:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "read": self.read, "kept": self.kept, "dropped": dict(self.dropped), "notes": list(self.notes)}
+        return {"name": self.name, "read": self.read, "kept": self.kept, "dropped": dict(self.dropped),
+                "notes": list(self.notes)}
 
 
 def require_data(count: int, report: Report, specs: list[str], what: str, unit: str = "examples"):
@@ -75,7 +77,7 @@ def require_data(count: int, report: Report, specs: list[str], what: str, unit: 
     raise DataError(f"{what}: no {unit} ({why}); nothing is trained or written")
 
 
-def _field(record: dict, key: str, where: str, fmt: str, kind=str, nonempty: bool = True):
+def _field(record: dict, key: str, where: str, fmt: str, *, kind=str, nonempty: bool = True):
     """record[key], checked: present, of type `kind`, and (nonempty) not an empty string or list."""
     if key not in record:
         raise DataError(f"{where}: missing field {key!r} (format {fmt}; the record has {sorted(record)})")
@@ -84,7 +86,8 @@ def _field(record: dict, key: str, where: str, fmt: str, kind=str, nonempty: boo
         want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise DataError(f"{where}: field {key!r} must be {want}, got {type(value).__name__} (format {fmt})")
     if nonempty and isinstance(value, (str, list)) and not (value.strip() if isinstance(value, str) else value):
-        raise DataError(f"{where}: field {key!r} is empty; expected a non-empty {'text' if isinstance(value, str) else 'list'} (format {fmt})")
+        kind_name = "text" if isinstance(value, str) else "list"
+        raise DataError(f"{where}: field {key!r} is empty; expected a non-empty {kind_name} (format {fmt})")
     return value
 
 
@@ -100,7 +103,8 @@ def _messages(value: list, key: str, where: str) -> list[tuple[str, str]]:
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: {key}[{i}] must be an object with string fields 'role' and 'content', got {m!r:.80}")
+            raise DataError(f"{where}: {key}[{i}] must be an object with string fields 'role' and 'content', "
+                            f"got {m!r:.80}")
         if m["role"] not in ("system", "user", "human", "assistant"):
             raise DataError(f"{where}: {key}[{i}] has role {m['role']!r}; expected system, user or assistant")
         out.append((m["role"], m["content"]))
@@ -152,11 +156,12 @@ def parse_pairs(record: dict, where: str, report: Report) -> Example | None:
     column is ignored), with an optional `margin`, or `score_chosen` / `score_rejected` from which margin =
     score_chosen - score_rejected. Text is used as written: prompt + response."""
     prompt = _field(record, "prompt", where, "pairs", nonempty=False)
-    example = Example(where, prompt, _field(record, "chosen", where, "pairs"), _field(record, "rejected", where, "pairs"))
+    chosen, rejected = (_field(record, k, where, "pairs") for k in ("chosen", "rejected"))
+    example = Example(where, prompt, chosen, rejected)
     if record.get("margin") is not None:
-        example.margin = float(_field(record, "margin", where, "pairs", (int, float)))
+        example.margin = float(_field(record, "margin", where, "pairs", kind=(int, float)))
     elif record.get("score_chosen") is not None or record.get("score_rejected") is not None:
-        sc, sr = (_field(record, k, where, "pairs", (int, float)) for k in ("score_chosen", "score_rejected"))
+        sc, sr = (_field(record, k, where, "pairs", kind=(int, float)) for k in ("score_chosen", "score_rejected"))
         example.margin = float(sc - sr)
     if example.margin is not None and not math.isfinite(example.margin):
         raise DataError(f"{where}: the margin is {example.margin} (from `margin` or `score_chosen` - "
@@ -167,10 +172,10 @@ def parse_pairs(record: dict, where: str, report: Report) -> Example | None:
 def parse_conversation(record: dict, where: str, report: Report) -> Example | None:
     """`chosen`, `rejected` (and optionally `prompt`) as lists of {"role", "content"} messages; without a `prompt`,
     the messages the two share are the prompt and each side's rest is its response."""
-    chosen = _messages(_field(record, "chosen", where, "conversation", list), "chosen", where)
-    rejected = _messages(_field(record, "rejected", where, "conversation", list), "rejected", where)
+    chosen = _messages(_field(record, "chosen", where, "conversation", kind=list), "chosen", where)
+    rejected = _messages(_field(record, "rejected", where, "conversation", kind=list), "rejected", where)
     if "prompt" in record:
-        prompt = _messages(_field(record, "prompt", where, "conversation", list), "prompt", where)
+        prompt = _messages(_field(record, "prompt", where, "conversation", kind=list), "prompt", where)
     else:
         n = 0
         while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
@@ -178,7 +183,8 @@ def parse_conversation(record: dict, where: str, report: Report) -> Example | No
         prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
     for side, msgs in (("chosen", chosen), ("rejected", rejected)):
         if not msgs or msgs[0][0] != "assistant":
-            raise DataError(f"{where}: the {side} response must start with an assistant message after the shared prompt")
+            raise DataError(f"{where}: the {side} response must start with an assistant message after the shared "
+                            f"prompt")
     # The prompt ends with the assistant marker and each response is what follows it, as in the HH form.
     prompt_text = render_messages(prompt) + ASSISTANT
     strip = len(ASSISTANT)
@@ -191,7 +197,7 @@ def parse_comparison(record: dict, where: str, report: Report) -> Example | None
     status, count). The majority decides; ties and records without a counted vote are dropped and counted."""
     instruction = _field(record, "instruction", where, "comparison")
     responses = [_field(record, k, where, "comparison") for k in ("response-1", "response-2")]
-    votes = [_vote(v) for v in _field(record, "votes", where, "comparison", list, nonempty=False)]
+    votes = [_vote(v) for v in _field(record, "votes", where, "comparison", kind=list, nonempty=False)]
     if -1 in votes:
         raise DataError(f"{where}: field 'votes' must hold votes for 1 or 2, got {record['votes']!r:.80}")
     ones, twos = votes.count(1), votes.count(2)
@@ -221,7 +227,8 @@ FORMATS = {
                                lambda r: {"response-1", "response-2"} <= r.keys()),
     "conversation": RecordFormat(parse_conversation, "chosen/rejected message lists",
                                  lambda r: {"chosen", "rejected"} <= r.keys() and isinstance(r["chosen"], list)),
-    "pairs": RecordFormat(parse_pairs, "prompt/chosen/rejected", lambda r: {"prompt", "chosen", "rejected"} <= r.keys()),
+    "pairs": RecordFormat(parse_pairs, "prompt/chosen/rejected",
+                          lambda r: {"prompt", "chosen", "rejected"} <= r.keys()),
     "hh": RecordFormat(parse_hh, "chosen/rejected", lambda r: {"chosen", "rejected"} <= r.keys()),
     "text": RecordFormat(parse_text, "text", lambda r: "text" in r),
 }

@@ -7,6 +7,7 @@ from typing import Iterator
 
 import numpy as np
 
+
 class ShardedSampler:
     """Yields this rank's micro-batches (lists of dataset indices) for one epoch at a time.
 
@@ -63,5 +64,6 @@ class ShardedSampler:
     def load_state_dict(self, state: dict):
         for key in ("seed", "n", "batch_size", "world_size"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"cannot resume the data position: saved {key}={state[key]}, this run has {getattr(self, key)}")
+                raise ValueError(f"cannot resume the data position: saved {key}={state[key]}, this run has "
+                                 f"{getattr(self, key)}")
         self.epoch, self.taken = state["epoch"], state["taken"]

@@ -30,7 +30,8 @@ def plot_report(report: dict, out_dir: Path, name: str) -> list[Path]:
     bins = [b for b in report["calibration"]["bins"] if b["count"]]
     ax.plot([0.5, 1], [0.5, 1], "k--", lw=1, label="perfect")
     ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", label="model")
-    ax.set(xlabel="confidence sigmoid(|r_c - r_r|)", ylabel="accuracy", title=f"{name}: ECE {report['calibration']['ece']:.3f}")
+    ax.set(xlabel="confidence sigmoid(|r_c - r_r|)", ylabel="accuracy",
+           title=f"{name}: ECE {report['calibration']['ece']:.3f}")
     ax.legend()
     written.append(_save(fig, out_dir / f"{name}_reliability.png"))
 

@@ -12,7 +12,13 @@ import torch
 from rmcore.data.datasets import PairDataset
 from rmcore.data.template import HUMAN, Template
 from rmcore.eval.metrics import (
-    accuracy_by_bucket, calibration, histogram, length_baselines, margin_quantiles, most_confident, quantile_edges,
+    accuracy_by_bucket,
+    calibration,
+    histogram,
+    length_baselines,
+    margin_quantiles,
+    most_confident,
+    quantile_edges,
     spearman,
 )
 from rmcore.eval.scorer import RewardScorer
@@ -34,7 +40,8 @@ def response_lengths(pairs: PairDataset, tokenizer, template: Template) -> tuple
     prompt_len = np.array([len(tokenizer.encode(template.render(e.prompt), specials=template.special_tokens))
                            for e in pairs.examples], dtype=np.int64)
     ends = 1 + tokenizer.add_bos  # EOS, and BOS where the model adds one
-    sides = (np.array([len(s) for s in seqs], dtype=np.int64) - ends - prompt_len for seqs in (pairs.chosen, pairs.rejected))
+    sides = (np.array([len(s) for s in seqs], dtype=np.int64) - ends - prompt_len
+             for seqs in (pairs.chosen, pairs.rejected))
     return tuple(sides)
 
 
@@ -64,15 +71,19 @@ def evaluate_pairs(scorer: RewardScorer, pairs: PairDataset, show: int = 5, prog
         "loss": float(pairwise_loss(tc, tr, reduction="mean")) if n else math.nan,
         "rewards": {k: stats.get(k, math.nan) for k in
                     ("chosen_mean", "chosen_std", "rejected_mean", "rejected_std", "reward_mean", "reward_std")},
-        "margin": {"mean": stats.get("margin", math.nan), "quantiles": {str(q): v for q, v in margin_quantiles(r_c, r_r).items()}},
+        "margin": {"mean": stats.get("margin", math.nan),
+                   "quantiles": {str(q): v for q, v in margin_quantiles(r_c, r_r).items()}},
         "calibration": calibration(r_c, r_r, n_bins=10),
         "length": {
             **length_baselines(len_c, len_r),
             "spearman_reward_length": spearman(np.concatenate([r_c, r_r]), np.concatenate([len_c, len_r])),
             "accuracy_by_length": accuracy_by_bucket(mean_len, correct, quantile_edges(mean_len, 4)) if n else [],
         },
-        "accuracy_by_turns": accuracy_by_bucket(n_turns, correct, sorted({1, 2, 3, 4, max(5, int(n_turns.max(initial=1)) + 1)})) if n else [],
-        "histograms": {"chosen": histogram(r_c, 20, *_range(rewards)), "rejected": histogram(r_r, 20, *_range(rewards))},
+        "accuracy_by_turns": (accuracy_by_bucket(n_turns, correct,
+                                                 sorted({1, 2, 3, 4, max(5, int(n_turns.max(initial=1)) + 1)}))
+                              if n else []),
+        "histograms": {"chosen": histogram(r_c, 20, *_range(rewards)),
+                       "rejected": histogram(r_r, 20, *_range(rewards))},
         "most_confidently_wrong": [pair_view(i) for i in most_confident(r_c, r_r, show, wrong=True)],
         "most_confidently_right": [pair_view(i) for i in most_confident(r_c, r_r, show, wrong=False)],
         "template": {**scorer.template.to_dict(), "source": scorer.template_source},
@@ -121,14 +132,18 @@ def markdown_report(results: dict[str, dict[str, dict]], drops: dict[str, dict])
                     f"{r['template']['separator']!r} ({r['template']['source']})",
                     ""]
             out += ["| mean response tokens | pairs | accuracy (%) |", "|---|---|---|"]
-            out += [f"| [{b['lo']:.0f}, {b['hi']:.0f}] | {b['count']} | {_pct(b['accuracy'])} |" for b in r["length"]["accuracy_by_length"]]
+            out += [f"| [{b['lo']:.0f}, {b['hi']:.0f}] | {b['count']} | {_pct(b['accuracy'])} |"
+                    for b in r["length"]["accuracy_by_length"]]
             out += ["", "| human turns | pairs | accuracy (%) |", "|---|---|---|"]
-            out += [f"| {b['lo']:.0f}-{b['hi'] - 1:.0f} | {b['count']} | {_pct(b['accuracy'])} |" for b in r["accuracy_by_turns"]]
-            for key, title in (("most_confidently_wrong", "Most confidently wrong"), ("most_confidently_right", "Most confidently right")):
+            out += [f"| {b['lo']:.0f}-{b['hi'] - 1:.0f} | {b['count']} | {_pct(b['accuracy'])} |"
+                    for b in r["accuracy_by_turns"]]
+            for key, title in (("most_confidently_wrong", "Most confidently wrong"),
+                               ("most_confidently_right", "Most confidently right")):
                 out += ["", f"### {title}", ""]
                 for p in r[key]:
                     out += [f"- `{p['id']}` r_chosen {p['r_chosen']:.3f}, r_rejected {p['r_rejected']:.3f}",
-                            f"  - prompt: {p['prompt']}", f"  - chosen: {p['chosen']}", f"  - rejected: {p['rejected']}"]
+                            f"  - prompt: {p['prompt']}", f"  - chosen: {p['chosen']}",
+                            f"  - rejected: {p['rejected']}"]
             out.append("")
     return "\n".join(out)
 

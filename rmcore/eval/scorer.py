@@ -31,7 +31,8 @@ class RewardScorer:
     """A reward model ready to score text: model, tokenizer, the training template, optional normalisation."""
 
     def __init__(self, model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 batch_size: int = 16, max_length: int | None = None, truncate: str = "error", dist: Dist | None = None):
+                 batch_size: int = 16, max_length: int | None = None, truncate: str = "error",
+                 dist: Dist | None = None):
         """dist: the process group under torchrun (each rank scores a share of the batches); default: one process
         on `device`."""
         self.dir = Path(model_dir)
@@ -41,7 +42,8 @@ class RewardScorer:
         self.config = json.loads((self.dir / "config.json").read_text())
         info = self.config.get("rmcore", {})
         if "template" in info:
-            self.template, self.template_source = Template.from_dict(info["template"]).check(self.tokenizer), "config.json"
+            self.template = Template.from_dict(info["template"]).check(self.tokenizer)
+            self.template_source = "config.json"
         else:  # a model rmcore did not train: the recipe's template, said out loud in every report
             self.template, self.template_source = Template(), "default (not recorded in config.json)"
         # default: the length limit the model was trained with, else its position limit
@@ -137,7 +139,8 @@ def write_normalization(model_dir: str | Path, rewards: np.ndarray, data: list[s
     """Store mean/std of reference rewards in config.json under rmcore.reward_normalization."""
     path = Path(model_dir) / "config.json"
     config = json.loads(path.read_text())
-    stats = {"mean": float(np.mean(rewards)), "std": float(np.std(rewards)), "count": int(len(rewards)), "data": list(data)}
+    stats = {"mean": float(np.mean(rewards)), "std": float(np.std(rewards)), "count": int(len(rewards)),
+             "data": list(data)}
     if not stats["std"] > 0:
         raise ValueError(f"reward std over {len(rewards)} reference texts is {stats['std']}: cannot normalise")
     config.setdefault("rmcore", {})["reward_normalization"] = stats

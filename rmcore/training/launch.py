@@ -39,7 +39,8 @@ def setup(cfg: TrainConfig) -> tuple[Dist, Tokenizer]:
     if dist.is_main:
         save_config(cfg, str(Path(cfg.run.out_dir) / "config.yaml"))
     if not cfg.data.train:
-        raise ConfigError("data.train is empty: name the training file(s), e.g. \"data.train=['pairs.jsonl.gz[:1000]']\"")
+        raise ConfigError("data.train is empty: name the training file(s), e.g. "
+                          "\"data.train=['pairs.jsonl.gz[:1000]']\"")
     tok_dir = cfg.run.tokenizer or cfg.run.init_from
     if tok_dir is None:
         raise ConfigError("run.tokenizer is not set and there is no run.init_from to take the tokenizer from")

@@ -66,7 +66,8 @@ class Logger:
         if self.bar is not None:
             if advance:
                 self.bar.update(1)
-            shown = {k: v for k, v in record.items() if k in ("loss", "acc", "eval_loss", "eval_acc", "lr", "tokens_per_s")}
+            shown = {k: v for k, v in record.items()
+                     if k in ("loss", "acc", "eval_loss", "eval_acc", "lr", "tokens_per_s")}
             self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()})
 
     def print(self, *args):

@@ -95,13 +95,15 @@ def prepare_run_dir(cfg, dist: Dist) -> None:
     error = None
     if dist.is_main:
         if cfg.run.resume == "never":
-            old = [p for p in (out / "checkpoints", out / "metrics.jsonl", out / "export", out / "config.yaml") if p.exists()]
+            old = [p for p in (out / "checkpoints", out / "metrics.jsonl", out / "export", out / "config.yaml")
+                   if p.exists()]
             if old:
                 aside = out / time.strftime("replaced-%Y%m%d-%H%M%S")
                 aside.mkdir(parents=True)
                 for p in old:
                     shutil.move(str(p), aside / p.name)
-                print(f"run.resume=never: the earlier run's {', '.join(p.name for p in old)} moved to {aside}", flush=True)
+                print(f"run.resume=never: the earlier run's {', '.join(p.name for p in old)} moved to {aside}",
+                      flush=True)
         else:
             candidates = ckpt.candidates(cfg.run.resume)
             if candidates:

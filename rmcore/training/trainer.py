@@ -179,7 +179,8 @@ class Trainer:
                                 f"(run.max_skips_in_a_row={cfg.run.max_skips_in_a_row}), the last at step {step + 1}. "
                                 f"Last good checkpoint: {self.last_ckpt or 'none'}")
         done = step + 1
-        if self.evaluate is not None and cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < self.total_steps:
+        every = cfg.run.eval_every
+        if self.evaluate is not None and every and done % every == 0 and done < self.total_steps:
             self.log.log(done, {f"eval_{k}": v for k, v in self.evaluate().items()}, advance=False)
         if cfg.run.save_every and done % cfg.run.save_every == 0 and done < self.total_steps:
             self.save(done)

@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-import eval as eval_cli
-import train
 from rmcore.data.datasets import document_tokens
 from rmcore.data.formats import read_examples
 from rmcore.data.template import ASSISTANT, HUMAN, Template
 from rmcore.errors import DataError
 from rmcore.interop.gguf import convert, resolve_gguf
 from rmcore.tokenizer import Tokenizer
+
+import eval as eval_cli
+import train
 
 REPO = Path(__file__).resolve().parents[2]
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"

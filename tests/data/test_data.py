@@ -13,10 +13,10 @@ from rmcore.data.files import iter_records
 from rmcore.data.formats import Example, Report, read_examples
 from rmcore.data.sampler import ShardedSampler
 from rmcore.data.template import ASSISTANT, HUMAN, Template
+from rmcore.data.tokenizer_training import train_tokenizer
 from rmcore.errors import DataError
 from rmcore.losses import shift_targets
 from rmcore.model import CausalLM, ModelConfig
-from rmcore.data.tokenizer_training import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,8 @@ def test_length_filter_counts_match_independent_tokenization(hh_file, hh_rows, t
     kept, _ = independent_hh_count(hh_rows[:600])
     template = Template()
     too_long = [n for n in kept
-                if max(len(tok.encode(template.apply(hh_rows[n][k]), bos=True, eos=True)) for k in ("chosen", "rejected")) > 256]
+                if max(len(tok.encode(template.apply(hh_rows[n][k]), bos=True, eos=True))
+                       for k in ("chosen", "rejected")) > 256]
     assert report.dropped["longer than max_length=256 tokens"] == len(too_long) > 0
     assert len(data) == report.kept == len(kept) - len(too_long)
     assert max(data.lengths()) <= 256
@@ -111,11 +112,11 @@ def test_template_round_trips_on_real_records(hh_rows):
 
 
 # The first example of the reference model card (weqweasdas/hh_rlhf_rm_open_llama_3b), as the card writes it
-CARD_TEXT = ("###Human: My daughter wants to know how to convert fractions to decimals, but I'm not sure how to explain "
-             "it. Can you help? ###Assistant: Sure. So one way of converting fractions to decimals is to ask “how many "
-             "halves are there?” and then write this as a decimal number. But that's a little tricky. Here's a simpler "
-             "way:  if a fraction is expressed as a/b, then it's decimal equivalent is just a/b * 1.0  So, for example, "
-             "the decimal equivalent of 1/2 is 1/2 * 1.0 = 0.5.")
+CARD_TEXT = ("###Human: My daughter wants to know how to convert fractions to decimals, but I'm not sure how to "
+             "explain it. Can you help? ###Assistant: Sure. So one way of converting fractions to decimals is to ask "
+             "“how many halves are there?” and then write this as a decimal number. But that's a little tricky. "
+             "Here's a simpler way:  if a fraction is expressed as a/b, then it's decimal equivalent is just "
+             "a/b * 1.0  So, for example, the decimal equivalent of 1/2 is 1/2 * 1.0 = 0.5.")
 
 
 def test_recipe_template_renders_the_model_cards_text():
@@ -263,7 +264,8 @@ def test_pairs_format_with_margin_and_scores(tmp_path):
     f = write_jsonl(tmp_path / "p.jsonl", [
         {"prompt": "\n\nHuman: a\n\nAssistant:", "chosen": " yes", "rejected": " no", "response": " yes"},
         {"prompt": "\n\nHuman: b\n\nAssistant:", "chosen": " 1", "rejected": " 2", "margin": 1.5},
-        {"prompt": "\n\nHuman: c\n\nAssistant:", "chosen": " 3", "rejected": " 4", "score_chosen": 8, "score_rejected": 5.5},
+        {"prompt": "\n\nHuman: c\n\nAssistant:", "chosen": " 3", "rejected": " 4", "score_chosen": 8,
+         "score_rejected": 5.5},
         {"prompt": "\n\nHuman: d\n\nAssistant:", "chosen": " same", "rejected": " same"},
     ])
     examples, report = read_examples([f])
@@ -274,8 +276,10 @@ def test_pairs_format_with_margin_and_scores(tmp_path):
 def test_conversation_format(tmp_path):
     user = {"role": "user", "content": "hi"}
     f = write_jsonl(tmp_path / "c.jsonl", [
-        {"chosen": [user, {"role": "assistant", "content": "hello"}], "rejected": [user, {"role": "assistant", "content": "go away"}]},
-        {"prompt": [{"role": "system", "content": "Be nice."}, user], "chosen": [{"role": "assistant", "content": "hey"}],
+        {"chosen": [user, {"role": "assistant", "content": "hello"}],
+         "rejected": [user, {"role": "assistant", "content": "go away"}]},
+        {"prompt": [{"role": "system", "content": "Be nice."}, user],
+         "chosen": [{"role": "assistant", "content": "hey"}],
          "rejected": [{"role": "assistant", "content": "no"}]},
     ])
     (a, b), _ = read_examples([f])
@@ -307,7 +311,8 @@ def test_json_and_parquet_read_like_jsonl(tmp_path, hh_rows):
     import pyarrow.parquet as pq
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
     pa_, _ = read_examples([str(tmp_path / "a.parquet[5:]")])
-    key = lambda es: [(e.prompt, e.chosen, e.rejected) for e in es]
+    def key(es):
+        return [(e.prompt, e.chosen, e.rejected) for e in es]
     assert key(js) == key(jl) and key(pa_) == key(jl)[5:] and pa_[0].id.endswith(":row 5")
 
 
@@ -346,7 +351,8 @@ BAD_CASES = [
     (b"{\"prompt\": \"x\", \"chosen\": \n", "malformed JSON"),
     (b"[1, 2]\n", "expected a JSON object, got list"),
     (json.dumps({"prompt": "q", "chosen": " a"}).encode() + b"\n", "missing field 'rejected'"),
-    (json.dumps({"prompt": "q", "chosen": 3, "rejected": " b"}).encode() + b"\n", "field 'chosen' must be str, got int"),
+    (json.dumps({"prompt": "q", "chosen": 3, "rejected": " b"}).encode() + b"\n",
+     "field 'chosen' must be str, got int"),
     (json.dumps({"prompt": "q", "chosen": "  ", "rejected": " b"}).encode() + b"\n", "field 'chosen' is empty"),
     (b"{\"prompt\": \"q\", \"chosen\": \"\xff\xfe\", \"rejected\": \" b\"}\n", "invalid UTF-8"),
 ]
@@ -391,7 +397,8 @@ def test_iter_records_yields_errors_in_place(tmp_path):
 def test_collate_pairs_chosen_first_right_padded():
     from rmcore.data.datasets import PairDataset
     data = PairDataset(["a", "b", "c"], [np.array([1, 5, 2]), np.array([1, 6, 6, 6, 2]), np.array([1, 2])],
-                       [np.array([1, 7, 2]), np.array([1, 2]), np.array([1, 8, 8, 2])], np.array([np.nan, 2.0, np.nan], np.float32))
+                       [np.array([1, 7, 2]), np.array([1, 2]), np.array([1, 8, 8, 2])],
+                       np.array([np.nan, 2.0, np.nan], np.float32))
     batch = collate_pairs(data, [2, 1], pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 0, 0, 0], [1, 6, 6, 6, 2], [1, 8, 8, 2, 0], [1, 2, 0, 0, 0]]
     assert batch["attention_mask"].sum(1).tolist() == [2, 5, 4, 2]

@@ -7,17 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-import eval as eval_cli
-import train
-from rmcore.interop.hf_checkpoint import load_pretrained, save_pretrained
 from rmcore.data.datasets import DataConfig, load_pairs
 from rmcore.data.formats import read_examples
 from rmcore.data.template import Template
+from rmcore.data.tokenizer_training import train_tokenizer
+from rmcore.eval.metrics import quantile_edges
 from rmcore.eval.report import evaluate_pairs, response_lengths
 from rmcore.eval.scorer import RewardScorer, rank_responses
-from rmcore.eval.metrics import quantile_edges
+from rmcore.interop.hf_checkpoint import load_pretrained, save_pretrained
 from rmcore.model import ModelConfig, RewardModel
-from rmcore.data.tokenizer_training import train_tokenizer
+
+import eval as eval_cli
+import train
 
 TEMPLATE = Template("<H>", "<A>")  # not the default, so a scorer that ignored config.json would be caught
 
@@ -73,7 +74,9 @@ def test_api_cli_and_direct_forward_agree_in_input_order(model_dir, tmp_path):
     assert [r["index"] for r in rows] == list(range(len(ITEMS)))
     assert np.allclose([r["reward"] for r in rows], expected, atol=1e-5)
     # a transcript and its (prompt, response) split score the same: one template function
-    assert np.isclose(api[1], RewardScorer(model_dir).score([("\n\nHuman: what is two plus two?\n\nAssistant:", " four")])[0], atol=1e-5)
+    assert np.isclose(api[1],
+                      RewardScorer(model_dir).score([("\n\nHuman: what is two plus two?\n\nAssistant:", " four")])[0],
+                      atol=1e-5)
 
 
 def test_overlong_input_is_an_error_or_truncated_from_the_left(model_dir):
@@ -99,11 +102,13 @@ def test_normalize_stores_statistics_and_score_applies_them(model_dir, hh_file, 
     raw = eval_cli.main(["normalize", "--model", str(local), "--data", f"{hh_file}[:30]"])
     examples, _ = read_examples([f"{hh_file}[:30]"])
     scorer = RewardScorer(local)
-    kept = [e for e in examples if len(scorer.tokenizer.encode(TEMPLATE.render(e.prompt, e.chosen), bos=True, eos=True)) <= 256]
+    kept = [e for e in examples
+            if len(scorer.tokenizer.encode(TEMPLATE.render(e.prompt, e.chosen), bos=True, eos=True)) <= 256]
     assert 0 < len(kept) < len(examples)  # some are over the model's max_length and dropped, as in training
     assert np.allclose(raw, direct(local, [(e.prompt, e.chosen) for e in kept]), atol=1e-5)
     stats = json.loads((local / "config.json").read_text())["rmcore"]["reward_normalization"]
-    assert np.isclose(stats["mean"], np.mean(raw)) and np.isclose(stats["std"], np.std(raw)) and stats["count"] == len(kept)
+    assert (np.isclose(stats["mean"], np.mean(raw)) and np.isclose(stats["std"], np.std(raw))
+            and stats["count"] == len(kept))
     normed = RewardScorer(local).score(ITEMS, normalize=True)
     assert np.allclose(normed, (np.array(direct(local, ITEMS)) - stats["mean"]) / stats["std"], atol=1e-4)
 
@@ -120,8 +125,8 @@ def test_best_of_n_ranks_by_reward(model_dir):
 
 def test_length_baselines_on_the_real_file_match_an_independent_count(model_dir, hh_file):
     scorer = RewardScorer(model_dir)
-    pairs, _ = load_pairs([f"{hh_file}[:300]"], scorer.tokenizer, DataConfig(max_length=256, human_tag="<H>", assistant_tag="<A>"),
-                          "x", keep_examples=True)
+    pairs, _ = load_pairs([f"{hh_file}[:300]"], scorer.tokenizer,
+                          DataConfig(max_length=256, human_tag="<H>", assistant_tag="<A>"), "x", keep_examples=True)
     report = evaluate_pairs(scorer, pairs)
     longer = shorter = ties = 0
     for e in pairs.examples:  # response length = tokens of the whole sequence (the prompt is shared)
@@ -133,13 +138,17 @@ def test_length_baselines_on_the_real_file_match_an_independent_count(model_dir,
     # response lengths are the response's own tokens: no BOS, no EOS, no prompt
     prompt_len = np.array([len(scorer.tokenizer.encode(TEMPLATE.render(e.prompt))) for e in pairs.examples])
     lc, lr = response_lengths(pairs, scorer.tokenizer, scorer.template)
-    assert (lc == [len(scorer.tokenizer.encode(TEMPLATE.render(e.prompt, e.chosen))) for e in pairs.examples] - prompt_len).all()
-    assert (lr == [len(scorer.tokenizer.encode(TEMPLATE.render(e.prompt, e.rejected))) for e in pairs.examples] - prompt_len).all()
-    edges = [b["lo"] for b in report["length"]["accuracy_by_length"]] + [report["length"]["accuracy_by_length"][-1]["hi"]]
+    assert (lc == [len(scorer.tokenizer.encode(TEMPLATE.render(e.prompt, e.chosen)))
+                   for e in pairs.examples] - prompt_len).all()
+    assert (lr == [len(scorer.tokenizer.encode(TEMPLATE.render(e.prompt, e.rejected)))
+                   for e in pairs.examples] - prompt_len).all()
+    edges = ([b["lo"] for b in report["length"]["accuracy_by_length"]]
+             + [report["length"]["accuracy_by_length"][-1]["hi"]])
     assert edges == quantile_edges((lc + lr) / 2, 4)
     assert longer + shorter + ties == n and report["pairs"] == n
     # and the accuracy is the brute-force count of strict wins
-    r = direct(model_dir, [(e.prompt, e.chosen) for e in pairs.examples] + [(e.prompt, e.rejected) for e in pairs.examples])
+    r = direct(model_dir,
+               [(e.prompt, e.chosen) for e in pairs.examples] + [(e.prompt, e.rejected) for e in pairs.examples])
     assert np.isclose(report["accuracy"], np.mean(np.array(r[:n]) > np.array(r[n:])))
 
 
@@ -178,8 +187,10 @@ def test_eval_on_the_tiny_chain_export(tiny_chain, tmp_path, monkeypatch):
     for cell, spec in zip(row, data):
         r = report["results"]["rm"][spec]
         assert cell == f"{100 * r['accuracy']:.2f}" and results["rm"][spec]["accuracy"] == r["accuracy"]
-        assert f"mean pairwise loss: {r['loss']:.4f}" in md and f"expected calibration error (10 bins): {r['calibration']['ece']:.4f}" in md
-        assert r["template"]["source"] == "config.json" and r["pairs"] + sum(report["data"][spec]["dropped"].values()) == report["data"][spec]["read"]
+        assert (f"mean pairwise loss: {r['loss']:.4f}" in md
+                and f"expected calibration error (10 bins): {r['calibration']['ece']:.4f}" in md)
+        assert (r["template"]["source"] == "config.json"
+                and r["pairs"] + sum(report["data"][spec]["dropped"].values()) == report["data"][spec]["read"])
         assert r["template"]["separator"] == " "  # the card's form, recorded at export
 
 
@@ -209,7 +220,8 @@ def test_tiny_chain_export_scores_the_same_in_transformers(tiny_chain, tmp_path)
     model = AutoModelForSequenceClassification.from_pretrained(export, dtype=torch.float32).eval()
     batch = tok(CARD_STYLE, padding=True, return_tensors="pt")
     assert batch["attention_mask"].sum(-1).unique().numel() == len(CARD_STYLE)  # all lengths differ: real padding
-    assert (batch["input_ids"][torch.arange(len(CARD_STYLE)), batch["attention_mask"].sum(-1) - 1] == tok.eos_token_id).all()
+    assert (batch["input_ids"][torch.arange(len(CARD_STYLE)), batch["attention_mask"].sum(-1) - 1]
+            == tok.eos_token_id).all()
     with torch.no_grad():
         auto = model(**batch).logits[:, 0].numpy()
     assert np.allclose(auto, ours, atol=1e-4), (auto, ours)
@@ -230,7 +242,8 @@ def test_score_under_torchrun_equals_one_process(model_dir, tmp_path):
     inp.write_text("".join(json.dumps({"text": x if isinstance(x, str) else x[0] + x[1]}) + "\n" for x in ITEMS * 3))
     repo = Path(eval_cli.__file__).resolve().parent
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(repo / "eval.py"),
-           "score", "--model", str(model_dir), "--input", str(inp), "--output", str(tmp_path / "two.jsonl"), "--batch-size", "2"]
+           "score", "--model", str(model_dir), "--input", str(inp), "--output", str(tmp_path / "two.jsonl"),
+           "--batch-size", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = [json.loads(x)["reward"] for x in (tmp_path / "two.jsonl").read_text().splitlines()]

@@ -1,24 +1,20 @@
 """ppo.py end to end on a tiny model: rollout log-probs, the first minibatch at ratio 1, a known reward that rises
 (gae and grpo), exact resume, torchrun, and the checks made at start. The math itself: tests/formulas/test_rl.py."""
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import ppo
-import train
 from rmcore.align.rollouts import pack, response_logprobs
-from rmcore.interop.hf_checkpoint import load_pretrained
-from rmcore.errors import ConfigError
-from rmcore.model import CausalLM
 from rmcore.data.tokenizer_training import train_tokenizer
-from helpers.runs import REPO, args, ppo_args, records, torchrun
+from rmcore.errors import ConfigError
+from rmcore.interop.hf_checkpoint import load_pretrained
+from rmcore.model import CausalLM
+
+import ppo
+from helpers.runs import ppo_args, records, torchrun
 
 
 def test_logprobs_of_a_left_padded_batch_equal_each_sequence_alone(policy_dir):

@@ -1,22 +1,19 @@
 """RAFT: selection, discard rules, the reward interface, a known reward that rises, exact resume, torchrun."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from rmcore.align.rewards import checked_rewards, load_reward
+from rmcore.align.selection import discard_reason, distinct_n, select_global, select_local
+from rmcore.data.template import Template
+from rmcore.errors import ConfigError
+from rmcore.interop.hf_checkpoint import save_pretrained
+
 import raft
 import train
-from rmcore.align.selection import discard_reason, distinct_n, select_global, select_local
-from rmcore.interop.hf_checkpoint import save_pretrained
-from rmcore.errors import ConfigError
-from rmcore.data.template import Template
-from rmcore.align.rewards import checked_rewards, load_reward
 from helpers.runs import REPO, args, raft_args, torchrun
 
 
@@ -47,7 +44,8 @@ def test_global_selection_keeps_the_top_n_over_k():
     assert rewards[kept].mean() >= rewards.mean()
     valid[np.argsort(-rewards)[:3]] = False  # the best three are discarded: never kept
     assert not set(select_global(rewards, k, valid)) & set(np.argsort(-rewards)[:3].tolist())
-    assert select_local(rewards[:8], 1, valid[:8]) == [i for i in range(8) if valid[i]]  # K = 1 keeps every valid sample
+    # K = 1 keeps every valid sample
+    assert select_local(rewards[:8], 1, valid[:8]) == [i for i in range(8) if valid[i]]
 
 
 def test_discard_rules_and_distinct_n():
@@ -116,7 +114,8 @@ def test_greedy_generation_under_fsdp_equals_one_process_when_a_rank_stops_early
     from rmcore.generate import rollout
     from rmcore.model import CausalLM, ModelConfig
     torch.manual_seed(0)
-    model = CausalLM(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64))
+    model = CausalLM(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                                 max_seq_len=64))
     model.init_weights(0.5)  # peaked, varied continuations
     save_pretrained(model, tmp_path / "policy")
     model.eval()
@@ -132,7 +131,8 @@ def test_greedy_generation_under_fsdp_equals_one_process_when_a_rank_stops_early
     one = [rollout(model, p, max_new_tokens=12, eos_id=eos, pad_id=pad, temperature=0, with_logprobs=True)
            for p in prompts]
     assert max(len(x) for x in one[1].responses()) < max(len(x) for x in one[0].responses())  # rank 1 ends first
-    proc = torchrun(2, "tests/helpers/fsdp_generate.py", [tmp_path / "policy", tmp_path / "spec.json", tmp_path / "out"])
+    proc = torchrun(2, "tests/helpers/fsdp_generate.py",
+                    [tmp_path / "policy", tmp_path / "spec.json", tmp_path / "out"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         got = json.loads((tmp_path / f"out.rank{rank}.json").read_text())
@@ -154,7 +154,8 @@ def test_compare_a_policy_with_itself_is_all_ties(tmp_path, hh_file, tok_dir, po
     other = eval_cli.main(["compare", "--policy-a", str(policy_dir), "--policy-b", str(policy_dir), "--judge",
                            str(tmp_path / "rm" / "export"), "--prompts", f"{hh_file}[2200:2216]", "--max-new-tokens",
                            "16", "--out", str(tmp_path / "cmp2"), "--seed", "1"])
-    assert [s["a"] for s in other["samples"]] != [s["a"] for s in r["samples"]]  # the seed matters: ties above are not vacuous
+    # the seed matters: ties above are not vacuous
+    assert [s["a"] for s in other["samples"]] != [s["a"] for s in r["samples"]]
 
 
 def test_a_response_is_cut_at_its_stop_the_same_way_for_reward_and_training(tmp_path, hh_file, policy_dir):
@@ -203,7 +204,8 @@ def test_k_1_without_discards_trains_on_every_sample(tmp_path, hh_file, policy_d
 def test_raft_configs_load_and_hold_the_reference_recipe():
     from rmcore.config.sections import RaftTrainConfig, load_stages
     [c] = load_stages(str(REPO / "configs/open_llama_3b_raft.yaml"), [], RaftTrainConfig)
-    assert (c.raft.prompts_per_iter, c.raft.k, c.raft.selection, c.optim.lr, c.raft.max_new_tokens) == (2048, 8, "local", 2e-5, 128)
+    assert ((c.raft.prompts_per_iter, c.raft.k, c.raft.selection, c.optim.lr, c.raft.max_new_tokens)
+            == (2048, 8, "local", 2e-5, 128))
     assert c.data.human_tag == "###Human:" and c.run.precision == "bf16" and c.data.sft_loss_on == "response"
     for name in ("tiny_raft.yaml", "small_raft.yaml"):
         [c] = load_stages(str(REPO / "configs" / name), [], RaftTrainConfig)

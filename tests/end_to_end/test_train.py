@@ -4,16 +4,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+
+from rmcore.errors import NonFiniteLoss
 
 import train
 from helpers.runs import REPO, args, assert_same_weights, losses, torchrun
-from rmcore.errors import NonFiniteLoss
 
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -80,7 +79,8 @@ def test_nonfinite_loss_stops_with_step_ids_and_checkpoint(tmp_path, hh_file, to
         return loss * float("nan") if calls["n"] in (5, 6) else loss
 
     monkeypatch.setattr(train, "pairwise_loss", poisoned)
-    common = ["optim.micro_batch_size=2", "optim.grad_accum=2", "optim.max_steps=4", "run.save_every=1", "run.eval_every=0"]
+    common = ["optim.micro_batch_size=2", "optim.grad_accum=2", "optim.max_steps=4", "run.save_every=1",
+              "run.eval_every=0"]
     with pytest.raises(NonFiniteLoss) as err:
         train.main(args("rm", tmp_path / "stop", hh_file, tok_dir, *common, "data.eval=[]"))
     msg = str(err.value)
@@ -128,7 +128,8 @@ def test_recipe_configs_hold_the_reference_recipe():
         assert (cfg.data.human_tag, cfg.data.assistant_tag) == ("###Human:", "###Assistant:")
         assert cfg.data.train[1].endswith("[:6275]") and cfg.data.eval[0].endswith("[6275:]")
         assert cfg.run.precision == "bf16" and cfg.optim.schedule == "linear"
-    assert (sft_cfg.run.stage, sft_cfg.optim.lr, sft_cfg.optim.epochs, sft_cfg.data.block_size) == ("sft", 2e-5, 2, 1024)
+    assert ((sft_cfg.run.stage, sft_cfg.optim.lr, sft_cfg.optim.epochs, sft_cfg.data.block_size)
+            == ("sft", 2e-5, 2, 1024))
     assert sft_cfg.data.sft_loss_on == "all" and not sft_cfg.data.document_mask
     assert (rm_cfg.run.stage, rm_cfg.optim.lr, rm_cfg.optim.epochs, rm_cfg.data.max_length) == ("rm", 5e-6, 1, 512)
     assert rm_cfg.run.init_from == sft_cfg.run.out_dir + "/export"
@@ -156,7 +157,7 @@ def test_local_sweep_runner_tables_each_runs_final_metrics(tmp_path, hh_file, to
     assert f"{100 * rows[1]['eval_acc']:.2f}" in table and rows[0]["train_loss"] != rows[1]["train_loss"]
 
 
-# ---------------------------------------------------------------------------------------------------------------- fidelity
+# ------------------------------------------------------------------------------------------------------------- fidelity
 
 
 @pytest.mark.parametrize("native", [False, True])
@@ -174,16 +175,18 @@ def test_precision_auto_is_resolved_and_recorded(native, tmp_path, hh_file, tok_
 def test_bf16_training_eval_counts_the_ties_eval_py_counts(tmp_path, hh_file, tok_dir):
     """In-training evaluation under bf16 autocast and eval.py in fp32, same weights and pairs: the same ties, since
     rewards stay fp32. The held-out pairs are ones where bf16-rounded rewards do tie."""
-    import eval as eval_cli
     from rmcore.data.datasets import DataConfig, load_pairs
     from rmcore.eval.scorer import RewardScorer
+
+    import eval as eval_cli
     out = tmp_path / "rm"
     # one step of one pair, then the evaluation: cheap even where bf16 is emulated (AVX2-only CPUs); the tiny lr
     # keeps the rewards of the fresh init, which crowd together
     train.main(args("rm", out, hh_file, tok_dir, "run.precision=bf16", "optim.max_steps=1", "optim.micro_batch_size=1",
                     "optim.lr=1e-9"))
     in_training = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
-    report = eval_cli.main(["--model", str(out / "export"), "--data", f"{hh_file}[2200:2230]", "--out", str(tmp_path / "ev")])
+    report = eval_cli.main(["--model", str(out / "export"), "--data", f"{hh_file}[2200:2230]",
+                            "--out", str(tmp_path / "ev")])
     evaluated = report["rm"][f"{hh_file}[2200:2230]"]
     assert in_training["eval_pairs"] == evaluated["pairs"] == 16
     assert in_training["eval_ties"] == evaluated["ties"] == 0  # (accuracy may differ: the trunk ran in bf16)
@@ -201,7 +204,8 @@ def test_logged_eval_loss_is_the_plain_pairwise_loss_eval_py_reports(tmp_path, h
     train.main(args("rm", out, hh_file, tok_dir, "loss.center_coef=0.1", "optim.max_steps=3"))
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     final = records[-1]
-    report = eval_cli.main(["--model", str(out / "export"), "--data", f"{hh_file}[2200:2230]", "--out", str(tmp_path / "ev")])
+    report = eval_cli.main(["--model", str(out / "export"), "--data", f"{hh_file}[2200:2230]",
+                            "--out", str(tmp_path / "ev")])
     assert abs(final["eval_loss"] - report["rm"][f"{hh_file}[2200:2230]"]["loss"]) < 1e-4
     # the centering term and the optimised total are logged under their own names, in training and eval alike
     for rec, prefix in ((records[0], ""), (final, "eval_")):
@@ -224,7 +228,8 @@ def test_sft_steps_without_targets_are_counted_not_fatal(tmp_path, hh_file, tok_
     blocks, _ = load_blocks([f"{hh_file}[:40]"], Tokenizer.from_pretrained(tok_dir),
                             DataConfig(block_size=16, sft_loss_on="assistant"), "x")
     order = [b[0] for _, b in zip(range(30), ShardedSampler(len(blocks), 1, seed=0))]
-    empty = [int(shift_targets(torch.from_numpy(blocks.tokens[[i]]).long(), torch.from_numpy(blocks.loss_mask[[i]]))[1].sum() == 0)
+    empty = [int(shift_targets(torch.from_numpy(blocks.tokens[[i]]).long(),
+                               torch.from_numpy(blocks.loss_mask[[i]]))[1].sum() == 0)
              for i in order]
     assert sum(empty) > 0
     assert [r["empty_steps"] for r in records] == np.cumsum(empty).tolist()

@@ -5,7 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from rmcore.eval.metrics import accuracy_by_bucket, calibration, histogram, length_baselines, margin_quantiles, most_confident, quantile_edges, spearman
+from rmcore.eval.metrics import (
+    accuracy_by_bucket,
+    calibration,
+    histogram,
+    length_baselines,
+    margin_quantiles,
+    most_confident,
+    quantile_edges,
+    spearman,
+)
 
 
 def _logit(c):

@@ -4,8 +4,18 @@ import math
 import torch
 
 from rmcore.rl import (
-    adaptive_beta, entropy, gae, grpo_advantages, kl_k1, kl_k3, masked_mean, masked_whiten, policy_loss, rloo_advantages,
-    token_rewards, value_loss,
+    adaptive_beta,
+    entropy,
+    gae,
+    grpo_advantages,
+    kl_k1,
+    kl_k3,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    rloo_advantages,
+    token_rewards,
+    value_loss,
 )
 
 g = torch.Generator().manual_seed(0)
@@ -49,7 +59,8 @@ def test_kl_estimators():
     assert torch.equal(kl_k1(lp, lr), lp - lr)
     k3 = kl_k3(lp, lr)
     assert (k3 >= 0).all()
-    assert math.isclose(float(k3[0, 0]), math.exp(float(lr[0, 0] - lp[0, 0])) - 1 - float(lr[0, 0] - lp[0, 0]), rel_tol=1e-12)
+    assert math.isclose(float(k3[0, 0]), math.exp(float(lr[0, 0] - lp[0, 0])) - 1 - float(lr[0, 0] - lp[0, 0]),
+                        rel_tol=1e-12)
     # both estimate KL(p || q) for samples x ~ p: check on a small categorical, exactly in expectation
     p, q = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
     kl = float((p * (p / q).log()).sum())
@@ -60,7 +71,8 @@ def test_kl_estimators():
 def test_rloo_and_grpo_by_hand():
     s = torch.tensor([1.0, 2.0, 4.0, 0.0, 0.0, 3.0], dtype=torch.float64)
     rloo = rloo_advantages(s, 3)
-    assert torch.allclose(rloo, torch.tensor([1 - 3.0, 2 - 2.5, 4 - 1.5, 0 - 1.5, 0 - 1.5, 3 - 0.0], dtype=torch.float64))
+    assert torch.allclose(rloo, torch.tensor([1 - 3.0, 2 - 2.5, 4 - 1.5, 0 - 1.5, 0 - 1.5, 3 - 0.0],
+                                             dtype=torch.float64))
     grpo = grpo_advantages(s, 3, eps=0.0)
     for i in range(6):
         grp = [float(x) for x in s[(i // 3) * 3:(i // 3) * 3 + 3]]
@@ -95,7 +107,8 @@ def test_whitening_entropy_and_adaptive_beta():
     assert math.isclose(float(kept.mean()), float(x[MASK.bool()].mean()), rel_tol=1e-9)
     logits = rand(B, T, 5)
     p = logits.softmax(-1)
-    want = sum(float(-(p[b, t] * p[b, t].log()).sum()) for b in range(B) for t in range(T) if MASK[b, t]) / float(MASK.sum())
+    want = sum(float(-(p[b, t] * p[b, t].log()).sum())
+               for b in range(B) for t in range(T) if MASK[b, t]) / float(MASK.sum())
     assert math.isclose(float(entropy(logits, MASK)), want, rel_tol=1e-6)  # computed in fp32, as for bf16 logits
     assert math.isclose(adaptive_beta(0.1, 12.0, 6.0, 100, 10000), 0.1 * (1 + 0.2 * 100 / 10000))
     assert math.isclose(adaptive_beta(0.1, 5.4, 6.0, 100, 10000), 0.1 * (1 - 0.1 * 100 / 10000))
@@ -129,7 +142,8 @@ def test_policy_and_value_loss_at_ratio_one_and_where_clipped():
     assert float(clipfrac) == 0.0
     # tokens pushed outside the clip range in the direction the advantage favours: no gradient there
     old = lp.detach().clone()
-    new = (old + torch.where(adv > 0, 0.5, -0.5)).requires_grad_(True)  # rho = e^0.5 > 1.2 where A > 0, < 0.8 where A < 0
+    # rho = e^0.5 > 1.2 where A > 0, < 0.8 where A < 0
+    new = (old + torch.where(adv > 0, 0.5, -0.5)).requires_grad_(True)
     loss, clipfrac = policy_loss(new, old, adv, MASK, 0.2)
     loss.backward()
     assert float(clipfrac) == 1.0

@@ -2,11 +2,10 @@
 import json
 import sys
 
-
-from rmcore.training.distributed import init_distributed, shutdown
 from rmcore.generate import rollout
-from rmcore.training.runtime import build_model
 from rmcore.model import CausalLM
+from rmcore.training.distributed import init_distributed, shutdown
+from rmcore.training.runtime import build_model
 
 policy, spec_file, out = sys.argv[1:4]
 spec = json.loads(open(spec_file).read())

@@ -11,9 +11,9 @@ import torch
 
 from rmcore import CausalLM, RewardModel
 from rmcore.errors import CheckpointError
-from rmcore.interop.hf_checkpoint import load_pretrained
 from rmcore.generate import generate
 from rmcore.interop.gguf import gguf_tokenizer, load_gguf, resolve_gguf
+from rmcore.interop.hf_checkpoint import load_pretrained
 from rmcore.tokenizer import Tokenizer
 
 
@@ -63,7 +63,8 @@ def test_logits_match_transformers_with_left_and_right_padding(ours, hf, tok):
 def test_greedy_generation_matches_transformers(ours, hf, tok):
     prompt = tok.encode("<|im_start|>user\nHow do I bake bread at home?<|im_end|>\n<|im_start|>assistant\n")
     # the text is text: a literal "<|im_start|>" is characters, so the chat turn is spelled with the special ids
-    chat = [1] + tok.encode("user\nHow do I bake bread at home?") + [2] + tok.encode("\n") + [1] + tok.encode("assistant\n")
+    chat = ([1] + tok.encode("user\nHow do I bake bread at home?") + [2] + tok.encode("\n")
+            + [1] + tok.encode("assistant\n"))
     assert prompt != chat
     with torch.no_grad():
         mine = generate(ours, [chat], max_new_tokens=20, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=0.0)[0]
@@ -97,7 +98,8 @@ def test_tokenizer_matches_the_files_vocabulary_on_real_text(gguf_file, tok, hh_
 def test_converted_directory_loads_everywhere_with_the_same_logits(gguf_file, ours, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out = tmp_path / "smol"
-    proc = subprocess.run([sys.executable, "-m", "rmcore.interop.gguf", "convert", "--gguf", "smollm2", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "rmcore.interop.gguf", "convert", "--gguf", "smollm2",
+                           "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ids = torch.tensor([Tokenizer.from_pretrained(out).encode("The capital of France is")])

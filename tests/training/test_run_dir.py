@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import eval as eval_cli
-import train
-from rmcore.errors import UserError
-from rmcore.errors import NonFiniteLoss
+from rmcore.errors import NonFiniteLoss, UserError
+from rmcore.interop.hf_checkpoint import save_pretrained
 from rmcore.training.checkpoints import Checkpointer
 from rmcore.training.run_dir import RunLock
-from rmcore.interop.hf_checkpoint import save_pretrained
+
+import eval as eval_cli
+import train
 from conftest import non_finite_tensors
 from helpers.runs import REPO, args, assert_same_weights, losses
 
@@ -66,12 +66,13 @@ def test_eval_py_on_zero_pairs_is_an_error(tmp_path, hh_file, tok_dir):
                        "--max-length", "8", "--out", str(tmp_path / "ev")])
 
 
-# ---------------------------------------------------------------------------------------------------- one run per directory
+# ------------------------------------------------------------------------------------------------ one run per directory
 def test_another_config_never_resumes_the_old_run(tmp_path, hh_file, tok_dir):
     common = ["optim.max_steps=3", "run.save_every=1", "run.eval_every=0"]
     train.main(args("rm", tmp_path / "run", hh_file, tok_dir, *common))
     before = (tmp_path / "run" / "config.yaml").read_text()
-    with pytest.raises(UserError, match=r"(?s)different run.*optim\.lr: checkpoint 0\.001, this run 0\.0001.*run\.resume=never"):
+    with pytest.raises(UserError,
+                       match=r"(?s)different run.*optim\.lr: checkpoint 0\.001, this run 0\.0001.*run\.resume=never"):
         train.main(args("rm", tmp_path / "run", hh_file, tok_dir, *common, "optim.lr=1e-4"))
     assert (tmp_path / "run" / "config.yaml").read_text() == before  # the refused run wrote nothing
     # resume=never moves the earlier run aside, out loud, and the new run owns the directory
@@ -126,7 +127,8 @@ def test_a_dead_holders_lock_is_taken_over(tmp_path):
     from rmcore.training.distributed import Dist
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     import socket
-    (tmp_path / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "since": "then"}))
+    (tmp_path / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),
+                                                "since": "then"}))
     with RunLock(tmp_path, Dist()):
         assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
         with pytest.raises(UserError, match=f"PID {os.getpid()}"):  # and now it is held by a live process
@@ -135,9 +137,9 @@ def test_a_dead_holders_lock_is_taken_over(tmp_path):
 
 
 def test_a_checkpoint_of_another_shape_names_its_tensors(tmp_path):
+    from rmcore.model import ModelConfig, RewardModel
     from rmcore.training.distributed import Dist
     from rmcore.training.trainer import make_optimizer
-    from rmcore.model import ModelConfig, RewardModel
 
     def model(n_layers):
         m = RewardModel(ModelConfig(vocab_size=40, dim=16, n_layers=n_layers, n_heads=2, ffn_dim=32))
@@ -197,7 +199,8 @@ def run_cli(script, *argv, cwd):
 def test_corrupt_inputs_are_one_line_errors_naming_the_file(tmp_path, hh_file, tok_dir):
     truncated = tmp_path / "cut.jsonl.gz"
     truncated.write_bytes(Path(hh_file).read_bytes()[:20000])
-    err = run_cli("train.py", *args("rm", tmp_path / "a", hh_file, tok_dir, f"data.train=['{truncated}']"), cwd=tmp_path)
+    err = run_cli("train.py", *args("rm", tmp_path / "a", hh_file, tok_dir, f"data.train=['{truncated}']"),
+                  cwd=tmp_path)
     assert f"error: {truncated}: unreadable after line" in err and "truncated" in err
 
     train.main(args("rm", tmp_path / "rm", hh_file, tok_dir, "optim.max_steps=1"))
@@ -256,11 +259,11 @@ def test_score_refuses_what_it_cannot_score(tmp_path, hh_file, tok_dir):
 
 
 def test_non_finite_weights_are_never_written(tmp_path):
+    from rmcore.errors import NonFiniteWeights
+    from rmcore.model import ModelConfig, RewardModel
+    from rmcore.training.checkpoints import export_pretrained
     from rmcore.training.distributed import Dist
     from rmcore.training.trainer import make_optimizer
-    from rmcore.model import ModelConfig, RewardModel
-    from rmcore.errors import NonFiniteWeights
-    from rmcore.training.checkpoints import export_pretrained
     m = RewardModel(ModelConfig(vocab_size=40, dim=16, n_layers=1, n_heads=2, ffn_dim=32))
     m.init_weights()
     with torch.no_grad():
@@ -288,9 +291,9 @@ def test_a_nan_reward_is_an_error(tmp_path, tok_dir):
 
 
 def test_corrupt_parquet_gzip_and_json_files_are_named(tmp_path):
-    from rmcore.interop.hf_checkpoint import read_hf_config
     from rmcore.data.formats import read_examples
     from rmcore.errors import DataError
+    from rmcore.interop.hf_checkpoint import read_hf_config
     (tmp_path / "x.parquet").write_bytes(b"not a parquet file at all")
     with pytest.raises(DataError, match=r"x\.parquet: unreadable parquet"):
         read_examples([str(tmp_path / "x.parquet")])

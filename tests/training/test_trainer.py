@@ -19,7 +19,8 @@ def test_lr_at_matches_transformers_schedulers(schedule, reference, warmup):
     sched = reference(opt, num_warmup_steps=warmup, num_training_steps=total)
     for step in range(total):
         # every step, the warmup's first (lr 0, as in HF) included
-        assert lr_at(step, total_steps=total, peak_lr=peak, warmup_steps=warmup, schedule=schedule) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-15)
+        assert (lr_at(step, total_steps=total, peak_lr=peak, warmup_steps=warmup, schedule=schedule)
+                == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-15))
         opt.step()
         sched.step()
 
@@ -35,7 +36,8 @@ def test_warmup_length_matches_transformers(ratio, total):
 
 
 def test_lr_floor_and_constant():
-    assert lr_at(99, total_steps=100, peak_lr=1.0, schedule="linear", min_lr_ratio=0.1) == pytest.approx(0.1 + 0.9 * 0.01)
+    assert (lr_at(99, total_steps=100, peak_lr=1.0, schedule="linear", min_lr_ratio=0.1)
+            == pytest.approx(0.1 + 0.9 * 0.01))
     assert lr_at(100, total_steps=100, peak_lr=1.0, schedule="cosine", min_lr_ratio=0.1) == pytest.approx(0.1)
     assert lr_at(5, total_steps=100, peak_lr=3.0, schedule="constant") == 3.0
     with pytest.raises(ValueError, match="unknown schedule"):

@@ -45,7 +45,8 @@ def policy_templates(policy_a: str, policy_b: str) -> list[tuple[Template, str]]
 
 def compare_policies(policy_a: str, policy_b: str, *, judge: str, prompt_specs: list[str], device="cpu",
                      max_new_tokens: int = 128, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                     seed: int = 0, tie_epsilon: float = 0.0, max_prompt_tokens: int = 512, batch_size: int = 16) -> dict:
+                     seed: int = 0, tie_epsilon: float = 0.0, max_prompt_tokens: int = 512,
+                     batch_size: int = 16) -> dict:
     """Wins / ties / losses of policy A against B on the prompts, with every sample."""
     examples, report = read_examples(prompt_specs, name="compare prompts")
     sides, templates = [], policy_templates(policy_a, policy_b)
@@ -93,7 +94,8 @@ def compare_markdown(r: dict, show: int = 20) -> str:
     out = ["# Policy comparison", "",
            f"- A: `{r['policy_a']}`; B: `{r['policy_b']}`; judge: `{r['judge']}`",
            f"- prompts: {r['prompts']}; A wins {r['wins']} ({100 * r['wins'] / n:.1f}%), ties {r['ties']} "
-           f"({100 * r['ties'] / n:.1f}%), losses {r['losses']} ({100 * r['losses'] / n:.1f}%); a tie is |r_a - r_b| <= "
+           f"({100 * r['ties'] / n:.1f}%), losses {r['losses']} ({100 * r['losses'] / n:.1f}%); "
+           f"a tie is |r_a - r_b| <= "
            f"{r['tie_epsilon']}",
            f"- A at least as good as B on {r['wins'] + r['ties']} of {r['prompts']} prompts",
            f"- templates: A {r['template_a']['human']!r} ({r['template_a']['source']}), B {r['template_b']['human']!r} "
