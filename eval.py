@@ -105,6 +105,10 @@ def score(args, dist):
 
 
 def normalize(args, dist):
+    if not Path(args.model).is_dir():  # a hub id: its files live in the shared HF cache, which is never written to
+        raise UserError(f"--model {args.model}: normalize writes the statistics into the model's config.json, so it "
+                        f"needs a local directory: `hf download {args.model.split('@')[0]} --local-dir DIR`, then "
+                        f"--model DIR")
     scorer = RewardScorer(args.model, batch_size=args.batch_size, dist=dist)
     data = args.data or scorer.config.get("rmcore", {}).get("train_data")
     if not data:
@@ -151,7 +155,8 @@ def parse(argv):
     argv = argv[1:] if command != "evaluate" else argv
     p = argparse.ArgumentParser(prog=f"eval.py{'' if command == 'evaluate' else ' ' + command}")
     if command == "evaluate":
-        p.add_argument("--model", action="append", required=True, help="HF-format reward model directory (repeatable)")
+        p.add_argument("--model", action="append", required=True,
+                       help="reward model: an HF-format directory or a hub id, org/name[@revision] (repeatable)")
         p.add_argument("--data", action="append", required=True,
                        help="preference file, optionally sliced: f.jsonl[a:b] (repeatable)")
         p.add_argument("--out", default="runs/eval")

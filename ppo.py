@@ -29,7 +29,6 @@ import math
 import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,6 +40,7 @@ from rmcore.align.rollouts import Packed, pack, response_logits, response_logpro
 from rmcore.config.sections import PpoConfig, PpoTrainConfig
 from rmcore.errors import ConfigError
 from rmcore.generate import token_logprobs
+from rmcore.interop.hub import resolve_model
 from rmcore.model import CausalLM, RewardModel
 from rmcore.rl import (
     ADVANTAGE_ESTIMATORS,
@@ -266,7 +266,7 @@ def critic_source(cfg: PpoTrainConfig, tok: Tokenizer) -> tuple[str, bool]:
     if ppo_cfg.critic == "policy":
         return cfg.run.init_from, True
     path = ppo_cfg.reward if ppo_cfg.critic == "reward" else ppo_cfg.critic
-    if not (Path(path) / "config.json").is_file():
+    if not (resolve_model(path) / "config.json").is_file():
         raise ConfigError(f"ppo.critic={ppo_cfg.critic}: {path} is not a reward model directory; advantage=gae needs "
                           "a critic (ppo.critic=policy starts one from the policy's trunk with a fresh value head)")
     if not Tokenizer.from_pretrained(path).same_ids(tok):

@@ -31,8 +31,8 @@ from rmcore.interop.hf_checkpoint import load_pretrained  # noqa: E402
 from rmcore.model import CausalLM  # noqa: E402
 from rmcore.tokenizer import Tokenizer  # noqa: E402
 
-DATA = (Path(os.environ.get("RMCORE_DATA", REPO.parent / "shared" / "data"))
-        / "hh-rlhf" / "harmless-base" / "test.jsonl.gz")
+# the file the repository ships, or under $RMCORE_DATA (as rmcore.data.files.data_root)
+DATA = Path(os.environ.get("RMCORE_DATA") or REPO / "data") / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 
 
 def prompts(tok: Tokenizer, n: int, max_tokens: int = 64) -> list[list[int]]:

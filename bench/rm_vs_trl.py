@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = (Path(os.environ.get("RMCORE_DATA", REPO.parent / "shared" / "data"))
-        / "hh-rlhf" / "harmless-base" / "test.jsonl.gz")
+# the file the repository ships, or under $RMCORE_DATA (as rmcore.data.files.data_root)
+DATA = Path(os.environ.get("RMCORE_DATA") or REPO / "data") / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 HELD_OUT = "[1932:]"
 
 

@@ -32,6 +32,10 @@ class CheckpointError(UserError, ValueError):
     """A model directory or training checkpoint that is missing files or does not match the model."""
 
 
+class HubError(UserError):
+    """A model or dataset named by a Hugging Face Hub id that cannot be found, reached or fully downloaded."""
+
+
 class RunDirError(UserError):
     """The run directory is in use, or holds another run."""
 

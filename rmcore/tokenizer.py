@@ -16,6 +16,7 @@ import sentencepiece as spm
 import tokenizers
 
 from rmcore.errors import TokenizerError
+from rmcore.interop.hub import resolve_model
 from rmcore.interop.tokenizer_json import exact_conversion, special_tokens_template
 
 SP_FILE, HF_FILE = "tokenizer.model", "tokenizer.json"
@@ -76,7 +77,8 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
-        path = Path(path)
+        """A model directory's tokenizer, a tokenizer file, or a Hugging Face Hub id's (org/name[@revision])."""
+        path = resolve_model(path)
         d = path.parent if path.is_file() else path
         names = _special_token_names(d)
         sp_file = path if path.is_file() and path.name != HF_FILE else d / SP_FILE

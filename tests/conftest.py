@@ -1,4 +1,4 @@
-"""Shared test fixtures. The shipped data is found through one setting, RMCORE_DATA (default ../shared/data).
+"""Shared test fixtures. The shipped data is found through one setting, RMCORE_DATA (default the repository's data/).
 
 Module-scoped fixtures (a tokenizer, a tiny policy, a tiny reward model) are made once per test module that asks.
 Helpers that are not fixtures: tests/helpers/.
@@ -16,7 +16,7 @@ import train
 from helpers.runs import args
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("RMCORE_DATA", REPO.parent / "shared" / "data")).resolve()
+DATA_DIR = Path(os.environ.get("RMCORE_DATA") or REPO / "data").resolve()  # as rmcore.data.files.data_root
 HH_TEST = DATA_DIR / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 
 
@@ -24,7 +24,8 @@ HH_TEST = DATA_DIR / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 def hh_file() -> Path:
     """The genuine HH-RLHF harmless-base test file; a missing file fails the test, it never skips."""
     if not HH_TEST.is_file():
-        pytest.fail(f"shipped data not found at {HH_TEST}; set RMCORE_DATA to the folder holding hh-rlhf/")
+        pytest.fail(f"shipped data not found at {HH_TEST}; it ships in the repository's data/ (or set RMCORE_DATA to "
+                    f"the folder holding hh-rlhf/)")
     return HH_TEST
 
 

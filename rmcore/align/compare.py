@@ -19,12 +19,13 @@ from rmcore.data.formats import Report, read_examples
 from rmcore.data.template import Template
 from rmcore.eval.report import excerpt
 from rmcore.interop.hf_checkpoint import load_pretrained
+from rmcore.interop.hub import resolve_model
 from rmcore.model import CausalLM
 from rmcore.tokenizer import Tokenizer
 
 
 def recorded_template(model_dir: str | Path) -> Template | None:
-    info = json.loads((Path(model_dir) / "config.json").read_text()).get("rmcore", {})
+    info = json.loads((resolve_model(model_dir) / "config.json").read_text()).get("rmcore", {})
     return Template.from_dict(info["template"]) if "template" in info else None
 
 

@@ -2,8 +2,9 @@
 
 Prompts are in HH form ("\\n\\nHuman: ...\\n\\nAssistant:"), responses are plain text already cut at their stop
 (rmcore.generate.cut_at_stop). Two implementations, chosen by one config string:
-  - a directory: a reward model held in memory (RewardScorer: the template, BOS/EOS and length limit recorded in
-    its config.json; with normalize, the statistics stored by `eval.py normalize`);
+  - a directory or a Hugging Face Hub id (org/name[@revision]): a reward model held in memory (RewardScorer: the
+    template, BOS/EOS and length limit recorded in its config.json; with normalize, the statistics stored by
+    `eval.py normalize`);
   - "module:function": any Python callable with that signature (rule-based or verifiable rewards, test rewards).
 Under torchrun each rank scores its own samples: no collective is involved.
 """
@@ -18,6 +19,7 @@ import torch
 
 from rmcore.errors import ConfigError
 from rmcore.eval.scorer import RewardScorer
+from rmcore.interop.hub import is_hub_id
 from rmcore.training.distributed import Dist
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -40,12 +42,12 @@ class ModelReward:
 
 
 def load_reward(spec: str, device="cpu", *, dtype: torch.dtype | None = None, normalize: bool = False) -> RewardFn:
-    """A reward model directory, or "module:function" naming a callable (prompts, responses) -> rewards."""
-    if Path(spec).is_dir():
+    """A reward model directory or hub id, or "module:function" naming a callable (prompts, responses) -> rewards."""
+    if Path(spec).is_dir() or is_hub_id(spec):
         return ModelReward(spec, device, dtype=dtype, normalize=normalize)
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
-        raise ConfigError(f"reward {spec!r}: expected a reward model directory or module:function")
+        raise ConfigError(f"reward {spec!r}: expected a reward model directory, a hub id (org/name) or module:function")
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:

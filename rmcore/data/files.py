@@ -1,10 +1,12 @@
-"""Data files: specs naming them, the shared data folder, and readers that yield one record at a time.
+"""Data files: specs naming them, the data folder, and readers that yield one record at a time.
 
-Files are named by specs: `path`, or `path[a:b]` for records a..b-1 of the file (Python slice rules, indices
-counted over the file's non-blank lines / rows, before anything is dropped). `.jsonl`, `.jsonl.gz` and `.json`
+Files are named by specs: `path`, or `path[a:b]` for records a..b-1 (Python slice rules, indices counted over the
+non-blank lines / rows, before anything is dropped). A path may be a file of a dataset repository on the Hugging
+Face Hub, `hf://datasets/<org>/<name>[@revision]/<path or glob>`, fetched into the HF cache (rmcore/interop/hub.py);
+a glob's files are read in name order as one stream, which the slice then cuts. `.jsonl`, `.jsonl.gz` and `.json`
 (one list of records) are read with the standard library, line by line; `.parquet` through pyarrow (the `parquet`
-extra). `${RMCORE_DATA}` in a path is the shared data folder ($RMCORE_DATA, default ../shared/data).
-Nothing is fetched from a hub: a dataset name instead of a path is an error saying how to download it.
+extra). `${RMCORE_DATA}` in a path is the data folder: $RMCORE_DATA, default the repository's own `data/`, which
+ships the HH-RLHF harmless-base test split.
 
 Bad input (invalid UTF-8, malformed JSON) is yielded as a DataError("path:line: what was expected") in the record's
 place, so the caller decides between stopping and skipping; a file that cannot be read on raises.
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from rmcore.errors import DataError
+from rmcore.interop.hub import resolve_data
 
 
 @dataclass(frozen=True)
@@ -50,54 +53,66 @@ class FileSpec:
         return f"{self.path}[{'' if self.start is None else self.start}:{'' if self.stop is None else self.stop}]"
 
 
+# The repository's data/ folder, beside the package (a source checkout or an editable install)
+REPO_DATA = Path(__file__).resolve().parents[2] / "data"
+
+
 def data_root() -> Path:
-    """The shared data folder: $RMCORE_DATA, default ../shared/data (relative to the working directory)."""
-    return Path(os.environ.get("RMCORE_DATA", "../shared/data"))
+    """The data folder `${RMCORE_DATA}` names: $RMCORE_DATA, default the repository's data/."""
+    return Path(os.environ.get("RMCORE_DATA") or REPO_DATA)
 
 
-# Files the tiny configs and the tests read from the shared data folder, and what they are.
+# Files of the data folder that the shipped configs and the tests read, and what they are.
 SHIPPED_FILES = {
     "hh-rlhf/harmless-base/test.jsonl.gz": (
         "the HH-RLHF harmless-base test split (2,312 preference pairs, MIT licence) from Anthropic's public "
-        "hh-rlhf repository, https://github.com/anthropics/hh-rlhf (file harmless-base/test.jsonl.gz)"),
+        "hh-rlhf repository, https://github.com/anthropics/hh-rlhf (file harmless-base/test.jsonl.gz), which the "
+        "repository ships as data/hh-rlhf/harmless-base/test.jsonl.gz"),
 }
 
 
 def _missing_shared_file(path: Path) -> str | None:
-    """For a missing file inside the shared data folder: what it is, where it is expected, how to provide it."""
+    """For a missing file inside the data folder: what it is, where it is expected, how to provide it."""
     root = data_root()
     try:
         rel = path.resolve().relative_to(root.resolve()).as_posix()
     except ValueError:
         return None
-    what = SHIPPED_FILES.get(rel, "a file of the shared data folder")
-    setting = (f"RMCORE_DATA={os.environ['RMCORE_DATA']}" if "RMCORE_DATA" in os.environ
-               else f"RMCORE_DATA is unset, so the default {root} relative to the working directory {os.getcwd()}")
-    return (f"{path}: no such file. It is {what}. The tiny configs and the tests read it from the shared data "
-            f"folder ({setting}), expecting it at {root.resolve() / rel}. Put the file there, or set RMCORE_DATA "
-            f"to the folder that holds {rel.split('/')[0]}/, e.g. RMCORE_DATA=/path/to/data python train.py ...")
+    what = SHIPPED_FILES.get(rel, "a file of the data folder")
+    setting = (f"RMCORE_DATA={os.environ['RMCORE_DATA']}" if os.environ.get("RMCORE_DATA")
+               else f"RMCORE_DATA is unset, so the repository's own {root}")
+    return (f"{path}: no such file. It is {what}. The shipped configs and the tests read it from the data folder "
+            f"({setting}), expecting it at {root.resolve() / rel}. Put the file there, or set RMCORE_DATA to the "
+            f"folder that holds {rel.split('/')[0]}/, e.g. RMCORE_DATA=/path/to/data python train.py ...")
 
 
-_HUB_NAME = re.compile(r"(hf://|hf:|huggingface:)?[A-Za-z0-9][\w.-]*/[\w.-]+")
+_DATASET_NAME = re.compile(r"(hf:|huggingface:)?[A-Za-z0-9][\w.-]*/[\w.-]+")
 _SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 
 
-def _check_path(spec: FileSpec) -> Path:
+def local_files(spec: FileSpec) -> list[tuple[str, Path]]:
+    """(name, local path) of each file a spec names, in reading order: one local file (named as the spec names
+    it), or the files of an hf://datasets/... spec, downloaded (each named by its own hf:// path)."""
+    if spec.path.startswith("hf://"):
+        files = resolve_data(spec.path)
+        bad = [name for name, _ in files if not name.endswith(_SUFFIXES)]
+        if bad:
+            raise DataError(f"{spec.path}: unsupported file type ({', '.join(bad[:3])}); expected one of "
+                            f"{', '.join(_SUFFIXES)}")
+        return files
     path = Path(spec.path)
     if path.is_dir():
         raise DataError(f"{spec.path}: is a directory; expected a data file ({', '.join(_SUFFIXES)})")
     if path.is_file():
         if not spec.path.endswith(_SUFFIXES):
             raise DataError(f"{spec.path}: unsupported file type; expected one of {', '.join(_SUFFIXES)}")
-        return path
-    if _HUB_NAME.fullmatch(spec.path) and not spec.path.endswith(_SUFFIXES):
+        return [(spec.path, path)]
+    if _DATASET_NAME.fullmatch(spec.path) and not spec.path.endswith(_SUFFIXES):
         name = spec.path.split(":", 1)[-1].lstrip("/")
         raise DataError(
-            f"{spec.path!r} is not a file; it looks like a Hugging Face dataset name. rmcore reads local files only "
-            f"and fetches nothing at run time: download the files first, e.g.\n"
-            f"    huggingface-cli download --repo-type dataset {name} --local-dir data/{name.split('/')[-1]}\n"
-            f"and pass their paths (.jsonl, .jsonl.gz, .json or .parquet), e.g. data.train=[data/.../train.jsonl.gz]"
-        )
+            f"{spec.path!r} is not a file; it looks like a Hugging Face dataset name. Name the file(s) of the dataset "
+            f"repository to read, e.g. hf://datasets/{name}/<path>.jsonl.gz or hf://datasets/{name}/data/*.parquet "
+            f"(.jsonl, .jsonl.gz, .json or .parquet, optionally sliced with [a:b])")
     raise DataError(_missing_shared_file(path) or f"{spec.path}: no such file")
 
 
@@ -121,19 +136,26 @@ def iter_records(spec: FileSpec | str, blank_lines: str = "skip") -> Iterator[tu
     blank_lines="error" makes a blank .jsonl line an error (where records are matched to outputs by position).
     """
     spec = FileSpec.parse(spec) if isinstance(spec, str) else spec
-    path = _check_path(spec)
+    files = local_files(spec)
     start, stop = spec.start or 0, spec.stop
-    if path.name.endswith(".parquet"):
-        rows = _parquet_rows(path)
-    elif path.name.endswith(".json"):
-        rows = _json_rows(path)
-    else:
-        rows = _jsonl_rows(path, blank_lines)
-    for index, (where, record) in enumerate(rows):
+    for index, (where, record) in enumerate(_rows(files, blank_lines)):
         if stop is not None and index >= stop:
             break
         if index >= start:
-            yield f"{spec.path}:{where}", record
+            yield where, record
+
+
+def _rows(files: list[tuple[str, Path]], blank_lines: str) -> Iterator[tuple[str, object]]:
+    """("name:line", record) of every file in turn, as one stream."""
+    for name, path in files:
+        if path.name.endswith(".parquet"):
+            rows = _parquet_rows(path)
+        elif path.name.endswith(".json"):
+            rows = _json_rows(path)
+        else:
+            rows = _jsonl_rows(path, blank_lines)
+        for where, record in rows:
+            yield f"{name}:{where}", record
 
 
 def _jsonl_rows(path: Path, blank_lines: str = "skip") -> Iterator[tuple[str, object]]:

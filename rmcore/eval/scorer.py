@@ -22,6 +22,7 @@ from rmcore.data.batching import pad
 from rmcore.data.template import Template
 from rmcore.errors import CheckpointError, DataError
 from rmcore.interop.hf_checkpoint import load_pretrained
+from rmcore.interop.hub import resolve_model
 from rmcore.model import RewardModel
 from rmcore.tokenizer import Tokenizer
 from rmcore.training.distributed import Dist, gather_objects
@@ -35,7 +36,7 @@ class RewardScorer:
                  dist: Dist | None = None):
         """dist: the process group under torchrun (each rank scores a share of the batches); default: one process
         on `device`."""
-        self.dir = Path(model_dir)
+        self.dir = resolve_model(model_dir)  # a local directory, or a hub id fetched into the HF cache
         self.dist = dist or Dist(device=torch.device(device))
         self.model = load_pretrained(RewardModel, self.dir, dtype=dtype, device=self.dist.device).eval()
         self.tokenizer = Tokenizer.from_pretrained(self.dir)

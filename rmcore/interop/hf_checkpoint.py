@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rmcore.errors import CheckpointError
+from rmcore.interop.hub import resolve_model
 from rmcore.lora import LoraConfig, merge_adapter, merged_state_dict, peft_adapter_config, peft_state_dict
 from rmcore.model import ModelConfig, RewardModel
 
@@ -77,6 +78,7 @@ def load_pretrained(cls, path, *, dtype: torch.dtype | None = None, device="cpu"
                     adapter: str | Path | None = None):
     """Build `cls` (CausalLM or RewardModel) from an HF-format directory.
 
+    path: an HF-format directory, or a Hugging Face Hub id (org/name[@revision], rmcore/interop/hub.py).
     dtype: parameter dtype (default float32, the training master precision). For a RewardModel, a checkpoint
     without `score.weight` is an error unless `new_head=True`, which starts a fresh value head (std 1/sqrt(dim+1))
     and ignores the checkpoint's lm_head -- the SFT-model-to-reward-model step, said out loud.
@@ -84,7 +86,7 @@ def load_pretrained(cls, path, *, dtype: torch.dtype | None = None, device="cpu"
     `path` that is itself an adapter directory loads its base_model_name_or_path with it.
     """
 
-    path = Path(path)
+    path = resolve_model(path)  # a local directory, or a hub id fetched into the HF cache
     if adapter is None and (path / ADAPTER_CONFIG).is_file():
         adapter, path = path, Path(read_adapter(path)[0]["base_model_name_or_path"])
     if adapter is not None:
@@ -232,7 +234,9 @@ def save_adapter(model, path, state_dict: dict, *, lora: LoraConfig, base: str |
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in
                peft_state_dict(state_dict, with_head=task == "SEQ_CLS" and lora.train_head).items()}
     save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    config = peft_adapter_config(lora, str(Path(base).resolve()), task)
+    # a local base is recorded by its absolute path; a hub id (org/name) as it is, as PEFT records it
+    base_name = str(Path(base).resolve()) if Path(base).exists() else str(base)
+    config = peft_adapter_config(lora, base_name, task)
     (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     (path / "config.json").write_text(json.dumps(hf_config(model, torch.float32, extra_config), indent=2))
 

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 from rmcore.config.loader import config_to_dict
 from rmcore.errors import CheckpointError, ConfigError, NonFiniteWeights, RunDirError
 from rmcore.interop.hf_checkpoint import save_adapter, save_merged, save_pretrained
+from rmcore.interop.hub import hub_revisions
 from rmcore.lora import LoraConfig
 from rmcore.training.distributed import Dist, all_reduce_sum, barrier, broadcast_object
 
@@ -249,7 +250,11 @@ def export_pretrained(model, out: Path, dist: Dist, *, tokenizer=None, extra_con
 
 
 def run_record(cfg) -> dict:
-    """What an export's config.json records of the run (under "rmcore"), so evaluation and scoring apply the
-    template the model was trained with."""
+    """What an export's config.json records of the run (under "rmcore"): the template the model was trained with,
+    so evaluation and scoring apply it, and the commit hash of every hub model the run started from."""
+    models = [cfg.run.init_from, cfg.run.tokenizer, *(getattr(getattr(cfg, name, None), key, None)
+                                                       for name in ("raft", "ppo") for key in ("reward", "critic"))]
+    revisions = hub_revisions(models)
     return {"rmcore": {"stage": cfg.run.stage, "template": cfg.data.build_template().to_dict(),
-                       "max_length": cfg.data.max_length, "train_data": list(cfg.data.train)}}
+                       "max_length": cfg.data.max_length, "train_data": list(cfg.data.train),
+                       **({"hub_revisions": revisions} if revisions else {})}}

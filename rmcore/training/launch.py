@@ -10,6 +10,7 @@ from rmcore.config.loader import save_config
 from rmcore.config.sections import TrainConfig
 from rmcore.data.formats import require_data
 from rmcore.errors import ConfigError, user_errors
+from rmcore.interop.hub import resolve_model
 from rmcore.tokenizer import Tokenizer
 from rmcore.training.distributed import Dist, init_distributed, say, shutdown
 from rmcore.training.run_dir import prepare_run_dir
@@ -63,5 +64,5 @@ def load_splits(load, cfg: TrainConfig, tokenizer: Tokenizer, dist: Dist, unit: 
 
 def has_value_head(path: str) -> bool:
     """Whether the HF directory `path` holds a reward model (else a causal LM, whose value head starts fresh)."""
-    config = json.loads((Path(path) / "config.json").read_text())
+    config = json.loads((resolve_model(path) / "config.json").read_text())
     return "LlamaForSequenceClassification" in config.get("architectures", [])

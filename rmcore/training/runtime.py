@@ -7,13 +7,13 @@ import random
 import time
 import warnings
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from rmcore.interop.hf_checkpoint import load_pretrained, read_hf_config
+from rmcore.interop.hub import resolve_model
 from rmcore.lora import LoraConfig, apply_lora
 from rmcore.model import ModelConfig
 from rmcore.training.distributed import Dist, apply_fsdp
@@ -86,7 +86,7 @@ def build_model(cls, dist: Dist, *, init_from: str | None = None, architecture: 
     if not dist.enabled:
         model = full_model().to(dist.device)
     else:
-        cfg = ModelConfig.from_hf(read_hf_config(Path(init_from))) if init_from else architecture
+        cfg = ModelConfig.from_hf(read_hf_config(resolve_model(init_from))) if init_from else architecture
         with torch.device("meta"):
             model = cls(cfg)
         if lora:

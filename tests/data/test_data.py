@@ -2,6 +2,7 @@
 import gzip
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -335,8 +336,22 @@ def test_missing_shared_file_says_what_it_is_and_where(tmp_path, monkeypatch):
         read_examples(["elsewhere.jsonl"])
 
 
+def test_the_data_ships_in_the_repository_and_rmcore_data_overrides_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("RMCORE_DATA", raising=False)
+    repo_file = Path(__file__).resolve().parents[2] / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+    examples, report = read_examples(["${RMCORE_DATA}/hh-rlhf/harmless-base/test.jsonl.gz[:5]"])
+    assert report.read == 5 and examples[0].id.startswith(f"{repo_file}:")
+    assert (repo_file.parent.parent / "LICENSE").read_text().startswith("MIT License")
+    other = tmp_path / "hh-rlhf" / "harmless-base"
+    other.mkdir(parents=True)
+    (other / "test.jsonl.gz").write_bytes(repo_file.read_bytes())
+    monkeypatch.setenv("RMCORE_DATA", str(tmp_path))
+    examples, _ = read_examples(["${RMCORE_DATA}/hh-rlhf/harmless-base/test.jsonl.gz[:5]"])
+    assert examples[0].id.startswith(f"{other / 'test.jsonl.gz'}:")
+
+
 def test_hub_name_is_a_clear_error():
-    with pytest.raises(DataError, match="(?s)download the files first.*Dahoas/full-hh-rlhf"):
+    with pytest.raises(DataError, match="(?s)a Hugging Face dataset name.*hf://datasets/Dahoas/full-hh-rlhf/"):
         read_examples(["Dahoas/full-hh-rlhf"])
     with pytest.raises(DataError, match="no such file"):
         read_examples(["missing/file.jsonl"])
