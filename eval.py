@@ -175,7 +175,7 @@ def parse(argv):
     elif command == "compare":
         p.add_argument("--policy-a", required=True)
         p.add_argument("--policy-b", required=True)
-        p.add_argument("--judge", required=True, help="reward model directory")
+        p.add_argument("--judge", required=True, help="reward model: a directory or a hub id, org/name[@revision]")
         p.add_argument("--prompts", action="append", required=True,
                        help="prompt file(s), optionally sliced (repeatable)")
         p.add_argument("--out", default="runs/compare")
