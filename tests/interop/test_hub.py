@@ -246,7 +246,7 @@ def test_dataset_files_by_hf_path_read_like_local_files(hub, repos, tmp_path):
 
 
 def test_eval_of_a_hub_model_on_a_hub_dataset_runs_offline_from_the_cache(hub, rm_dir, tmp_path):
-    argv = ["eval.py", "--model", RM + "@v1", "--data", f"hf://datasets/{DATA}/data/test.jsonl.gz"]
+    argv = ["eval.py", "--model", RM, "--data", f"hf://datasets/{DATA}/data/test.jsonl.gz"]
     online = run([*argv, "--out", tmp_path / "online"], hub.url, tmp_path / "hf")
     assert online.returncode == 0, online.stderr[-2000:]
     requests = len(hub.requests)
