@@ -16,12 +16,16 @@ Each iteration, top to bottom in `ppo` below:
      tokens under the policy and the reference (logits / temperature), and the critic's values, come from one
      forward pass over the whole sequences, the same pass training takes;
   2. score the text, minus ppo.missing_eos_penalty for a response cut at the length limit, clipped (ppo.score_clip);
-  3. per-token rewards -beta * kl_t (k1 or k3), the score added at the last real token; beta fixed or adaptive;
+  3. per-token rewards: the score at the last real token, and -beta * kl_t (k1 or k3) on every token when the KL
+     is in the reward (ppo.kl_in); beta fixed or adaptive;
   4. advantages from ppo.advantage, a name of rmcore.rl.ADVANTAGE_ESTIMATORS: gae (critic), rloo or grpo (K
-     samples per prompt, no critic); whitened over real tokens;
+     samples per prompt, no critic), whitened as ppo.whiten_advantages says; every statistic over all ranks;
   5. optim.epochs passes over shuffled minibatches (optim.micro_batch_size x optim.grad_accum samples per rank),
-     one AdamW step each: clipped policy loss, clipped value loss, entropy bonus, all means over real tokens;
+     one AdamW step each: the clipped policy loss aggregated by ppo.loss_aggregation (plus beta * k3 when the KL
+     is in the loss), the clipped value loss and the entropy bonus as means over real tokens;
   6. log (TRL's metric names), export the policy, checkpoint models, optimizer, beta and the iteration.
+The held-out reward (greedy answers to data.eval's prompts) is measured before each iteration's update, so it
+describes the same policy as the rollout's scores, and after the last one (held_out_reward_final).
 """
 from __future__ import annotations
 
@@ -35,7 +39,6 @@ import torch
 from torch import nn
 
 from rmcore.align.iteration import AlignRun, align_main, reference_model
-from rmcore.align.rewards import checked_rewards
 from rmcore.align.rollouts import Packed, pack, response_logits, response_logprobs, response_values, response_values_of
 from rmcore.config.sections import PpoConfig, PpoTrainConfig
 from rmcore.errors import ConfigError
@@ -43,20 +46,19 @@ from rmcore.generate import token_logprobs
 from rmcore.interop.hub import resolve_model
 from rmcore.model import CausalLM, RewardModel
 from rmcore.rl import (
-    ADVANTAGE_ESTIMATORS,
+    LOSS_AGGREGATIONS,
     adaptive_beta,
-    entropy,
+    advantages_and_returns,
     explained_variance,
     kl_k1,
     kl_k3,
-    masked_whiten,
-    policy_loss,
+    policy_objective,
     shape_scores,
-    token_rewards,
-    value_loss,
+    token_entropy,
+    value_loss_terms,
 )
 from rmcore.tokenizer import Tokenizer
-from rmcore.training.distributed import Dist, all_reduce_sum, gather_objects
+from rmcore.training.distributed import Dist, all_reduce_sum, all_reduce_tensor, gather_objects
 from rmcore.training.launch import run_script
 from rmcore.training.runtime import autocast, build_model, set_grad_sync
 from rmcore.training.trainer import Trainer
@@ -99,10 +101,10 @@ def ppo(cfg: PpoTrainConfig) -> list[dict]:
         warnings.warn(f"ppo.top_k={ppo_cfg.top_k}, ppo.top_p={ppo_cfg.top_p}: the samples do not come from the "
                       "policy's distribution (logits / temperature) that the log-probs assume, so the KL estimate and "
                       "the importance ratios are biased; top_k=0, top_p=1 keep them exact", stacklevel=2)
-    estimator = ADVANTAGE_ESTIMATORS[ppo_cfg.advantage]
+    kl_in, whiten = ppo_cfg.kl_placement(), ppo_cfg.advantage_whitening()
     policy, reference = run.build_policy()
     critic = None
-    if estimator.needs_critic:
+    if ppo_cfg.estimator().needs_critic:
         source, new_head = critic_source(cfg, tok)
         critic = build_model(RewardModel, dist, init_from=source, bf16=cfg.run.bf16, seed=cfg.run.seed,
                              new_head=new_head, activation_checkpointing=cfg.model.activation_checkpointing,
@@ -115,8 +117,11 @@ def ppo(cfg: PpoTrainConfig) -> list[dict]:
     first, history, beta = resumed.get("iteration", 0), resumed.get("history", []), resumed.get("beta", ppo_cfg.beta)
     step = trainer.start_step
     trainer.log.print(f"trained: the policy{' + a critic from ' + source if critic is not None else ''}; {n} samples "
-                      f"per rank per iteration, {math.ceil(n / minibatch)} minibatches x {optim.epochs} epochs")
+                      f"per rank per iteration, {math.ceil(n / minibatch)} minibatches x {optim.epochs} epochs; "
+                      f"{ppo_cfg.advantage} advantages whitened: {whiten}, KL in the {kl_in}, policy loss "
+                      f"{ppo_cfg.loss_aggregation} with a {ppo_cfg.importance_ratio} ratio")
     for it in range(first, ppo_cfg.iterations):
+        stats = {"iteration": it + 1, **run.held_out_reward(policy, iteration=it)}  # the policy that samples next
         # 1. rollout, and one forward pass of each model over it
         samples = run.sample(policy, iteration=it, with_logprobs=False)
         batch = pack([run.prompts.ids[i] for i in samples.prompt_index], samples.tokens, tok.pad_id, dist.device)
@@ -129,110 +134,127 @@ def ppo(cfg: PpoTrainConfig) -> list[dict]:
                           else torch.zeros_like(mask))
         # 2. score
         ended = torch.tensor(samples.stopped, device=dist.device)
-        raw_scores = torch.tensor(checked_rewards(run.reward, samples.prompts, samples.responses), device=dist.device)
+        raw_scores = torch.tensor(run.score(samples.prompts, samples.responses, iteration=it), device=dist.device)
         scores = shape_scores(raw_scores, ended, ppo_cfg.missing_eos_penalty, ppo_cfg.score_clip)
-        # 3. per-token rewards
+        # 3. per-token rewards and 4. advantages, with statistics over every rank
         kl = (kl_k1 if ppo_cfg.kl_estimator == "k1" else kl_k3)(logp_old, logp_ref) * mask
-        rewards = token_rewards(scores, kl, mask, beta)
-        if ppo_cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
-        # 4. advantages
-        advantages, returns = estimator.estimate(rewards, values_old, mask, k=ppo_cfg.k, gamma=ppo_cfg.gamma,
-                                                 lam=ppo_cfg.lam)
-        if ppo_cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+        advantages, returns = advantages_and_returns(
+            scores, kl, values_old, mask, estimator=ppo_cfg.advantage, beta=beta, kl_in=kl_in,
+            whiten_rewards=ppo_cfg.whiten_rewards, whiten=whiten, k=ppo_cfg.k, gamma=ppo_cfg.gamma, lam=ppo_cfg.lam,
+            scale_rewards=ppo_cfg.scale_rewards == "group", reduce_sum=all_reduce_tensor)
         exp = Experience(batch=batch, logp_old=logp_old, logp_ref=logp_ref, values_old=values_old,
                          advantages=advantages, returns=returns)
         # 5. epochs of shuffled minibatches, one optimizer step each
         model.train()
-        totals: dict[str, float] = {}
+        per_minibatch, ratio_means = [], []
         for epoch in range(optim.epochs):
             order = torch.from_numpy(np.random.default_rng([cfg.run.seed, it, epoch, dist.rank]).permutation(n))
             for start in range(0, n, minibatch):
                 rows = order[start:start + minibatch]
-                count = trainer.global_count(float(mask[rows].sum()))
-                sums = ppo_minibatch(model, exp, rows, count=count, ppo_cfg=ppo_cfg, dist=dist, bf16=cfg.run.bf16,
+                tokens, sequences = all_reduce_sum([float(mask[rows].sum()), len(rows)], dist.device)
+                sums = ppo_minibatch(model, exp, rows, tokens=tokens, sequences=sequences, ppo_cfg=ppo_cfg,
+                                     beta_in_loss=beta if kl_in == "loss" else None, dist=dist, bf16=cfg.run.bf16,
                                      micro_batch_size=optim.micro_batch_size)
-                trainer.step(step, losses={"loss/policy": sums["policy"], "loss/value": sums["value"]}, count=count,
-                             metrics={"iteration": it + 1, **minibatch_metrics(sums, dist)},
-                             tokens=int(sums["tokens"]), ids=[f"sample {int(r)}" for r in rows])
-                for k, v in sums.items():
-                    totals[k] = totals.get(k, 0.0) + v
+                ratio_means += sums.pop("ratio_means")
+                metrics = token_means(sums, dist)
+                # Trainer logs sum over ranks / count: the loss terms are already means, so they go in times count
+                losses = {k: sums[k] * tokens for k in LOSS_TERMS if k != "loss/kl" or kl_in == "loss"}
+                record = trainer.step(step, losses=losses, count=tokens, metrics={"iteration": it + 1, **metrics},
+                                      tokens=int(sums["tokens"]), ids=[f"sample {int(r)}" for r in rows])
+                per_minibatch.append(record)
                 step += 1
-        # 6. figures, beta, held-out reward, log, export, checkpoint
-        stats = {"iteration": it + 1,
-                 **rollout_stats(exp, raw_scores=raw_scores, scores=scores, ended=ended, kl=kl, beta=beta,
-                                 has_critic=critic is not None, eos_id=tok.eos_id, dist=dist),
-                 **minibatch_metrics(totals, dist, suffix="_avg")}
+        # 6. figures, beta, log, export, checkpoint
+        stats.update(rollout_stats(exp, raw_scores=raw_scores, scores=scores, ended=ended, kl=kl,
+                                   beta_in_reward=beta if kl_in == "reward" else 0.0, has_critic=critic is not None,
+                                   eos_id=tok.eos_id, dist=dist))
+        stats.update(beta=beta, **update_stats(per_minibatch, gather_objects(ratio_means)))
         if ppo_cfg.adaptive_kl:  # Ziegler et al.: after each rollout, with n = the samples it held
             beta = adaptive_beta(beta, stats["objective/kl"], ppo_cfg.kl_target, stats["samples"], ppo_cfg.kl_horizon)
-        if run.held_out is not None:
-            stats["eval_reward"] = run.held_out_reward(policy)
         history.append(stats)
         run.end_iteration(trainer, policy, iteration=it, step=step, history=history, extra_state={"beta": beta},
-                          plot_panels={"score": ["objective/scores", "objective/rlhf_reward", "eval_reward"],
+                          plot_panels={"score": ["objective/scores", "objective/rlhf_reward", "held_out_reward"],
                                        "KL to the reference (per response)": ["objective/kl_k1", "objective/kl_k3"],
                                        "response tokens": ["response_length"]})
     trainer.export_and_close(tok, policy)
     return history
 
 
-def ppo_minibatch(model: ActorCritic, exp: Experience, rows: torch.Tensor, *, count: float, ppo_cfg: PpoConfig,
-                  dist: Dist, bf16: bool, micro_batch_size: int) -> dict[str, float]:
-    """Forward and backward over one minibatch, micro-batch by micro-batch; every loss is a mean over the
-    minibatch's real tokens on all ranks (count), so micro-batching and the number of ranks never change it.
-    Returns token-weighted sums for the log."""
-    sums = dict.fromkeys(("policy", "value", "entropy", "clipfrac", "value_clipfrac", "approxkl", "ratio",
-                          "ratio_sq", "tokens"), 0.0)
+LOSS_TERMS = ("loss/policy", "loss/kl", "loss/value")
+TOKEN_COUNTS = {"policy/clipfrac": "clipped", "val/clipfrac": "value_clipped", "policy/approxkl": "approxkl",
+                "policy/entropy": "entropy", "policy/ratio": "ratio"}  # a metric: the token count it is a mean of
+
+
+def ppo_minibatch(model: ActorCritic, exp: Experience, rows: torch.Tensor, *, tokens: float, sequences: float,
+                  ppo_cfg: PpoConfig, beta_in_loss: float | None, dist: Dist, bf16: bool,
+                  micro_batch_size: int) -> dict:
+    """Forward and backward over one minibatch, micro-batch by micro-batch. The policy loss is weighted by
+    ppo.loss_aggregation (rmcore.rl.LOSS_AGGREGATIONS) from the minibatch's real tokens and responses on all ranks
+    (tokens, sequences), plus beta_in_loss * its k3 KL when the KL is in the loss; the value loss and entropy are
+    means over the same tokens: micro-batching and the number of ranks never change the loss. Returns this rank's
+    share of each loss term (the sum over ranks is the minibatch's), sums for token means, and each micro-batch's
+    mean ratio."""
+    aggregate = LOSS_AGGREGATIONS[ppo_cfg.loss_aggregation]
+    sums = dict.fromkeys((*LOSS_TERMS, *TOKEN_COUNTS.values(), "tokens"), 0.0)
+    ratio_means = []
     micro = [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
     for j, r in enumerate(micro):
         model.set_requires_gradient_sync(j == len(micro) - 1)
         b = exp.batch.rows(r)
         m = b.response_mask
+        real = m.bool()
         with autocast(dist, bf16):
             logits = response_logits(model.policy, b)
             values = response_values(model.critic, b) if model.critic is not None else None
         logits = logits.float() / ppo_cfg.temperature  # the distribution the samples came from
         logp = token_logprobs(logits, b.responses)
-        pg, clipfrac = policy_loss(logp, exp.logp_old[r], exp.advantages[r], m, ppo_cfg.clip)
-        ent = entropy(logits, m)
-        loss = pg - ppo_cfg.entropy_coef * ent
-        vl = vclip = torch.zeros(())
+        weights = aggregate(m, tokens=tokens, sequences=sequences, max_len=ppo_cfg.max_new_tokens)
+        pg, kl, clipped = policy_objective(logp, exp.logp_old[r], exp.advantages[r], m, weights, clip=ppo_cfg.clip,
+                                           sequence_ratio=ppo_cfg.importance_ratio == "sequence",
+                                           logp_ref=exp.logp_ref[r] if beta_in_loss is not None else None)
+        ent = torch.where(real, token_entropy(logits), 0)
+        loss = pg + (beta_in_loss or 0.0) * kl - ppo_cfg.entropy_coef * ent.sum() / tokens
+        vl, vclipped = torch.zeros(()), torch.zeros(())
         if values is not None:
-            vl, vclip = value_loss(values, exp.values_old[r], exp.returns[r], m, ppo_cfg.clip_value)
-            loss = loss + ppo_cfg.value_coef * vl
-        n_tok = float(m.sum())
-        (loss * (n_tok / count * dist.world_size)).backward()
+            vl, vclipped = value_loss_terms(values, exp.values_old[r], exp.returns[r], m, ppo_cfg.clip_value)
+            loss = loss + ppo_cfg.value_coef * vl.sum() / tokens
+        (loss * dist.world_size).backward()  # FSDP averages gradients over ranks; each rank holds its share
         with torch.no_grad():
-            log_ratio = torch.where(m.bool(), logp - exp.logp_old[r], 0)
-            ratio = log_ratio.exp() * m
-            for k, v in (("policy", pg), ("value", vl), ("entropy", ent), ("clipfrac", clipfrac),
-                         ("value_clipfrac", vclip)):
-                sums[k] += float(v) * n_tok
-            sums["approxkl"] += float((0.5 * log_ratio ** 2).sum())
-            sums["ratio"] += float(ratio.sum())
-            sums["ratio_sq"] += float((ratio ** 2).sum())
-            sums["tokens"] += n_tok
-    return sums
+            log_ratio = torch.where(real, logp - exp.logp_old[r], 0)
+            ratio = torch.where(real, log_ratio.exp(), 0)
+            n_tok = float(m.sum())
+            for key, value in (("loss/policy", float(pg)), ("loss/kl", float(kl)),
+                               ("loss/value", float(vl.sum()) / tokens), ("clipped", float(clipped.sum())),
+                               ("value_clipped", float(vclipped.sum())), ("entropy", float(ent.sum())),
+                               ("approxkl", float((0.5 * log_ratio ** 2).sum())), ("ratio", float(ratio.sum())),
+                               ("tokens", n_tok)):
+                sums[key] += value
+            ratio_means.append(float(ratio.sum()) / max(n_tok, 1.0))
+    return {**sums, "ratio_means": ratio_means}
 
 
-def minibatch_metrics(sums: dict[str, float], dist: Dist, suffix: str = "") -> dict[str, float]:
-    """Token means over every rank of ppo_minibatch's sums, under TRL's names (val/ratio_var: the variance of the
-    per-token ratio)."""
-    keys = list(sums)
+def token_means(sums: dict[str, float], dist: Dist) -> dict[str, float]:
+    """A minibatch's token means over every rank (TOKEN_COUNTS), under TRL's names where TRL has one."""
+    keys = [*TOKEN_COUNTS.values(), "tokens"]
     totals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], dist.device)))
-    n = max(totals["tokens"], 1.0)
-    ratio = totals["ratio"] / n
-    return {f"policy/approxkl{suffix}": totals["approxkl"] / n, f"policy/clipfrac{suffix}": totals["clipfrac"] / n,
-            f"policy/entropy{suffix}": totals["entropy"] / n, f"loss/policy{suffix}": totals["policy"] / n,
-            f"loss/value{suffix}": totals["value"] / n, f"val/clipfrac{suffix}": totals["value_clipfrac"] / n,
-            "val/ratio": ratio, "val/ratio_var": totals["ratio_sq"] / n - ratio ** 2}
+    return {name: totals[key] / max(totals["tokens"], 1.0) for name, key in TOKEN_COUNTS.items()}
+
+
+def update_stats(per_minibatch: list[dict], ratio_means: list[float]) -> dict[str, float]:
+    """The iteration's update figures as TRL logs them: each minibatch figure averaged over the minibatches
+    (`_avg`), val/ratio the mean and val/ratio_var the (unbiased) variance of the micro-batches' mean ratios over
+    every rank (TRL's means also count padding positions, where its ratio is 1; ours are over real tokens)."""
+    keys = [*LOSS_TERMS, *(k for k in TOKEN_COUNTS if k != "policy/ratio")]
+    out = {f"{k}_avg": float(np.mean([r[k] for r in per_minibatch])) for k in keys if k in per_minibatch[0]}
+    out["val/ratio"] = float(np.mean(ratio_means))
+    out["val/ratio_var"] = float(np.var(ratio_means, ddof=1)) if len(ratio_means) > 1 else 0.0
+    return out
 
 
 def rollout_stats(exp: Experience, *, raw_scores: torch.Tensor, scores: torch.Tensor, ended: torch.Tensor,
-                  kl: torch.Tensor, beta: float, has_critic: bool, eos_id: int, dist: Dist) -> dict:
-    """The rollout's figures over every rank: per-response sums averaged over responses (TRL's objective/*),
-    the critic's explained variance over real tokens, length and how responses ended."""
+                  kl: torch.Tensor, beta_in_reward: float, has_critic: bool, eos_id: int, dist: Dist) -> dict:
+    """The rollout's figures over every rank: per-response sums averaged over responses (TRL's objective/*; the
+    non-score reward is the KL penalty inside the reward, 0 when the KL is in the loss), the critic's explained
+    variance over real tokens, length and how responses ended."""
     batch, logp_old, logp_ref = exp.batch, exp.logp_old, exp.logp_ref
     mask = batch.response_mask
     lengths = mask.sum(-1)
@@ -242,7 +264,7 @@ def rollout_stats(exp: Experience, *, raw_scores: torch.Tensor, scores: torch.Te
         "objective/kl_k1": (kl_k1(logp_old, logp_ref) * mask).sum(-1),
         "objective/kl_k3": (kl_k3(logp_old, logp_ref) * mask).sum(-1),
         "objective/entropy": (-logp_old * mask).sum(-1),  # TRL's: minus the sampled tokens' log-probs, summed
-        "objective/non_score_reward": (-beta * kl).sum(-1), "response_length": lengths,
+        "objective/non_score_reward": (-beta_in_reward * kl).sum(-1), "response_length": lengths,
         "no_eos_fraction": (~ended).float(), "val/num_eos_tokens": (last == eos_id).float(),
     }
     keys = list(per_response)
@@ -255,7 +277,7 @@ def rollout_stats(exp: Experience, *, raw_scores: torch.Tensor, scores: torch.Te
         real = mask.bool()
         values, returns = (torch.cat(gather_objects([x[real].cpu()])) for x in (exp.values_old, exp.returns))
         stats["val/explained_variance"] = float(explained_variance(values, returns, torch.ones_like(returns)))
-    stats.update({"beta": beta, "samples": int(n)})
+    stats["samples"] = int(n)
     return stats
 
 

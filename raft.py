@@ -8,20 +8,24 @@ Each iteration, top to bottom in `raft` below:
      current policy, each cut at its stop (EOS or a stop string);
   2. score every sample with the reward: a reward model directory or a Python function (rmcore/align/rewards.py);
   3. leave degenerate samples out (empty, cut at the length limit, writing a turn marker: counted by reason) and
-     keep the best of each prompt's K (selection=local) or the top 1/K of all samples (selection=global);
+     keep the best of each prompt's K (selection=local) or the top 1/K (raft.keep_fraction) of all samples
+     (selection=global); an iteration that keeps none is a warning, raft.max_empty_iterations in a row a stop;
   4. gather every rank's kept (prompt, response) pairs and fine-tune the policy on them for optim.epochs epochs,
      with the SFT step train.py uses (loss on the response tokens by default, data.sft_loss_on);
   5. log the iteration, export the policy, checkpoint: a killed run resumes after its last completed iteration.
+The held-out reward (greedy answers to data.eval's prompts) is measured before each iteration's update, as the
+samples' rewards are, and after the last one (held_out_reward_final). Where this differs from LMFlow's RAFT, and
+the settings that give LMFlow's behaviour: RaftConfig's docstring (rmcore/config/sections.py).
 """
 from __future__ import annotations
 
 import math
 import sys
+import warnings
 
 import numpy as np
 
 from rmcore.align.iteration import AlignRun, align_main, reference_model
-from rmcore.align.rewards import checked_rewards
 from rmcore.align.rollouts import pack, response_logprobs
 from rmcore.align.selection import discard_reason, distinct_n, select_global, select_local
 from rmcore.config.sections import RaftTrainConfig
@@ -29,6 +33,7 @@ from rmcore.data.batching import collate_documents
 from rmcore.data.datasets import document_tokens
 from rmcore.data.formats import Example
 from rmcore.data.sampler import ShardedSampler
+from rmcore.errors import UserError
 from rmcore.sft import sft_step
 from rmcore.training.distributed import gather_objects
 from rmcore.training.launch import run_script
@@ -51,10 +56,11 @@ def raft(cfg: RaftTrainConfig) -> list[dict]:
     history = trainer.resumed.get("history", []) if trainer.resumed else []
     step = trainer.start_step
     for it in range(first, cfg.raft.iterations):
+        held_out = run.held_out_reward(policy, iteration=it)  # the policy that samples next, before its update
         # 1. sample
         samples = run.sample(policy, iteration=it, with_logprobs=True)
         # 2. score, 3. discard and select
-        rewards = np.array(checked_rewards(run.reward, samples.prompts, samples.responses))
+        rewards = np.array(run.score(samples.prompts, samples.responses, iteration=it))
         reasons = [discard_reason(r, stopped, run.template, tuple(cfg.raft.discard))
                    for r, stopped in zip(samples.responses, samples.stopped)]
         valid = np.array([x is None for x in reasons])
@@ -63,7 +69,8 @@ def raft(cfg: RaftTrainConfig) -> list[dict]:
         else:  # the top 1/K of every rank's samples together; this rank keeps its own among them
             everyone = gather_objects([(dist.rank, i, float(r), bool(v))
                                        for i, (r, v) in enumerate(zip(rewards, valid))])
-            top = select_global(np.array([x[2] for x in everyone]), k, np.array([x[3] for x in everyone]))
+            top = select_global(np.array([x[2] for x in everyone]), k, np.array([x[3] for x in everyone]),
+                                keep_fraction=cfg.raft.keep_fraction)
             kept = sorted(everyone[j][1] for j in top if everyone[j][0] == dist.rank)
         with autocast(dist, cfg.run.bf16):  # KL(policy || start) on the samples, k1 estimate summed over each response
             packed = pack([run.prompts.ids[i] for i in samples.prompt_index], samples.tokens, tok.pad_id, dist.device)
@@ -74,6 +81,7 @@ def raft(cfg: RaftTrainConfig) -> list[dict]:
         stats = iteration_stats(gather_objects([
             {"first": j % k == 0, "reward": float(rewards[j]), "kept": j in kept_rows, "reason": reasons[j],
              "tokens": samples.tokens[j], "stopped": samples.stopped[j], "kl": kl[j]} for j in range(len(rewards))]))
+        check_kept(stats, history, cfg, log=trainer.log)
         # 4. fine-tune on every rank's kept pairs
         pairs = gather_objects([(samples.prompts[j], samples.responses[j]) for j in kept])
         docs = [document_tokens(Example(f"iteration {it + 1} sample {n}", p, r), tok, run.template,
@@ -92,15 +100,31 @@ def raft(cfg: RaftTrainConfig) -> list[dict]:
                              tokens=sum(int(m["loss_mask"].sum()) for m in micro),
                              ids=[i for m in micro for i in m["ids"]])
                 step += 1
-        # 5. held-out reward, log, export, checkpoint
-        if run.held_out is not None:
-            stats["eval_reward"] = run.held_out_reward(policy)
-        stats["iteration"] = it + 1
-        history.append(stats)
+        # 5. log, export, checkpoint
+        history.append({"iteration": it + 1, **held_out, **stats})
         run.end_iteration(trainer, policy, iteration=it, step=step, history=history, extra_state={},
-                          plot_panels={"reward": ["reward_first", "reward_kept", "eval_reward"]})
+                          plot_panels={"reward": ["reward_first", "reward_kept", "held_out_reward"]})
     trainer.export_and_close(tok)
     return history
+
+
+def check_kept(stats: dict, history: list[dict], cfg: RaftTrainConfig, *, log):
+    """An iteration whose discard rules kept no sample trains on nothing: say so with the counts, every time, and
+    stop after raft.max_empty_iterations such iterations in a row (the settings, not the policy, are at fault)."""
+    if stats["kept"]:
+        return
+    reasons = ", ".join(f"{stats[f'discarded_{r}']} {r}" for r in ("empty", "truncated", "tag")
+                        if stats[f"discarded_{r}"])
+    in_a_row = 1 + next((i for i, h in enumerate(reversed(history)) if h["kept"]), len(history))
+    text = (f"raft: no sample kept this iteration: {stats['samples']} samples, discarded {reasons or 'none'} "
+            f"(raft.discard={cfg.raft.discard}, raft.max_new_tokens={cfg.raft.max_new_tokens}); {in_a_row} such "
+            f"iteration(s) in a row")
+    log.print(text)
+    warnings.warn(text, stacklevel=2)
+    if in_a_row >= cfg.raft.max_empty_iterations:
+        log.close()
+        raise UserError(f"{text}: stopping (raft.max_empty_iterations={cfg.raft.max_empty_iterations}). Raise "
+                        f"raft.max_new_tokens if samples are truncated, or loosen raft.discard")
 
 
 def iteration_stats(rows: list[dict]) -> dict:

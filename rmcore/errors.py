@@ -48,6 +48,14 @@ class NonFiniteLoss(UserError):
     """A NaN or inf loss or gradient norm, with where it happened and where to restart from."""
 
 
+class NonFiniteOutputs(UserError):
+    """A model whose outputs (logits, rewards) hold NaN or inf, though its weights may all be finite."""
+
+
+class RewardError(UserError, ValueError):
+    """A reward function that raised, or returned anything but one finite number per response."""
+
+
 class WandbUnavailable(UserError):
     """logging.wandb=online without credentials or without the network."""
 

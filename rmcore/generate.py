@@ -6,7 +6,8 @@ would alone. A row stops at EOS or when its decoded response contains a stop str
 padding (pad_id, never EOS).
 
 Safe under FSDP2: every forward is a collective there, so all ranks take the same number of decoding steps — a
-rank whose rows are all done keeps stepping (on padding) until every rank is done.
+rank whose rows are all done keeps stepping (on padding) until every rank is done. Logits that are NaN or inf stop
+every rank with one error (NonFiniteOutputs), never a sampler's traceback.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as torch_dist
 
 from rmcore.data.batching import pad
+from rmcore.errors import NonFiniteOutputs
 from rmcore.model import CausalLM, KVCache, default_position_ids
 
 
@@ -122,6 +124,7 @@ def rollout(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, e
                        cache_slots=torch.arange(P, device=device), keep_last=1)[:, -1]
         position = attention_mask.sum(-1)  # next position of each row = its number of real tokens
         for t in range(max_new_tokens):
+            _check_finite(logits, ~done, t, device)
             token = sample_next(logits, temperature, top_k, top_p, generator)
             token = torch.where(done, torch.full_like(token, pad_id), token)
             out[:, t] = token
@@ -151,6 +154,19 @@ def rollout(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, e
     response_mask[:, steps:] = 0
     return Rollout(sequences=torch.cat([input_ids, out], 1), attention_mask=mask, response_mask=response_mask,
                    logprobs=logprobs, stopped=stopped, prompt_width=P)
+
+
+def _check_finite(logits: torch.Tensor, live: torch.Tensor, t: int, device):
+    """NonFiniteOutputs on every rank when any rank's live rows have NaN or inf logits (torch.multinomial would
+    fail on one rank only, with a traceback, and leave the others waiting in the next collective)."""
+    bad = int((~torch.isfinite(logits).all(-1) & live).sum())
+    if torch_dist.is_initialized():
+        flag = torch.tensor([bad], device=device)
+        torch_dist.all_reduce(flag)
+        bad = int(flag)
+    if bad:
+        raise NonFiniteOutputs(f"the model's logits are NaN or inf for {bad} row(s) at new token {t + 1}: its weights "
+                               f"are broken (a run that skipped non-finite steps?), nothing can be sampled from them")
 
 
 def _all_ranks_done(local_done: bool, device) -> bool:

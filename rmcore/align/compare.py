@@ -7,7 +7,6 @@ within `tie_epsilon`. Mean response lengths are reported beside the wins, so a w
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +14,17 @@ import torch
 
 from rmcore.align.rewards import ModelReward, checked_rewards
 from rmcore.align.rollouts import PromptPool, default_stop_strings, sample
-from rmcore.data.formats import Report, read_examples
+from rmcore.data.formats import Report, read_examples, require_data
 from rmcore.data.template import Template
 from rmcore.eval.report import excerpt
-from rmcore.interop.hf_checkpoint import load_pretrained
+from rmcore.interop.hf_checkpoint import load_pretrained, read_hf_config
 from rmcore.interop.hub import resolve_model
 from rmcore.model import CausalLM
 from rmcore.tokenizer import Tokenizer
 
 
 def recorded_template(model_dir: str | Path) -> Template | None:
-    info = json.loads((resolve_model(model_dir) / "config.json").read_text()).get("rmcore", {})
+    info = read_hf_config(resolve_model(model_dir)).get("rmcore", {})
     return Template.from_dict(info["template"]) if "template" in info else None
 
 
@@ -61,6 +60,7 @@ def compare_policies(policy_a: str, policy_b: str, *, judge: str, prompt_specs: 
     for i in sorted(set(range(len(examples))) - set(keep)):
         report.drop(f"prompt longer than {max_prompt_tokens} tokens for a policy", examples[i].id)
     report.kept = len(keep)
+    require_data(len(keep), report, prompt_specs, "--prompts (compare)", "prompts")
     prompts = [examples[i].prompt for i in keep]
     reward = ModelReward(judge, device)
     results = []
@@ -71,17 +71,18 @@ def compare_policies(policy_a: str, policy_b: str, *, judge: str, prompt_specs: 
         samples = sample(model, pool, list(range(len(pool))), tokenizer=tok, max_new_tokens=max_new_tokens,
                          batch_size=batch_size, temperature=temperature, top_k=top_k, top_p=top_p,
                          stop_strings=default_stop_strings(template), generator=g)
+        rewards = checked_rewards(reward, prompts, samples.responses, source=f"the judge {judge}")
         results.append({"responses": samples.responses, "tokens": [len(t) for t in samples.tokens],
-                        "rewards": np.array(checked_rewards(reward, prompts, samples.responses))})
+                        "rewards": np.array(rewards)})
         del model
     diff = results[0]["rewards"] - results[1]["rewards"]
     wins, losses = int((diff > tie_epsilon).sum()), int((diff < -tie_epsilon).sum())
     return {"prompts": len(prompts), "wins": wins, "ties": len(prompts) - wins - losses, "losses": losses,
             "tie_epsilon": tie_epsilon, "policy_a": policy_a, "policy_b": policy_b, "judge": judge,
-            "mean_reward_a": float(results[0]["rewards"].mean()) if prompts else float("nan"),
-            "mean_reward_b": float(results[1]["rewards"].mean()) if prompts else float("nan"),
-            "mean_tokens_a": float(np.mean(results[0]["tokens"])) if prompts else float("nan"),
-            "mean_tokens_b": float(np.mean(results[1]["tokens"])) if prompts else float("nan"),
+            "mean_reward_a": float(results[0]["rewards"].mean()),
+            "mean_reward_b": float(results[1]["rewards"].mean()),
+            "mean_tokens_a": float(np.mean(results[0]["tokens"])),
+            "mean_tokens_b": float(np.mean(results[1]["tokens"])),
             "dropped": report.to_dict(),
             "template_a": {**templates[0][0].to_dict(), "source": templates[0][1]},
             "template_b": {**templates[1][0].to_dict(), "source": templates[1][1]},

@@ -22,6 +22,7 @@ from rmcore.config.loader import parse_cli
 from rmcore.config.sections import AlignConfig, TrainConfig, load_stages
 from rmcore.data.formats import require_data
 from rmcore.data.template import Template
+from rmcore.errors import NonFiniteOutputs
 from rmcore.eval.plots import plot_history
 from rmcore.lora import adapters_disabled
 from rmcore.model import CausalLM
@@ -55,7 +56,7 @@ class AlignRun:
     template: Template
     stop_strings: tuple[str, ...]
     prompts: PromptPool
-    held_out: PromptPool | None   # data.eval's prompts, answered greedily each iteration
+    held_out: PromptPool | None   # data.eval's prompts, answered greedily before each update and after the last
     reward: RewardFn
 
     @classmethod
@@ -110,31 +111,52 @@ class AlignRun:
         generator = torch.Generator(device=dist.device).manual_seed(cfg.run.seed * 1_000_003 + iteration * 1_009
                                                                     + dist.rank)
         per_rank = self.prompts_per_rank
-        indices = self.prompts.draw(per_rank * dist.world_size, cfg.run.seed, iteration)[dist.rank::dist.world_size]
-        with autocast(dist, cfg.run.bf16):
-            return sample(policy, self.prompts, indices, tokenizer=self.tokenizer, k=section.k,
-                          max_new_tokens=section.max_new_tokens, batch_size=section.generation_batch_size,
-                          temperature=section.temperature, top_k=section.top_k, top_p=section.top_p,
-                          stop_strings=self.stop_strings, generator=generator, with_logprobs=with_logprobs,
-                          progress=dist.is_main and cfg.logging.progress, dtype=compute_dtype(cfg.run.bf16))
+        indices = self.prompts.draw(per_rank * dist.world_size, cfg.run.seed, iteration,
+                                    order=section.prompt_order)[dist.rank::dist.world_size]
+        try:
+            with autocast(dist, cfg.run.bf16):
+                return sample(policy, self.prompts, indices, tokenizer=self.tokenizer, k=section.k,
+                              max_new_tokens=section.max_new_tokens, batch_size=section.generation_batch_size,
+                              temperature=section.temperature, top_k=section.top_k, top_p=section.top_p,
+                              stop_strings=self.stop_strings, generator=generator, with_logprobs=with_logprobs,
+                              progress=dist.is_main and cfg.logging.progress, dtype=compute_dtype(cfg.run.bf16))
+        except NonFiniteOutputs as e:
+            raise NonFiniteOutputs(f"{self.name} iteration {iteration + 1}, sampling: {e}") from None
 
-    def held_out_reward(self, policy) -> float:
-        """Mean reward of greedy responses to the first eval_prompts held-out prompts (every rank generates all of
-        them: greedy is deterministic, and every rank runs the same forwards)."""
+    def score(self, prompts: list[str], responses: list[str], *, iteration: int, what: str = "samples") -> list[float]:
+        """The reward of each (prompt, response), checked (one finite number each); a reward that fails is one
+        error naming the reward, the iteration and `what` was being scored."""
+        source = f"{self.name}.reward={self.section.reward} (iteration {iteration + 1}, {what})"
+        return checked_rewards(self.reward, prompts, responses, source=source)
+
+    def held_out_reward(self, policy, *, iteration: int) -> dict[str, float]:
+        """{"held_out_reward": mean reward of greedy responses to the first eval_prompts held-out prompts}, of the
+        policy as it is now ({} without held-out prompts). Every rank generates all of them: greedy is deterministic,
+        and every rank runs the same forwards."""
+        if self.held_out is None:
+            return {}
         section = self.section
         indices = list(range(min(section.eval_prompts, len(self.held_out))))
-        with autocast(self.dist, self.cfg.run.bf16):
-            out = sample(policy, self.held_out, indices, tokenizer=self.tokenizer,
-                         max_new_tokens=section.max_new_tokens, batch_size=section.generation_batch_size,
-                         temperature=0.0, stop_strings=self.stop_strings, dtype=compute_dtype(self.cfg.run.bf16))
-        return float(np.mean(checked_rewards(self.reward, out.prompts, out.responses)))
+        try:
+            with autocast(self.dist, self.cfg.run.bf16):
+                out = sample(policy, self.held_out, indices, tokenizer=self.tokenizer,
+                             max_new_tokens=section.max_new_tokens, batch_size=section.generation_batch_size,
+                             temperature=0.0, stop_strings=self.stop_strings, dtype=compute_dtype(self.cfg.run.bf16))
+        except NonFiniteOutputs as e:
+            raise NonFiniteOutputs(f"{self.name} iteration {iteration + 1}, held-out prompts: {e}") from None
+        rewards = self.score(out.prompts, out.responses, iteration=iteration, what="held-out prompts")
+        return {"held_out_reward": float(np.mean(rewards))}
 
     def end_iteration(self, trainer: Trainer, policy, *, iteration: int, step: int, history: list[dict],
                       extra_state: dict, plot_panels: dict[str, list[str]]):
-        """Log the iteration's figures (history[-1]) under `name/`, export the policy, checkpoint (with
-        `extra_state`, the loop's own), write name_history.json and a plot of `plot_panels` ({title: [keys]}), and
-        halt when asked (halt_after_iteration)."""
+        """Refuse a broken policy (Trainer.check_exportable), measure the held-out reward after the last update
+        (held_out_reward_final), log the iteration's figures (history[-1]) under `name/`, export the policy,
+        checkpoint (with `extra_state`, the loop's own), write name_history.json and a plot of `plot_panels`
+        ({title: [keys]}), and halt when asked (halt_after_iteration)."""
         cfg, section, name, out, stats = self.cfg, self.section, self.name, Path(self.cfg.run.out_dir), history[-1]
+        trainer.check_exportable(policy, f"the policy after {name} iteration {iteration + 1}")
+        if iteration + 1 == section.iterations:
+            stats.update({f"{k}_final": v for k, v in self.held_out_reward(policy, iteration=iteration).items()})
         trainer.log.log(step, {k if "/" in k else f"{name}/{k}": v for k, v in stats.items()}, advance=False)
         trainer.log.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
         export_pretrained(policy, out / "iterations" / f"iteration_{iteration + 1:04d}", self.dist,

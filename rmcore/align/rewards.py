@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import importlib
 import math
+import traceback
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from rmcore.errors import ConfigError
+from rmcore.errors import ConfigError, RewardError
 from rmcore.eval.scorer import RewardScorer
 from rmcore.interop.hub import is_hub_id
 from rmcore.training.distributed import Dist
@@ -58,12 +59,37 @@ def load_reward(spec: str, device="cpu", *, dtype: torch.dtype | None = None, no
     return fn
 
 
-def checked_rewards(reward: RewardFn, prompts: list[str], responses: list[str]) -> list[float]:
-    """reward(prompts, responses), checked: one finite float per response."""
-    out = [float(r) for r in reward(prompts, responses)]
+def checked_rewards(reward: RewardFn, prompts: list[str], responses: list[str], *,
+                    source: str = "the reward") -> list[float]:
+    """reward(prompts, responses), checked: one finite number per response. Anything else, or an exception inside
+    the reward, is one RewardError naming `source` (e.g. "ppo.reward=mod:fn, iteration 3") and what came back."""
+    try:
+        out = reward(prompts, responses)
+    except Exception as e:  # the user's code: say where it failed, in one line
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        raise RewardError(f"{source} raised {type(e).__name__}: {e} (at {frame.filename}:{frame.lineno}) while "
+                          f"scoring {len(responses)} responses") from None
+    if isinstance(out, (str, bytes)) or not hasattr(out, "__len__"):
+        raise RewardError(f"{source} returned {_show(out)}; expected a list of {len(responses)} numbers, one per "
+                          f"response")
     if len(out) != len(responses):
-        raise ValueError(f"the reward function returned {len(out)} rewards for {len(responses)} responses")
-    bad = [i for i, r in enumerate(out) if not math.isfinite(r)]
-    if bad:
-        raise ValueError(f"non-finite reward {out[bad[0]]} for response {bad[0]}: {responses[bad[0]][:200]!r}")
-    return out
+        raise RewardError(f"{source} returned {len(out)} rewards for {len(responses)} responses")
+    values = []
+    for i, r in enumerate(out):
+        if isinstance(r, (str, bytes)) or (isinstance(r, torch.Tensor) and r.numel() != 1):
+            raise RewardError(f"{source} returned {_show(r)} for response {i}; expected a number")
+        try:
+            value = float(r)
+        except (TypeError, ValueError):
+            raise RewardError(f"{source} returned {_show(r)} for response {i}; expected a number") from None
+        if not math.isfinite(value):
+            raise RewardError(f"{source} returned a non-finite reward {value} for response {i}: "
+                              f"{responses[i][:200]!r}")
+        values.append(value)
+    return values
+
+
+def _show(value) -> str:
+    """A returned value as an error message shows it: its repr (cut short) and type."""
+    text = repr(value)
+    return f"{text[:80]}{'...' if len(text) > 80 else ''} ({type(value).__name__})"

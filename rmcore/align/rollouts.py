@@ -30,10 +30,20 @@ class PromptPool:
     def __len__(self):
         return len(self.prompts)
 
-    def draw(self, n: int, seed: int, iteration: int) -> list[int]:
-        """n prompt indices for one iteration: a fresh permutation per iteration (seeded), cycled when n > pool."""
-        order = np.random.default_rng([seed, iteration]).permutation(len(self))
-        return np.resize(order, n).tolist()
+    def draw(self, n: int, seed: int, iteration: int, order: str = "redraw") -> list[int]:
+        """n prompt indices for one iteration. redraw: a fresh permutation per iteration (seeded), cycled when
+        n > pool; pass: iteration i takes the next n of a stream of passes through the pool, each pass a new
+        permutation, so no prompt comes back before the whole pool has been drawn."""
+        if order == "redraw":
+            return np.resize(np.random.default_rng([seed, iteration]).permutation(len(self)), n).tolist()
+        out, position = [], iteration * n
+        while len(out) < n:
+            epoch, offset = divmod(position, len(self))
+            permutation = np.random.default_rng([seed, epoch, 1]).permutation(len(self))
+            taken = permutation[offset:offset + n - len(out)].tolist()
+            out += taken
+            position += len(taken)
+        return out
 
 
 def load_prompts(specs: list[str], tokenizer, template: Template, *, max_tokens: int, name: str, fmt: str = "auto",

@@ -3,6 +3,8 @@ over the whole batch), and a diversity statistic of the samples.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from rmcore.data.template import ASSISTANT, HUMAN, Template
@@ -43,9 +45,9 @@ def select_local(rewards: np.ndarray, k: int, valid: np.ndarray) -> list[int]:
     return kept
 
 
-def select_global(rewards: np.ndarray, k: int, valid: np.ndarray) -> list[int]:
-    """The top floor(N / K) valid samples of the whole batch (N samples), highest reward first; equal rewards in
-    row order."""
-    n_keep = len(rewards) // k
+def select_global(rewards: np.ndarray, k: int, valid: np.ndarray, keep_fraction: float | None = None) -> list[int]:
+    """The top valid samples of the whole batch (N samples), highest reward first, equal rewards in row order:
+    floor(N / K) of them, or floor(N * keep_fraction) (at least 1) when keep_fraction is given (LMFlow's alpha)."""
+    n_keep = len(rewards) // k if keep_fraction is None else max(1, math.floor(len(rewards) * keep_fraction))
     order = sorted(np.flatnonzero(valid).tolist(), key=lambda i: (-rewards[i], i))
     return order[:n_keep]

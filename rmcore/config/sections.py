@@ -20,9 +20,10 @@ from rmcore.data.datasets import DataConfig
 from rmcore.errors import ConfigError, check_at_least
 from rmcore.lora import LoraConfig
 from rmcore.model import ModelConfig
-from rmcore.rl import ADVANTAGE_ESTIMATORS
+from rmcore.rl import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, AdvantageEstimator
 
 AdvantageName = Literal[tuple(ADVANTAGE_ESTIMATORS)]
+LossAggregationName = Literal[tuple(LOSS_AGGREGATIONS)]
 
 
 @dataclasses.dataclass
@@ -41,6 +42,8 @@ class RunConfig:
     resume: str = "auto"                # auto (latest complete checkpoint, if any) | never | a checkpoint path
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss stops the run, or its batch is skipped and counted
     max_skips_in_a_row: int = 10        # with skip: this many non-finite steps in a row stop the run
+    max_skipped_fraction: float = 0.25  # with skip: no export (and a stop) once more than this share of the run's
+                                        # steps were skipped: what it learned is not what was asked for
     halt_at_step: int | None = None     # stop after this step as if killed (resume tests and debugging)
     export: bool = True                 # write out_dir/export (HF format + tokenizer) at the end
 
@@ -51,6 +54,8 @@ class RunConfig:
 
     def check(self, source: str) -> None:
         check_at_least(self, 1, ("keep", "max_skips_in_a_row", "tokenizer_vocab_size"), prefix="run", source=source)
+        if not 0 <= self.max_skipped_fraction <= 1:
+            raise ConfigError(f"{source}: run.max_skipped_fraction={self.max_skipped_fraction}; expected 0 to 1")
         check_at_least(self, 0, ("eval_every", "save_every"), prefix="run", source=source)
 
 
@@ -134,10 +139,12 @@ class TrainConfig:
 @dataclasses.dataclass
 class AlignConfig:
     """What raft.py and ppo.py share: the reward, the iterations, the prompts and how responses are sampled."""
-    reward: str = ""                    # a reward model directory, or module:function (prompts, responses) -> rewards
+    reward: str = ""                    # a reward model directory or hub id, or module:function (prompts, responses)
     reward_normalize: bool = False      # apply the statistics `eval.py normalize` stored with the reward model
     iterations: int = 3
     prompts_per_iter: int = 2048        # across all ranks
+    prompt_order: Literal["redraw", "pass"] = "redraw"  # a fresh shuffle of the pool every iteration, or passes
+                                        # through the pool, each in a new shuffle (no prompt twice within a pass)
     k: int = 8                          # samples per prompt
     max_prompt_tokens: int = 256        # longer prompts are dropped from the pool and counted
     max_new_tokens: int = 128
@@ -146,7 +153,8 @@ class AlignConfig:
     top_p: float = 1.0
     stop_strings: list[str] | None = None  # None: the template's human tag and HH's "Human:" (EOS always stops)
     generation_batch_size: int = 16     # rows sampled at once per rank
-    eval_prompts: int = 16              # prompts of data.eval answered greedily every iteration; 0 = none
+    eval_prompts: int = 16              # prompts of data.eval answered greedily before each iteration's update and
+                                        # after the last one (held_out_reward, held_out_reward_final); 0 = none
     keep_exports: int = 2               # per-iteration policy exports kept on disk
     halt_after_iteration: int | None = None  # stop as if killed after this iteration (resume tests)
 
@@ -154,9 +162,15 @@ class AlignConfig:
         """name: the section's name, raft or ppo."""
         check_at_least(self, 1, ("iterations", "prompts_per_iter", "k", "max_prompt_tokens", "max_new_tokens",
                                  "generation_batch_size", "keep_exports"), prefix=name, source=source)
-        check_at_least(self, 0, ("temperature", "eval_prompts"), prefix=name, source=source)
+        check_at_least(self, 0, ("top_k", "eval_prompts"), prefix=name, source=source)
+        if not self.temperature > 0:
+            raise ConfigError(f"{source}: {name}.temperature={self.temperature}: the loop samples from the policy; "
+                              f"expected > 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{source}: {name}.top_p={self.top_p}: nucleus sampling keeps the tokens whose "
+                              f"probability mass reaches top_p; expected 0 < top_p <= 1 (1 = off)")
         if not self.reward:
-            raise ConfigError(f"{name}.reward is not set: a reward model directory, or module:function")
+            raise ConfigError(f"{name}.reward is not set: a reward model directory or hub id, or module:function")
 
 
 def check_alignment_run(cfg: TrainConfig, section: AlignConfig, source: str, name: str) -> None:
@@ -173,11 +187,32 @@ def check_alignment_run(cfg: TrainConfig, section: AlignConfig, source: str, nam
 class RaftConfig(AlignConfig):
     """raft.py: reward-ranked fine-tuning (Dong et al. 2023). The policy is run.init_from; its training set is
     remade every iteration from its own samples, fine-tuned on with the `optim` settings (optim.epochs is the number
-    of epochs per iteration) and data.sft_loss_on (default here: `response`, the kept response's tokens)."""
-    selection: Literal["local", "global"] = "local"  # best of each prompt's K, or the top 1/K of the whole batch
+    of epochs per iteration) and data.sft_loss_on (default here: `response`, the kept response's tokens).
+
+    Where LMFlow's RaftAligner (the authors' code) differs, and how to get its behaviour:
+      - it trains on the whole text, prompt included: data.sft_loss_on=all (ours: the response, which is what the
+        reward ranked; the prompt's tokens are the dataset's, not the policy's);
+      - it samples one response per prompt and keeps the top alpha of them: raft.k=1, raft.selection=global,
+        raft.keep_fraction=alpha (ours: K per prompt and the best of each prompt's K, the paper's local ranking);
+      - it draws each iteration's prompts at random with replacement: raft.prompt_order=redraw is the same up to
+        repeats within an iteration; raft.prompt_order=pass walks once through a shuffled pool instead;
+      - it has no discard rules: raft.discard=[] (ours leave empty, truncated and turn-writing samples out of the
+        ranking, in both selection modes)."""
+    selection: Literal["local", "global"] = "local"  # best of each prompt's K, or the top keep_fraction of the batch
+    keep_fraction: float | None = None  # global selection: the share of samples kept (None: 1/K, one per prompt)
     discard: list[Literal["empty", "truncated", "tag"]] = dataclasses.field(
         default_factory=lambda: ["empty", "truncated", "tag"])  # samples left out of ranking, each reason counted
     reset_optimizer: bool = False       # a fresh AdamW state each iteration (the reference keeps it)
+    max_empty_iterations: int = 2       # stop after this many iterations in a row that keep no sample
+
+    def check(self, source: str, name: str = "raft") -> None:
+        super().check(source, name)
+        check_at_least(self, 1, ("max_empty_iterations",), prefix=name, source=source)
+        if self.keep_fraction is not None and not 0 < self.keep_fraction <= 1:
+            raise ConfigError(f"{source}: raft.keep_fraction={self.keep_fraction}; expected 0 < keep_fraction <= 1")
+        if self.keep_fraction is not None and self.selection != "global":
+            raise ConfigError(f"{source}: raft.keep_fraction applies to raft.selection=global (local keeps the best "
+                              f"of each prompt's K)")
 
 
 @dataclasses.dataclass
@@ -194,38 +229,68 @@ class RaftTrainConfig(TrainConfig):
 class PpoConfig(AlignConfig):
     """ppo.py: PPO (and the critic-free RLOO / GRPO) on the policy run.init_from. Each iteration samples
     prompts_per_iter x k responses; optim.epochs passes of shuffled minibatches of optim.micro_batch_size x
-    optim.grad_accum samples per rank follow, one optimizer step each. Defaults are TRL's PPOConfig's."""
-    k: int = 1                          # samples per prompt (rloo and grpo need >= 2)
-    prompts_per_iter: int = 64
-    advantage: AdvantageName = "gae"    # a name of rmcore.rl.ADVANTAGE_ESTIMATORS
-    critic: str = "reward"              # gae: `reward` (a copy of the reward model), `policy` (the policy's trunk + a
-                                        # fresh value head) or a reward-model directory
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    beta: float = 0.05                  # KL coefficient (its start, when adaptive)
-    adaptive_kl: bool = False           # Ziegler et al.'s controller towards kl_target
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
-    missing_eos_penalty: float | None = None  # subtracted from the score of a response cut at max_new_tokens
-    score_clip: float | None = None     # scores clipped to [-score_clip, score_clip]
-    whiten_rewards: bool = False        # per-token rewards whitened over real tokens, mean shifted back
-    whiten_advantages: bool = True      # advantages whitened over real tokens
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip: float = 0.2                   # policy ratio clip
-    clip_value: float = 0.2             # value clip around the rollout's values
-    value_coef: float = 0.1
-    entropy_coef: float = 0.0
+    optim.grad_accum samples per rank follow, one optimizer step each. Each default says whose it is: TRL's
+    PPOConfig (1.16, or its RLOO/GRPO configs), a paper's, or ours. "default" picks the estimator's paper
+    (rmcore.rl.ADVANTAGE_ESTIMATORS): gae as TRL's PPO, rloo as its paper and TRL's RLOO, grpo as its paper."""
+    k: int = 1                          # samples per prompt (rloo and grpo need >= 2); TRL's PPO: 1
+    prompts_per_iter: int = 64          # ours (TRL's batch is per_device_train_batch_size x accumulation x devices)
+    advantage: AdvantageName = "gae"    # a name of rmcore.rl.ADVANTAGE_ESTIMATORS; TRL's PPO: gae
+    critic: str = "reward"              # gae: `reward` (a copy of the reward model, as TRL), `policy` (the policy's
+                                        # trunk + a fresh value head) or a reward-model directory or hub id
+    kl_in: Literal["default", "reward", "loss"] = "default"  # where the KL penalty goes: -beta * kl_t in the
+                                        # per-token rewards (Ziegler et al.; RLOO) or beta * k3_t added to the
+                                        # per-token loss (GRPO, Shao et al. 2024); default: the estimator's paper
+    kl_estimator: Literal["k1", "k3"] = "k1"  # the KL in the reward; TRL's (the loss form is always k3, as GRPO)
+    beta: float = 0.05                  # KL coefficient (its start, when adaptive); TRL's PPO and RLOO
+    adaptive_kl: bool = False           # Ziegler et al.'s controller towards kl_target; TRL: off
+    kl_target: float = 6.0              # Ziegler et al.'s
+    kl_horizon: int = 10000             # Ziegler et al.'s
+    missing_eos_penalty: float | None = None  # subtracted from the score of a response cut at max_new_tokens; TRL's
+    score_clip: float | None = None     # scores clipped to [-score_clip, score_clip]; ours (off)
+    whiten_rewards: bool = False        # per-token rewards whitened over real tokens, mean shifted back; TRL's
+    whiten_advantages: Literal["default", "tokens", "samples", "none"] = "default"  # over every rank's real tokens
+                                        # (TRL's PPO), over samples (one advantage per response), or not at all
+                                        # (RLOO and GRPO as published); default: the estimator's paper
+    scale_rewards: Literal["group", "none"] = "group"  # grpo: divide by the group's std (GRPO; TRL's default) or
+                                        # not (Dr. GRPO, Liu et al. 2025)
+    loss_aggregation: LossAggregationName = "token_mean"  # rmcore.rl.LOSS_AGGREGATIONS: token_mean (DAPO; TRL's
+                                        # default), sequence_mean (the GRPO paper's), constant (Dr. GRPO)
+    importance_ratio: Literal["token", "sequence"] = "token"  # one ratio per token (PPO), or one per response,
+                                        # exp(sum logp - sum logp_old), clipped per response (TRL's RLOO)
+    gamma: float = 1.0                  # TRL's
+    lam: float = 0.95                   # TRL's
+    clip: float = 0.2                   # policy ratio clip; TRL's
+    clip_value: float = 0.2             # value clip around the rollout's values; TRL's
+    value_coef: float = 0.1             # TRL's
+    entropy_coef: float = 0.0           # TRL's PPO has no entropy bonus
+
+    def estimator(self) -> AdvantageEstimator:
+        return ADVANTAGE_ESTIMATORS[self.advantage]
+
+    def kl_placement(self) -> str:
+        """reward or loss: kl_in, or the estimator's paper's."""
+        return self.estimator().kl_in if self.kl_in == "default" else self.kl_in
+
+    def advantage_whitening(self) -> str:
+        """tokens, samples or none: whiten_advantages, or the estimator's paper's."""
+        return self.estimator().whiten if self.whiten_advantages == "default" else self.whiten_advantages
 
     def check(self, source: str, name: str = "ppo") -> None:
         super().check(source, name)
         check_at_least(self, 1, ("kl_target", "kl_horizon"), prefix=name, source=source)
         check_at_least(self, 0, ("beta", "missing_eos_penalty", "score_clip", "gamma", "lam", "clip", "clip_value",
                                  "value_coef", "entropy_coef"), prefix=name, source=source)
-        if self.temperature <= 0:
-            raise ConfigError(f"ppo.temperature={self.temperature}: PPO samples from the policy; expected > 0")
-        if ADVANTAGE_ESTIMATORS[self.advantage].per_group and self.k < 2:
+        if self.estimator().per_group and self.k < 2:
             raise ConfigError(f"ppo.advantage={self.advantage} compares the K samples of a prompt: ppo.k={self.k}, "
                               f"expected >= 2")
+        if self.scale_rewards != "group" and self.advantage != "grpo":
+            raise ConfigError(f"{source}: ppo.scale_rewards={self.scale_rewards} applies to ppo.advantage=grpo")
+        if self.whiten_advantages == "samples" and not self.estimator().per_group:
+            raise ConfigError(f"{source}: ppo.whiten_advantages=samples needs one advantage per response (rloo, grpo); "
+                              f"{self.advantage}'s differ per token")
+        if self.importance_ratio == "sequence" and (self.kl_placement() == "loss" or self.estimator().needs_critic):
+            raise ConfigError(f"{source}: ppo.importance_ratio=sequence (TRL's RLOO) needs one advantage per response "
+                              f"and the KL in the reward: use it with rloo or grpo and ppo.kl_in=reward")
 
 
 @dataclasses.dataclass

@@ -52,15 +52,15 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_history(history: list[dict], panels: dict[str, list[str]], path: Path):
-    """One panel per title, each key of it a line against the iteration."""
+    """One panel per title, each key of it a line against the iteration (over the records that hold it)."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    iterations = [h["iteration"] for h in history]
     for ax, (title, keys) in zip(axes[0], panels.items()):
         for key in keys:
-            if key in history[0]:
-                ax.plot(iterations, [h[key] for h in history], marker="o", label=key)
-        ax.set_xlabel("iteration")
+            held = [h for h in history if key in h]
+            if held:
+                ax.plot([h["iteration"] for h in held], [h[key] for h in held], marker="o", label=key)
+        ax.set_xlabel("iteration (figures of the policy before its update)")
         ax.set_title(title)
         ax.legend(fontsize=7)
     _save(fig, path)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from rmcore.data.batching import pad
 from rmcore.data.template import Template
 from rmcore.errors import CheckpointError, DataError
-from rmcore.interop.hf_checkpoint import load_pretrained
+from rmcore.interop.hf_checkpoint import load_pretrained, read_hf_config
 from rmcore.interop.hub import resolve_model
 from rmcore.model import RewardModel
 from rmcore.tokenizer import Tokenizer
@@ -40,7 +40,7 @@ class RewardScorer:
         self.dist = dist or Dist(device=torch.device(device))
         self.model = load_pretrained(RewardModel, self.dir, dtype=dtype, device=self.dist.device).eval()
         self.tokenizer = Tokenizer.from_pretrained(self.dir)
-        self.config = json.loads((self.dir / "config.json").read_text())
+        self.config = read_hf_config(self.dir)
         info = self.config.get("rmcore", {})
         if "template" in info:
             self.template = Template.from_dict(info["template"]).check(self.tokenizer)
@@ -139,7 +139,7 @@ def rank_responses(scorer: RewardScorer, prompt: str, responses: list[str]) -> l
 def write_normalization(model_dir: str | Path, rewards: np.ndarray, data: list[str]) -> dict:
     """Store mean/std of reference rewards in config.json under rmcore.reward_normalization."""
     path = Path(model_dir) / "config.json"
-    config = json.loads(path.read_text())
+    config = read_hf_config(Path(model_dir))
     stats = {"mean": float(np.mean(rewards)), "std": float(np.std(rewards)), "count": int(len(rewards)),
              "data": list(data)}
     if not stats["std"] > 0:

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rmcore.errors import CheckpointError
+from rmcore.errors import CheckpointError, HubError
 from rmcore.interop.hub import resolve_model
 from rmcore.lora import LoraConfig, merge_adapter, merged_state_dict, peft_adapter_config, peft_state_dict
 from rmcore.model import ModelConfig, RewardModel
@@ -39,13 +39,40 @@ def rmcore_to_hf_key(key: str) -> str:
 
 
 def read_hf_config(path: Path) -> dict:
+    """config.json of an HF-format directory; every reader of a model's config comes here, so a folder without one
+    is reported the same way everywhere."""
+    path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise CheckpointError(f"{path}: no config.json (expected an HF-format model directory)")
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: no such directory (expected an HF-format model directory or a hub id)")
+        files = sorted(p.name for p in path.iterdir())
+        raise CheckpointError(f"{path}: an incomplete export: no config.json (holds {', '.join(files[:6]) or 'nothing'}"
+                              f"{' ...' if len(files) > 6 else ''}); a write that was interrupted, or not an HF-format "
+                              f"model directory")
     try:
         return json.loads(config_file.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{config_file}: malformed JSON ({e}); expected an HF model config") from None
+
+
+def adapter_base(adapter_dir: Path) -> Path:
+    """The base model directory an adapter directory names (adapter_config.json's base_model_name_or_path), checked
+    here so that a base that moved is reported with where its path came from."""
+    base = read_adapter(adapter_dir)[0]["base_model_name_or_path"]
+    where = f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path={base!r}"
+    try:
+        path = resolve_model(base)
+    except HubError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    if not path.is_dir():
+        raise CheckpointError(f"{where} is not a directory (moved or deleted?) nor a hub id: point it at the base "
+                              f"model the adapter was trained on")
+    try:
+        read_hf_config(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    return path
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -88,7 +115,7 @@ def load_pretrained(cls, path, *, dtype: torch.dtype | None = None, device="cpu"
 
     path = resolve_model(path)  # a local directory, or a hub id fetched into the HF cache
     if adapter is None and (path / ADAPTER_CONFIG).is_file():
-        adapter, path = path, Path(read_adapter(path)[0]["base_model_name_or_path"])
+        adapter, path = path, adapter_base(path)
     if adapter is not None:
         adapter_cfg, adapter_tensors = read_adapter(Path(adapter))
         has_head = any(k.endswith("score.weight") for k in adapter_tensors)

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from rmcore.config.loader import config_to_dict
-from rmcore.errors import CheckpointError, ConfigError, NonFiniteWeights, RunDirError
+from rmcore.errors import CheckpointError, ConfigError, NonFiniteOutputs, NonFiniteWeights, RunDirError
 from rmcore.interop.hf_checkpoint import save_adapter, save_merged, save_pretrained
 from rmcore.interop.hub import hub_revisions
 from rmcore.lora import LoraConfig
@@ -226,26 +226,64 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def check_outputs_finite(model, dist: Dist, what: str):
+    """Refuse to write `what` from a model whose outputs on a fixed probe hold NaN or inf: finite weights can still
+    overflow (weights of 1e30 after a NaN storm's skipped steps are finite, their logits are not)."""
+    vocab = model.cfg.vocab_size
+    probe = (torch.arange(16, device=dist.device)[None] * 7919 + 3) % vocab  # any tokens: a broken model fails on all
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(probe)
+    model.train(was_training)
+    if all_reduce_sum([not bool(torch.isfinite(out).all())], dist.device)[0]:
+        raise NonFiniteOutputs(f"not writing the {what}: its outputs on a probe input are NaN or inf, though its "
+                               f"weights are finite (largest |weight| {largest_weight(model, dist):.3g}): the model "
+                               f"is broken, see the skipped steps in the log")
+
+
+def largest_weight(model, dist: Dist) -> float:
+    """max |w| over every parameter of every rank."""
+    local = max((float(_local(p).detach().abs().max()) for p in model.parameters() if _local(p).numel()), default=0.0)
+    if not torch.distributed.is_initialized():
+        return local
+    t = torch.tensor([local], device=dist.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t)
+
+
 def export_pretrained(model, out: Path, dist: Dist, *, tokenizer=None, extra_config: dict | None = None,
                       base: str | None = None, lora: LoraConfig | None = None):
     """Write an HF-format directory (config.json, safetensors, tokenizer files) from a plain or FSDP2 model. A
     model trained with LoRA (lora.enabled) is written merged, or with lora.export=adapter as PEFT's adapter files
-    over `base`."""
+    over `base`. Written to `out.partial` and renamed into place when complete, as checkpoints are: a kill mid-way
+    leaves the previous export (or none), never half of one. Refused when the weights or the outputs are not
+    finite."""
     check_finite(model, dist, f"export to {out}")
+    check_outputs_finite(model, dist, f"export to {out}")
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
         if lora is None or not lora.enabled:
-            save_pretrained(model, out, state_dict=full, extra_config=extra_config)
+            save_pretrained(model, partial, state_dict=full, extra_config=extra_config)
         elif lora.export == "adapter":
-            save_adapter(model, out, full, lora=lora, base=base, extra_config=extra_config)
+            save_adapter(model, partial, full, lora=lora, base=base, extra_config=extra_config)
         else:
-            save_merged(model, out, full, lora, extra_config)
+            save_merged(model, partial, full, lora, extra_config)
         if tokenizer is not None:
             # transformers' tokenizer(text) must give what the model was trained on: a reward model reads EOS, and
             # a template written in special tokens (ChatML) needs them read as such
             template = (extra_config or {}).get("rmcore", {}).get("template", {})
-            tokenizer.save_pretrained(out, add_eos=model.hf_architecture == "LlamaForSequenceClassification",
+            tokenizer.save_pretrained(partial, add_eos=model.hf_architecture == "LlamaForSequenceClassification",
                                       split_special_tokens=not template.get("special_tokens", False))
+        replaced = out.with_name(out.name + ".replaced")
+        shutil.rmtree(replaced, ignore_errors=True)
+        if out.exists():
+            os.replace(out, replaced)
+        os.replace(partial, out)
+        shutil.rmtree(replaced, ignore_errors=True)
     barrier()
 
 

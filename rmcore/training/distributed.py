@@ -82,6 +82,15 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
+    """t summed over ranks, as a new tensor (t itself on one process): the reduce_sum of rmcore.rl's statistics."""
+    if not torch_dist.is_initialized():
+        return t
+    t = t.clone()
+    torch_dist.all_reduce(t)
+    return t
+
+
 def broadcast_object(obj, src: int = 0):
     if not torch_dist.is_initialized():
         return obj

@@ -3,13 +3,13 @@ loop (`setup`, `load_splits`). train.py, raft.py and ppo.py call these; none of 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rmcore.config.loader import save_config
 from rmcore.config.sections import TrainConfig
 from rmcore.data.formats import require_data
 from rmcore.errors import ConfigError, user_errors
+from rmcore.interop.hf_checkpoint import read_hf_config
 from rmcore.interop.hub import resolve_model
 from rmcore.tokenizer import Tokenizer
 from rmcore.training.distributed import Dist, init_distributed, say, shutdown
@@ -64,5 +64,5 @@ def load_splits(load, cfg: TrainConfig, tokenizer: Tokenizer, dist: Dist, unit: 
 
 def has_value_head(path: str) -> bool:
     """Whether the HF directory `path` holds a reward model (else a causal LM, whose value head starts fresh)."""
-    config = json.loads((resolve_model(path) / "config.json").read_text())
+    config = read_hf_config(resolve_model(path))
     return "LlamaForSequenceClassification" in config.get("architectures", [])

@@ -10,9 +10,15 @@ from pathlib import Path
 import torch
 
 from rmcore.config.loader import config_to_dict
-from rmcore.errors import NonFiniteLoss
+from rmcore.errors import NonFiniteLoss, NonFiniteOutputs
 from rmcore.lora import parameter_counts
-from rmcore.training.checkpoints import Checkpointer, export_pretrained, run_identity, run_record
+from rmcore.training.checkpoints import (
+    Checkpointer,
+    check_outputs_finite,
+    export_pretrained,
+    run_identity,
+    run_record,
+)
 from rmcore.training.distributed import Dist, all_reduce_sum, gather_objects
 from rmcore.training.logger import Logger
 from rmcore.training.run_dir import trim_metrics
@@ -105,6 +111,7 @@ class Trainer:
         how = f" (LoRA r {lora.rank}, alpha {lora.alpha:g} on {', '.join(lora.target_modules)})" if lora.enabled else ""
         self.log.print(f"parameters: {trainable:,} trainable of {total:,} ({trainable / max(total, 1):.2%}){how}")
         self.last_ckpt = found
+        self.steps_done = self.start_step
 
     def reset_optimizer(self):
         """A fresh AdamW over the model's trainable parameters, with the `optim` settings."""
@@ -137,7 +144,8 @@ class Trainer:
 
         losses ({name: summed loss}), tokens and ids (of the step's records) are this rank's; count is the step's
         global denominator (global_count), by which every summed loss is divided for the log. A step whose count
-        is 0 (no target token in any of its micro-batches) has no gradient: it is counted in `empty_steps`."""
+        is 0 (no target token in any of its micro-batches) has no gradient: it is counted in `empty_steps`.
+        Returns the record logged for the step (the losses as means over all ranks, the metrics, lr, ...)."""
         cfg = self.cfg
         names = list(losses)
         *totals, tokens = all_reduce_sum([*losses.values(), tokens], self.dist.device)
@@ -170,9 +178,11 @@ class Trainer:
                 self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
                 self.log.print(f"skipped: {where} ({self.skipped} skipped so far)")
         self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done = step + 1
         position = {"epoch": self.sampler.epoch} if self.sampler is not None else {}
-        self.log.log(step + 1, {**means, **metrics, "lr": lr, **grad, "skipped_steps": self.skipped,
-                                "empty_steps": self.empty, **position}, tokens=int(tokens))
+        record = {**means, **metrics, "lr": lr, **grad, "skipped_steps": self.skipped, "empty_steps": self.empty,
+                  **position}
+        self.log.log(step + 1, record, tokens=int(tokens))
         if self.in_a_row >= cfg.run.max_skips_in_a_row:
             self.log.close()
             raise NonFiniteLoss(f"stopped: {self.in_a_row} steps in a row had a non-finite loss or gradient "
@@ -188,6 +198,7 @@ class Trainer:
             self.log.print(f"halting after step {done} (run.halt_at_step)")
             self.log.close()
             raise SystemExit(0)
+        return record
 
     def save(self, step: int, extra_state: dict | None = None):
         """An atomic checkpoint: model, optimizer, RNG, counters, and the sampler's position or the loop's own
@@ -196,6 +207,21 @@ class Trainer:
         self.last_ckpt = self.ckpt.save(self.model, self.optimizer, step,
                                         {**position, **(extra_state or {}), "skipped": self.skipped,
                                          "empty": self.empty, "identity": self.identity})
+
+    def check_exportable(self, model, what: str):
+        """Stop (one line, nothing written) rather than save a model that skipped more than
+        run.max_skipped_fraction of its steps, or whose outputs are not finite (check_outputs_finite)."""
+        limit = self.cfg.run.max_skipped_fraction
+        if self.skipped > limit * max(self.steps_done, 1):
+            self.log.close()
+            raise NonFiniteLoss(f"not saving {what}: {self.skipped} of its {self.steps_done} steps were skipped for a "
+                                f"non-finite loss or gradient (run.max_skipped_fraction={limit:g}); lower optim.lr or "
+                                f"look at the skipped steps' records in the log")
+        try:
+            check_outputs_finite(model, self.dist, what)
+        except NonFiniteOutputs:
+            self.log.close()
+            raise
 
     def finish(self, tokenizer) -> dict:
         """train.py's end of a stage: final evaluation, final checkpoint, then export_and_close; returns the final
@@ -206,6 +232,7 @@ class Trainer:
             if self.start_step < self.total_steps:  # a finished run re-run logs nothing twice
                 self.log.log(self.total_steps, {f"eval_{k}": v for k, v in final.items()}, advance=False)
         if self.start_step < self.total_steps:
+            self.check_exportable(self.model, "the trained model")
             self.save(self.total_steps)
         else:
             self.log.print(f"nothing to train: the run was already complete at step {self.total_steps}")
@@ -216,6 +243,7 @@ class Trainer:
         """The end of every run: `model` (default: the trained module) exported to out_dir/export (run.export),
         what was skipped said, the log closed."""
         if self.cfg.run.export:
+            self.check_exportable(model or self.model, f"export to {self.out / 'export'}")
             export_pretrained(model or self.model, self.out / "export", self.dist, tokenizer=tokenizer,
                               extra_config=run_record(self.cfg), base=self.cfg.run.init_from, lora=self.cfg.model.lora)
             self.log.print(f"exported {self.out / 'export'}")
