@@ -194,7 +194,15 @@ def parse(argv):
         p.add_argument("--skip-bad-lines", action="store_true")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
-    return command, p.parse_args(argv)
+    args = p.parse_args(argv)
+    if command == "compare":  # the loops' sampler settings, checked as their configs check them
+        for bad, what in ((args.max_new_tokens < 1, f"--max-new-tokens {args.max_new_tokens}: expected >= 1"),
+                          (args.temperature < 0, f"--temperature {args.temperature}: expected >= 0 (0: greedy)"),
+                          (args.top_k < 0, f"--top-k {args.top_k}: expected >= 0 (0: off)"),
+                          (not 0 < args.top_p <= 1, f"--top-p {args.top_p}: expected 0 < top_p <= 1 (1: off)")):
+            if bad:
+                p.error(what)
+    return command, args
 
 
 def main(argv):

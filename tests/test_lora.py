@@ -2,11 +2,13 @@
 PEFT both ways, FSDP2 parity and exact resume, and the adapter-free policy as PPO's reference."""
 import json
 import re
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from rmcore.errors import CheckpointError
 from rmcore.interop.hf_checkpoint import load_pretrained, save_adapter, save_pretrained
 from rmcore.lora import LoraConfig, LoraLinear, adapters_disabled, apply_lora, merged_state_dict
 from rmcore.losses import pairwise_loss
@@ -153,7 +155,7 @@ def test_ppo_with_lora_reads_its_reference_with_the_adapters_off(tmp_path, hh_fi
     assert history[0]["objective/kl"] == 0  # B = 0: the policy is its reference, exactly
     assert history[1]["objective/kl"] != 0  # the adapters moved the policy; with them off, the reference did not
     first = next(r for r in records(tmp_path / "p") if "loss/policy" in r)
-    assert abs(first["val/ratio"] - 1) < 1e-6  # no LoRA dropout in PPO: the update reads the rollout's log-probs
+    assert abs(first["policy/ratio"] - 1) < 1e-6  # no LoRA dropout in PPO: the update reads the rollout's log-probs
     export = tmp_path / "p" / "export"
     assert json.loads((export / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
     x = tokens()
@@ -163,6 +165,15 @@ def test_ppo_with_lora_reads_its_reference_with_the_adapters_off(tmp_path, hh_fi
     with pytest.raises(Exception, match="lora.dropout"):
         ppo.main(ppo_args(tmp_path / "q", hh_file, policy_dir, rm_dir, "model.lora.enabled=true",
                           "model.lora.dropout=0.1"))
+    # an adapter whose base moved: the error says the path came from adapter_config.json
+    moved = tmp_path / "moved_adapter"
+    shutil.copytree(export, moved)
+    config = json.loads((moved / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "gone")
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"moved_adapter/adapter_config.json: base_model_name_or_path="
+                                              r"'.*gone' is not a directory \(moved or deleted\?\)"):
+        load_pretrained(CausalLM, moved)
 
 
 def test_sft_stage_with_lora_changes_only_the_adapted_weights(tmp_path, hh_file, tok_dir, policy_dir):

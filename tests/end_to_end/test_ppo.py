@@ -14,7 +14,7 @@ from rmcore.interop.hf_checkpoint import load_pretrained
 from rmcore.model import CausalLM
 
 import ppo
-from helpers.runs import ppo_args, records, torchrun
+from helpers.runs import conflicting_keys, ppo_args, records, torchrun
 
 
 def test_logprobs_of_a_left_padded_batch_equal_each_sequence_alone(policy_dir):
@@ -48,6 +48,7 @@ def test_first_minibatch_is_at_ratio_one_and_kl_zero(tmp_path, hh_file, policy_d
                  "loss/value_avg", "val/clipfrac_avg", "val/ratio", "val/ratio_var", "val/num_eos_tokens"]
     assert all(k in history[0] for k in trl_names)
     assert (tmp_path / "p" / "ppo_history.png").is_file()
+    assert not conflicting_keys(tmp_path / "p")  # the iteration's figures and its last step's share a step
 
 
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])

@@ -14,7 +14,7 @@ from rmcore.interop.hf_checkpoint import save_pretrained
 
 import raft
 import train
-from helpers.runs import REPO, args, raft_args, torchrun
+from helpers.runs import REPO, args, conflicting_keys, raft_args, torchrun
 
 
 # ------------------------------------------------------------------------------------------------ pure pieces
@@ -34,6 +34,17 @@ def test_local_selection_keeps_the_argmax_of_each_prompt():
     assert rewards[kept].mean() >= rewards[valid].mean()
 
 
+def test_prompt_order_pass_draws_every_prompt_once_per_pass():
+    from rmcore.align.rollouts import PromptPool
+    from rmcore.data.formats import Report
+    pool = PromptPool([f"p{i}" for i in range(10)], [[i] for i in range(10)], Report("p"))
+    drawn = [pool.draw(4, 0, it, order="pass") for it in range(5)]  # 20 draws: two passes
+    flat = [i for d in drawn for i in d]
+    assert sorted(flat[:10]) == sorted(flat[10:]) == list(range(10)) and flat[:10] != flat[10:]
+    redraw = [pool.draw(4, 0, it) for it in range(5)]
+    assert sorted(i for d in redraw for i in d) != sorted(flat)  # fresh draws repeat prompts within 10
+
+
 def test_global_selection_keeps_the_top_n_over_k():
     rng = np.random.default_rng(1)
     rewards, k = rng.normal(size=37), 4
@@ -46,6 +57,9 @@ def test_global_selection_keeps_the_top_n_over_k():
     assert not set(select_global(rewards, k, valid)) & set(np.argsort(-rewards)[:3].tolist())
     # K = 1 keeps every valid sample
     assert select_local(rewards[:8], 1, valid[:8]) == [i for i in range(8) if valid[i]]
+    # LMFlow's alpha: the top floor(N * alpha) of the valid samples, best first
+    top = select_global(rewards, 1, valid, keep_fraction=0.3)
+    assert top == sorted(np.flatnonzero(valid).tolist(), key=lambda i: -rewards[i])[:11]  # floor(37 * 0.3)
 
 
 def test_discard_rules_and_distinct_n():
@@ -81,6 +95,34 @@ def test_raft_raises_a_known_reward(tmp_path, hh_file, policy_dir):
     saved = json.loads((tmp_path / "r" / "raft_history.json").read_text())
     assert [h["reward_first"] for h in saved] == first
     assert (tmp_path / "r" / "raft_history.png").is_file()
+
+
+def test_the_held_out_reward_is_measured_before_each_update_and_after_the_last(tmp_path, hh_file, policy_dir):
+    """held_out_reward describes the policy that sampled the iteration (the starting policy for iteration 1), as
+    the samples' rewards do; held_out_reward_final the exported one. Both recomputed here from the models."""
+    from rmcore.align.rollouts import default_stop_strings, load_prompts, sample
+    from rmcore.interop.hf_checkpoint import load_pretrained
+    from rmcore.model import CausalLM
+    from rmcore.tokenizer import Tokenizer
+
+    from helpers.rewards import count_e
+    out = tmp_path / "r"
+    history = raft.main(raft_args(out, hh_file, policy_dir, "raft.iterations=2",
+                                  f"data.eval=['{hh_file}[2200:2230]']", "raft.eval_prompts=6"))
+    tok, template = Tokenizer.from_pretrained(policy_dir), Template()
+    pool = load_prompts([f"{hh_file}[2200:2230]"], tok, template, max_tokens=128, name="held out")
+
+    def greedy_reward(model_dir):
+        model = load_pretrained(CausalLM, model_dir).eval()
+        s = sample(model, pool, list(range(6)), tokenizer=tok, max_new_tokens=24, batch_size=64, temperature=0.0,
+                   stop_strings=default_stop_strings(template))
+        return float(np.mean(count_e(s.prompts, s.responses)))
+
+    assert history[0]["held_out_reward"] == greedy_reward(policy_dir)
+    assert history[1]["held_out_reward_final"] == greedy_reward(out / "export")
+    assert "held_out_reward_final" not in history[0]
+    assert history[1]["held_out_reward_final"] != history[0]["held_out_reward"]  # the two moments differ here
+    assert not conflicting_keys(out)
 
 
 def test_raft_resumes_exactly_after_a_kill(tmp_path, hh_file, policy_dir):

@@ -5,3 +5,24 @@ sys.path: pytest puts conftest.py's folder there, and the torchrun tests set PYT
 def count_e(prompts, responses):
     """The number of letters "e" in the response."""
     return [float(r.count("e")) for r in responses]
+
+
+# Broken rewards, each a way a user's function can fail (tests/end_to_end/test_failures.py)
+def raises(prompts, responses):
+    return [1.0 / 0 for _ in responses]
+
+
+def returns_nan(prompts, responses):
+    return [float("nan")] * len(responses)
+
+
+def one_short(prompts, responses):
+    return [0.0] * (len(responses) - 1)
+
+
+def strings(prompts, responses):
+    return ["good"] * len(responses)
+
+
+def returns_none(prompts, responses):
+    return None

@@ -54,6 +54,16 @@ def records(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def conflicting_keys(out):
+    """(step, key, values) for each key that metrics.jsonl holds more than once at one step with different values
+    (W&B would keep one of them)."""
+    seen = {}
+    for rec in records(out):
+        for key, value in rec.items():
+            seen.setdefault((rec["step"], key), set()).add(json.dumps(value))
+    return [(step, key, values) for (step, key), values in seen.items() if len(values) > 1]
+
+
 def losses(out):
     """step -> loss, the last record of each step (a resumed run re-logs the steps after its checkpoint)."""
     return {rec["step"]: rec["loss"] for rec in records(out) if "loss" in rec}
