@@ -249,7 +249,8 @@ def test_missing_data_and_model_files_are_one_clear_message(tmp_path):
                            "--input", "x.jsonl", "--output", "y.jsonl"], env=env, capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.startswith("error: ") and "no config.json" in proc.stderr
+    assert proc.stderr == (f"error: {tmp_path / 'nope'}: no such directory "
+                           f"(expected an HF-format model directory or a hub id)\n")
 
 
 def test_activation_checkpointing_applies_to_a_loaded_model(tmp_path, hh_file, tok_dir, monkeypatch):
