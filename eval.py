@@ -3,12 +3,16 @@
     python eval.py --model runs/tiny/rm/export --out runs/eval \
         --data "${RMCORE_DATA}/hh-rlhf/harmless-base/test.jsonl.gz[1932:]"
     python eval.py --model A --model B --data X.jsonl --data Y.parquet --out runs/eval   # + generalization table
+    python eval.py --model runs/tiny/dpo/export --reference runs/tiny/sft/export --data ...  # a DPO policy's
+                                                                  # implicit reward beta * log pi/pi_ref, same report
     python eval.py score --model DIR --input texts.jsonl --output scores.jsonl [--normalize] [--truncate left]
     python eval.py normalize --model DIR [--data FILE ...]     # default data: the model's own training split
     python eval.py compare --policy-a DIR --policy-b DIR --judge RM_DIR --prompts FILE[a:b] --out runs/compare
     torchrun --nproc_per_node=N eval.py ...                     # each rank scores a share of the batches
 
-The report (report.json, report.md, PNG plots) is described in rmcore/eval/report.py. score's input is JSONL with a
+The report (report.json, report.md, PNG plots) is described in rmcore/eval/report.py; a file of rankings of K
+responses (a ranked format) gets pairwise accuracy over ordered pairs and best-of-K accuracy instead
+(rmcore/eval/ranked_report.py). score's input is JSONL with a
 `text` (a whole transcript) or `prompt` + `response` per line; its output keeps the input order.
 """
 from __future__ import annotations
@@ -22,10 +26,12 @@ from rmcore.align.compare import compare_markdown, compare_policies
 from rmcore.data.datasets import tokenize_pairs
 from rmcore.data.files import iter_records
 from rmcore.data.formats import read_examples, require_data
+from rmcore.data.ranked import is_ranked
 from rmcore.errors import DataError, UserError, user_errors
 from rmcore.eval.plots import plot_report
+from rmcore.eval.ranked_report import evaluate_ranked_file, ranked_line
 from rmcore.eval.report import evaluate_pairs, markdown_report
-from rmcore.eval.scorer import RewardScorer, write_normalization
+from rmcore.eval.scorer import ImplicitRewardScorer, RewardScorer, write_normalization
 from rmcore.training.distributed import init_distributed, say, shutdown
 from rmcore.training.logger import wandb_login
 
@@ -36,13 +42,23 @@ def evaluate(args, dist) -> dict:
         wandb_login(args.wandb)  # before the evaluation, not after it
     results, drops = {}, {}
     for model_dir in args.model:
-        scorer = RewardScorer(model_dir, batch_size=args.batch_size, dist=dist)
+        if args.reference:  # the models are DPO policies, scored by their implicit reward
+            scorer = ImplicitRewardScorer(model_dir, args.reference, beta=args.beta, batch_size=args.batch_size,
+                                          dist=dist)
+        else:
+            scorer = RewardScorer(model_dir, batch_size=args.batch_size, dist=dist)
         name = model_name(model_dir)
         max_length = args.max_length or scorer.config.get("rmcore", {}).get("max_length")
         for spec in args.data:
+            if is_ranked([spec], args.format):  # rankings of K responses: pairwise and best-of-K accuracy
+                r, drops[spec] = evaluate_ranked_file(scorer, spec, fmt=args.format, skip_bad_lines=args.skip_bad_lines,
+                                                      max_length=max_length, show=args.show, dist=dist)
+                results.setdefault(name, {})[spec] = r
+                say(dist, ranked_line(name, spec, r))
+                continue
             examples, report = read_examples([spec], fmt=args.format, skip_bad_lines=args.skip_bad_lines, name=spec)
             pairs = tokenize_pairs(examples, scorer.tokenizer, scorer.template, max_length=max_length, report=report,
-                                   keep_examples=True)
+                                   keep_examples=True, response_starts=bool(args.reference))
             say(dist, report.summary())
             require_data(len(pairs), report, [spec], f"--data {spec}", "pairs to evaluate")
             drops[spec] = report.to_dict()
@@ -156,9 +172,15 @@ def parse(argv):
     p = argparse.ArgumentParser(prog=f"eval.py{'' if command == 'evaluate' else ' ' + command}")
     if command == "evaluate":
         p.add_argument("--model", action="append", required=True,
-                       help="reward model: an HF-format directory or a hub id, org/name[@revision] (repeatable)")
+                       help="reward model: an HF-format directory or a hub id, org/name[@revision] (repeatable); "
+                            "with --reference, a policy (DPO) read through its implicit reward")
+        p.add_argument("--reference", help="the policy's reference (its DPO start): rewards are "
+                                           "beta * (log pi(y|x) - log pi_ref(y|x)) of each response")
+        p.add_argument("--beta", type=float, help="beta of the implicit reward (default: the policy's recorded "
+                                                  "dpo.beta, else 0.1)")
         p.add_argument("--data", action="append", required=True,
-                       help="preference file, optionally sliced: f.jsonl[a:b] (repeatable)")
+                       help="preference file (pairs, or rankings of K responses), optionally sliced: f.jsonl[a:b] "
+                            "(repeatable)")
         p.add_argument("--out", default="runs/eval")
         p.add_argument("--show", type=int, default=5, help="most confidently wrong/right pairs listed")
         p.add_argument("--max-length", type=int,
@@ -195,6 +217,10 @@ def parse(argv):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+    if command == "evaluate" and args.beta is not None and not args.reference:
+        p.error("--beta applies to an implicit reward: give the policy's --reference")
+    if command == "evaluate" and args.beta is not None and not args.beta > 0:
+        p.error(f"--beta {args.beta}: expected > 0")
     if command == "compare":  # the loops' sampler settings, checked as their configs check them
         for bad, what in ((args.max_new_tokens < 1, f"--max-new-tokens {args.max_new_tokens}: expected >= 1"),
                           (args.temperature < 0, f"--temperature {args.temperature}: expected >= 0 (0: greedy)"),

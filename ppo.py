@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rmcore.align.iteration import AlignRun, align_main, reference_model
+from rmcore.align.iteration import AlignRun, align_main
 from rmcore.align.rollouts import Packed, pack, response_logits, response_logprobs, response_values, response_values_of
 from rmcore.config.sections import PpoConfig, PpoTrainConfig
 from rmcore.errors import ConfigError
@@ -60,7 +60,7 @@ from rmcore.rl import (
 from rmcore.tokenizer import Tokenizer
 from rmcore.training.distributed import Dist, all_reduce_sum, all_reduce_tensor, gather_objects
 from rmcore.training.launch import run_script
-from rmcore.training.runtime import autocast, build_model, set_grad_sync
+from rmcore.training.runtime import autocast, build_model, reference_model, set_grad_sync
 from rmcore.training.trainer import Trainer
 
 

@@ -25,7 +25,7 @@ import warnings
 
 import numpy as np
 
-from rmcore.align.iteration import AlignRun, align_main, reference_model
+from rmcore.align.iteration import AlignRun, align_main
 from rmcore.align.rollouts import pack, response_logprobs
 from rmcore.align.selection import discard_reason, distinct_n, select_global, select_local
 from rmcore.config.sections import RaftTrainConfig
@@ -37,7 +37,7 @@ from rmcore.errors import UserError
 from rmcore.sft import sft_step
 from rmcore.training.distributed import gather_objects
 from rmcore.training.launch import run_script
-from rmcore.training.runtime import autocast
+from rmcore.training.runtime import autocast, reference_model
 from rmcore.training.trainer import Trainer
 
 

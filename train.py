@@ -1,11 +1,12 @@
-"""Train a tokenizer, an SFT model or a reward model.
+"""Train a tokenizer, an SFT model, a reward model, or a policy directly on preference pairs (DPO).
 
     python train.py --config configs/tiny.yaml                       # the tiny chain: tokenizer -> SFT -> RM, on CPU
     python train.py --config configs/tiny_rm.yaml optim.lr=1e-4      # one stage, any field overridden as key=value
     torchrun --nproc_per_node=8 train.py --config configs/open_llama_3b_rm.yaml   # FSDP2 over 8 GPUs
 
 Each stage is one function below, readable top to bottom: data, model, then the loop. The RM loss is spelled out
-here from the pure functions in rmcore/losses.py; the SFT step is rmcore/sft.py's, which raft.py shares.
+here from the pure functions in rmcore/losses.py, as is DPO's (its log-probs and reference come from
+rmcore/dpo.py); the SFT step is rmcore/sft.py's, which raft.py shares.
 rmcore.training.trainer.Trainer does the bookkeeping every loop shares.
 
 The loss of an optimizer step is the sum of per-pair (or per-token) losses divided by the number of pairs (or
@@ -15,6 +16,7 @@ therefore never change the math.
 """
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -26,16 +28,29 @@ from rmcore.config.sections import TrainConfig, load_stages
 from rmcore.data.batching import collate_blocks, collate_pairs
 from rmcore.data.datasets import load_blocks, load_pairs
 from rmcore.data.formats import read_examples, require_data
+from rmcore.data.ranked import collate_ranked, is_ranked, load_ranked
 from rmcore.data.sampler import ShardedSampler
 from rmcore.data.tokenizer_training import train_tokenizer
+from rmcore.dpo import load_or_compute_reference, pair_logps, sequence_logps, table_rows
 from rmcore.errors import ConfigError
-from rmcore.losses import PREFERENCE_SUM_KEYS, centering_loss, metrics_from_sums, pairwise_loss, preference_sums
+from rmcore.losses import (
+    PREFERENCE_SUM_KEYS,
+    RANKING_LOSSES,
+    RANKING_SUM_KEYS,
+    centering_loss,
+    implicit_rewards,
+    metrics_from_sums,
+    pairwise_loss,
+    preference_sums,
+    ranking_metrics_from_sums,
+    ranking_sums,
+)
 from rmcore.model import CausalLM, RewardModel
 from rmcore.sft import sft_step, sft_sums
 from rmcore.training.distributed import all_reduce_sum, barrier, init_distributed, say
 from rmcore.training.launch import has_value_head, load_splits, run_script, setup
 from rmcore.training.run_dir import RunLock
-from rmcore.training.runtime import autocast, build_model, set_grad_sync
+from rmcore.training.runtime import autocast, build_model, frozen, reference_model, set_grad_sync
 from rmcore.training.trainer import Trainer
 
 
@@ -47,7 +62,7 @@ def main(argv: list[str]) -> dict:
             if cfg.run.stage in ("raft", "ppo"):
                 raise ConfigError(f"run.stage={cfg.run.stage} is run by {cfg.run.stage}.py: "
                                   f"python {cfg.run.stage}.py --config ...")
-            result = {"tokenizer": tokenizer_stage, "sft": sft, "rm": rm}[cfg.run.stage](cfg)
+            result = {"tokenizer": tokenizer_stage, "sft": sft, "rm": rm, "dpo": dpo}[cfg.run.stage](cfg)
     return result
 
 
@@ -62,7 +77,8 @@ def tokenizer_stage(cfg: TrainConfig) -> dict:
         print(report.summary())
         require_data(len(examples), report, cfg.data.train, "data.train (tokenizer)", "texts")
         template = cfg.data.build_template()
-        texts = [template.render(e.prompt, r) for e in examples for r in (e.chosen, e.rejected) if r is not None]
+        texts = [template.render(e.prompt, r) for e in examples for r in (e.responses or (e.chosen, e.rejected))
+                 if r is not None]
         tok = train_tokenizer(texts, out, cfg.run.tokenizer_vocab_size)
         print(f"trained {tok} on {len(texts):,} texts -> {out}")
     barrier()
@@ -102,6 +118,8 @@ def sft(cfg: TrainConfig) -> dict:
 
 def rm(cfg: TrainConfig) -> dict:
     """Reward model: Bradley-Terry pairwise loss (+ optional margin, + optional centering) on chosen/rejected pairs."""
+    if is_ranked(cfg.data.train, cfg.data.format):  # K responses per prompt: loss.ranking, in ranked_rm below
+        return ranked_rm(cfg)
     dist, tok = setup(cfg)
     train, held_out = load_splits(load_pairs, cfg, tok, dist, "pairs")
     if cfg.loss.margin and np.isnan(train.margin).all():
@@ -181,6 +199,151 @@ def rm(cfg: TrainConfig) -> dict:
         trainer.step(step, losses=sums, count=n_pairs, metrics={"acc": wins / n_pairs, "ties": int(ties),
                                                                  "padding": padding},
                      tokens=tokens, ids=[i for b in batches for i in b["ids"]])
+    return trainer.finish(tok)
+
+
+def ranked_rm(cfg: TrainConfig) -> dict:
+    """Reward model on rankings of K responses per prompt (rm hands over when data.train holds a ranked format):
+    loss.ranking (all_pairs or plackett_luce), each prompt's loss summed and divided by the step's global number of
+    prompts; a micro-batch's responses run in one packed row, each prompt's K together."""
+    for setting, given in (("loss.margin", cfg.loss.margin), ("loss.center_coef", cfg.loss.center_coef),
+                           ("data.pack_pairs=false", not cfg.data.pack_pairs)):
+        if given:  # said, not ignored: each is a setting of the pairwise loss or of pair batches
+            raise ConfigError(f"{setting} applies to pairs, and data.train holds rankings of K responses (trained "
+                              f"with loss.ranking={cfg.loss.ranking}, always packed): remove it")
+    dist, tok = setup(cfg)
+    train, held_out = load_splits(load_ranked, cfg, tok, dist, "rankings")
+    new_head = cfg.run.init_from is not None and not has_value_head(cfg.run.init_from)
+    if new_head:
+        say(dist, f"{cfg.run.init_from} has no value head (a causal LM): starting a fresh one, std 1/sqrt(dim+1)")
+    model = build_model(RewardModel, dist, init_from=cfg.run.init_from, architecture=cfg.model.architecture(tok),
+                        bf16=cfg.run.bf16, seed=cfg.run.seed, new_head=new_head,
+                        activation_checkpointing=cfg.model.activation_checkpointing, lora=cfg.model.lora)
+    shard = {"rank": dist.rank, "world_size": dist.world_size}  # this rank's share of every split
+    lengths = train.lengths() if cfg.data.group_by_length else None
+    sampler = ShardedSampler(len(train), cfg.optim.micro_batch_size, **shard, seed=cfg.run.seed, lengths=lengths)
+    ranking_loss = RANKING_LOSSES[cfg.loss.ranking]
+
+    def ranking_terms(batch) -> dict:
+        """The micro-batch's summed ranking loss and its RANKING_SUM_KEYS counts, from one forward pass."""
+        with autocast(dist, cfg.run.bf16):
+            if "seq_lens" in batch:  # packed: one row, no padding
+                r = model(batch["input_ids"].to(dist.device), position_ids=batch["position_ids"].to(dist.device),
+                          seq_lens=batch["seq_lens"])
+            else:  # an empty micro-batch: every rank still runs the forward pass that FSDP's collectives expect
+                r = model(batch["input_ids"].to(dist.device), attention_mask=batch["attention_mask"].to(dist.device),
+                          right_padded=True)
+        scores, sizes = batch["scores"].to(dist.device), batch["group_sizes"]
+        return {"loss": ranking_loss(r.float(), scores, sizes, reduction="sum"), **ranking_sums(r, scores, sizes)}
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        model.eval()
+        sums = dict.fromkeys(("loss", *RANKING_SUM_KEYS), 0.0)
+        for idx in ShardedSampler(len(held_out), cfg.optim.micro_batch_size, **shard, shuffle=False):
+            for k, v in ranking_terms(collate_ranked(held_out, idx, tok.pad_id)).items():
+                sums[k] += float(v)
+        model.train()
+        totals = dict(zip(sums, all_reduce_sum(list(sums.values()), dist.device)))
+        return {"loss": totals["loss"] / max(totals["prompts"], 1), **ranking_metrics_from_sums(totals),
+                **{k: int(totals[k]) for k in ("prompts", "pairs", "ties")}}
+
+    trainer = Trainer(cfg, dist, model, sampler=sampler, evaluate=evaluate if held_out is not None else None)
+    model.train()
+    for step, micro_batches in trainer.steps():
+        batches = [collate_ranked(train, idx, tok.pad_id) for idx in micro_batches]
+        n_prompts = trainer.global_count(sum(len(b["ids"]) for b in batches))  # the denominator: the step's prompts
+        sums = {}  # summed on the device: one host sync per step, after the last backward
+        for i, batch in enumerate(batches):
+            set_grad_sync(model, i == len(batches) - 1)
+            terms = ranking_terms(batch)
+            (terms["loss"] / n_prompts * dist.world_size).backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().double()
+        sums = dict(zip(sums, torch.stack(list(sums.values())).tolist()))
+        loss_sum = sums.pop("loss")  # the trainer sums it over ranks; the counts are summed here
+        totals = dict(zip(sums, all_reduce_sum(list(sums.values()), dist.device)))
+        trainer.step(step, losses={"loss": loss_sum}, count=n_prompts, metrics=ranking_metrics_from_sums(totals),
+                     tokens=sum(b["input_ids"].numel() for b in batches), ids=[i for b in batches for i in b["ids"]])
+    return trainer.finish(tok)
+
+
+def dpo(cfg: TrainConfig) -> dict:
+    """Direct preference optimisation: the policy (run.init_from) trained on chosen/rejected pairs against its
+    start, with the loss dpo.loss (rmcore.losses.DPO_LOSSES) of the pair's response log-probs."""
+    dist, tok = setup(cfg)
+    load = functools.partial(load_pairs, response_starts=True)  # log-probs sum over the response tokens only
+    train, held_out = load_splits(load, cfg, tok, dist, "pairs")
+    build = functools.partial(build_model, CausalLM, dist, init_from=cfg.run.init_from, bf16=cfg.run.bf16,
+                              seed=cfg.run.seed)
+    policy = build(activation_checkpointing=cfg.model.activation_checkpointing, lora=cfg.model.lora)
+    settings = {"dist": dist, "bf16": cfg.run.bf16, "micro_batch_size": cfg.optim.micro_batch_size,
+                "pad_id": tok.pad_id, "packed": cfg.data.pack_pairs}
+    # The reference: none (a reference-free loss), log-probs computed once now by the policy before its first
+    # step (and stored with the run, so a resumed run reads them), the policy with its LoRA adapters off, or a
+    # frozen copy of the start. All give the same numbers (tests/end_to_end/test_dpo.py).
+    reference, tables = None, {}
+    if cfg.dpo.uses_reference and cfg.dpo.precompute_reference:
+        with reference_model(policy, None if cfg.model.lora.enabled else policy) as ref:
+            for name, pairs in (("train", train), ("eval", held_out)):
+                if pairs is not None:
+                    path = Path(cfg.run.out_dir) / f"reference_logps_{name}.pt"
+                    tables[name] = load_or_compute_reference(path, ref, pairs, **settings)
+    elif cfg.dpo.uses_reference and not cfg.model.lora.enabled:
+        reference = frozen(build())
+    shard = {"rank": dist.rank, "world_size": dist.world_size}  # this rank's share of every split
+    lengths = train.lengths() if cfg.data.group_by_length else None
+    sampler = ShardedSampler(len(train), cfg.optim.micro_batch_size, **shard, seed=cfg.run.seed, lengths=lengths)
+
+    def batch_logps(pairs, idx, split):
+        """(policy PairLogps, the collated batch) of the pairs idx of a split."""
+        batch = collate_pairs(pairs, idx, tok.pad_id, packed=cfg.data.pack_pairs)
+        ref_logps = None
+        if split in tables:
+            ref_logps = table_rows(tables[split], idx)
+        elif cfg.dpo.uses_reference:
+            with torch.no_grad(), reference_model(policy, reference) as ref:
+                ref_logps = sequence_logps(ref, batch, dist, cfg.run.bf16)[0]
+        return pair_logps(sequence_logps(policy, batch, dist, cfg.run.bf16), ref_logps)
+
+    def pair_sums(lp) -> dict:
+        """Each summed over the batch's pairs, under TRL's names (the loop divides by the global pair count): the
+        loss, the implicit rewards β log π/π_ref of each side and their margin, the policy's log-probs, and wins
+        (r_c > r_r, a tie is not a win) for rewards/accuracies."""
+        r_c, r_r = implicit_rewards(lp, beta=cfg.dpo.beta, uses_reference=cfg.dpo.uses_reference)
+        return {"loss": cfg.dpo.loss_terms(lp).sum(), "rewards/chosen": r_c.detach().sum(),
+                "rewards/rejected": r_r.detach().sum(), "rewards/margins": (r_c - r_r).detach().sum(),
+                "rewards/accuracies": (r_c > r_r).sum().float(), "logps/chosen": lp.chosen.detach().sum(),
+                "logps/rejected": lp.rejected.detach().sum()}
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        policy.eval()
+        sums = {}
+        for idx in ShardedSampler(len(held_out), cfg.optim.micro_batch_size, **shard, shuffle=False):
+            for k, v in pair_sums(batch_logps(held_out, idx, "eval")).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        policy.train()
+        totals = dict(zip(sums, all_reduce_sum(list(sums.values()), dist.device)))
+        return {k: v / len(held_out) for k, v in totals.items()} | {"pairs": len(held_out)}
+
+    trainer = Trainer(cfg, dist, policy, sampler=sampler, evaluate=evaluate if held_out is not None else None)
+    policy.train()
+    for step, micro_batches in trainer.steps():
+        n_pairs = trainer.global_count(sum(len(idx) for idx in micro_batches))  # the denominator of the step
+        sums = {}  # summed on the device: one host sync per step, after the last backward
+        for i, idx in enumerate(micro_batches):
+            set_grad_sync(policy, i == len(micro_batches) - 1)
+            terms = pair_sums(batch_logps(train, idx, "train"))
+            (terms["loss"] / n_pairs * dist.world_size).backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+        sums = dict(zip(sums, torch.stack(list(sums.values())).tolist()))
+        tokens = sum(len(train.chosen[i]) + len(train.rejected[i]) for idx in micro_batches for i in idx)
+        # every entry of `losses` is a sum over pairs that the trainer all-reduces and divides by n_pairs: the
+        # loss, and the means TRL logs under these names
+        trainer.step(step, losses=sums, count=n_pairs, metrics={}, tokens=tokens,
+                     ids=[train.ids[i] for idx in micro_batches for i in idx])
     return trainer.finish(tok)
 
 

@@ -12,13 +12,15 @@ Conventions shared by all functions in this file:
   per-token terms.
 - Nothing here reads a config or touches a model: callers pass tensors and coefficients.
 
-Sections: reward-model losses and metrics, then supervised fine-tuning (next-token) losses. The losses of policy
-optimisation (PPO's clipped surrogate and value loss, the KL penalty) are in rmcore/rl.py.
+Sections: reward-model losses and metrics, supervised fine-tuning (next-token) losses, then direct preference
+optimisation (DPO and its family). The losses of policy optimisation (PPO's clipped surrogate and value loss, the
+KL penalty) are in rmcore/rl.py.
 """
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -189,6 +191,128 @@ def preference_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# K-way rankings: a reward model trained on K >= 2 responses to one prompt, ranked or scored
+#
+# Inputs, for a micro-batch of B prompts holding N responses in all: `rewards` (N,), each prompt's responses
+# together, prompt after prompt; `group_sizes`, the B numbers K_b (a tuple of ints, K_1 + ... + K_B = N); and
+# `scores` (N,), the data's ranking as one number per response, higher better, equal numbers tied
+# (rmcore/data/ranked.py). The losses are per PROMPT: reduction="sum" adds the prompts' losses and the loop divides
+# by the step's global number of prompts, as it divides the pairwise loss by the number of pairs. With K = 2 (no
+# tie) both losses are pairwise_loss, bit for bit: the same operations on the same numbers.
+
+
+def _by_prompt(values: torch.Tensor, group_sizes, fill: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K_max) with prompt b's K_b values in row b and `fill` after them, and the (B, K_max) mask of real ones."""
+    sizes = torch.as_tensor(group_sizes, dtype=torch.long).reshape(-1).cpu()
+    if values.dim() != 1 or int(sizes.sum()) != values.numel() or bool((sizes < 1).any()):
+        raise ValueError(f"expected 1-D values split into groups of >= 1: {tuple(values.shape)} values, group sizes "
+                         f"{sizes.tolist()}")
+    n_groups, width = len(sizes), int(sizes.max()) if len(sizes) else 0
+    row = torch.repeat_interleave(torch.arange(n_groups), sizes)
+    col = torch.arange(values.numel()) - torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)
+    row, col = row.to(values.device), col.to(values.device)
+    out = values.new_full((n_groups, width), fill).index_put((row, col), values)
+    valid = torch.zeros(n_groups, width, dtype=torch.bool, device=values.device).index_put(
+        (row, col), torch.ones_like(row, dtype=torch.bool))
+    return out, valid
+
+
+def _check_ranking(rewards: torch.Tensor, scores: torch.Tensor) -> None:
+    """Raise unless rewards and scores are matching 1-D floating point tensors."""
+    if rewards.shape != scores.shape or rewards.dim() != 1:
+        raise ValueError(f"rewards {tuple(rewards.shape)} and scores {tuple(scores.shape)} must be 1-D of one length")
+    if not rewards.is_floating_point():
+        raise TypeError("rewards must be a floating point tensor")
+
+
+def all_pairs_loss(rewards: torch.Tensor, scores: torch.Tensor, group_sizes, reduction: Reduction = "mean"):
+    """Per prompt: the mean over its ordered pairs (s_i > s_j) of -logsigmoid(r_i - r_j) (InstructGPT)."""
+    # Ouyang et al. 2022 (InstructGPT), sec. 3.5: the loss is -1/C(K,2) * E[log sigmoid(r(x, y_w) - r(x, y_l))]
+    # over the K(K-1)/2 comparisons of a prompt, all taken from ONE forward pass of its K responses (one batch
+    # element per prompt, which they found to overfit less than shuffling the comparisons as separate pairs).
+    # Tied pairs state no preference: they are not pairs here, and the mean is over the prompt's untied pairs.
+    _check_ranking(rewards, scores)
+    r, valid = _by_prompt(_upcast(rewards), group_sizes, 0.0)
+    s, _ = _by_prompt(scores, group_sizes, 0.0)
+    above = valid[:, :, None] & valid[:, None, :] & (s[:, :, None] > s[:, None, :])  # (B, K, K): i ranked above j
+    per_pair = torch.where(above, -F.logsigmoid(r[:, :, None] - r[:, None, :]), torch.zeros_like(r[:, :, None]))
+    # clamp: a prompt with no ordered pair (all tied; the data drops such prompts) contributes 0, not 0/0
+    per_prompt = per_pair.sum((1, 2)) / above.sum((1, 2)).clamp(min=1)
+    return _reduce(per_prompt, reduction)
+
+
+def plackett_luce_loss(rewards: torch.Tensor, scores: torch.Tensor, group_sizes, reduction: Reduction = "mean"):
+    """Per prompt: -sum_i [r_i - logsumexp_{j: s_j <= s_i} r_j], the ranking's Plackett-Luce NLL (ties: Breslow)."""
+    # Plackett-Luce (Plackett 1975, Luce 1959) with weights exp(r): a ranking is drawn by picking the best response
+    # with probability softmax(r), then the best of the rest, and so on; its likelihood is prod_k exp(r_pi(k)) /
+    # sum_{j ranked at or below k} exp(r_j), over K-1 choices (the last is certain). Zhu, Jordan & Jiao 2023
+    # (Principled RLHF from pairwise or K-wise comparisons) fit reward models with its maximum likelihood. Ties
+    # follow Breslow (1974): the members of a tie group share one denominator, the sum over the group and every
+    # response below it, so a tie contributes a factor per member and states no order within the group. A last
+    # group of m > 1 tied responses thus adds -sum_i r_i + m logsumexp_group r, least (m log m) when they are equal.
+    #
+    # Computed as -logsigmoid(r_i - logsumexp_{j != i, s_j <= s_i} r_j), the same number: with one competitor left
+    # this is pairwise_loss's own operation on the same values (K = 2 gives it bit for bit), and a response with
+    # no competitor (the sole worst one) has the factor 1, an exact 0, without a logsumexp of nothing (-inf) whose
+    # gradient would be NaN.
+    _check_ranking(rewards, scores)
+    r, valid = _by_prompt(_upcast(rewards), group_sizes, 0.0)
+    s, _ = _by_prompt(scores, group_sizes, 0.0)
+    width = r.shape[1]
+    others = ~torch.eye(width, dtype=torch.bool, device=r.device)
+    rivals = valid[:, :, None] & valid[:, None, :] & (s[:, None, :] <= s[:, :, None]) & others  # (B, i, j)
+    has_rival = rivals.any(-1)
+    # Rows without a rival get zeros (a finite logsumexp, whose result the where below discards).
+    rival_r = torch.where(rivals, r[:, None, :].expand_as(rivals), torch.full_like(rivals, -math.inf, dtype=r.dtype))
+    rival_r = torch.where(has_rival[:, :, None], rival_r, torch.zeros_like(rival_r))
+    per_response = torch.where(has_rival, -F.logsigmoid(r - torch.logsumexp(rival_r, -1)), torch.zeros_like(r))
+    return _reduce(per_response.sum(-1), reduction)
+
+
+# The losses loss.ranking names: each maps (rewards, scores, group_sizes, reduction) to per-prompt losses.
+RANKING_LOSSES = {
+    "all_pairs": all_pairs_loss,
+    "plackett_luce": plackett_luce_loss,
+}
+
+# Additive statistics of rankings: summed across micro-batches and ranks, then ranking_metrics_from_sums.
+RANKING_SUM_KEYS = ("prompts", "pairs", "wins", "ties", "best_of_k")
+
+
+@torch.no_grad()
+def ranking_sums(rewards: torch.Tensor, scores: torch.Tensor, group_sizes) -> dict[str, torch.Tensor]:
+    """prompts; ordered pairs (s_i > s_j), wins r_i > r_j and ties r_i == r_j among them; best_of_k = #prompts whose
+    best-scored responses' top reward beats every other response's strictly."""
+    # 0-d fp64 tensors on the rewards' device, so a loop adds them up without a host sync per micro-batch.
+    _check_ranking(rewards, scores)
+    r, valid = _by_prompt(rewards.detach().double(), group_sizes, 0.0)
+    if not r.numel():  # an empty micro-batch (a rank's share of a short last batch)
+        return {key: r.new_zeros(()) for key in RANKING_SUM_KEYS}
+    s, _ = _by_prompt(scores.double(), group_sizes, -math.inf)
+    above = valid[:, :, None] & valid[:, None, :] & (s[:, :, None] > s[:, None, :])
+    top = valid & (s == s.max(-1, keepdim=True).values)
+    rest = valid & ~top
+    # A tie in the rewards is no win (as in preference_sums); RewardBench 2's best-of-4 asks the same of the top.
+    neg_inf = torch.full_like(r, -math.inf)
+    best_top = torch.where(top, r, neg_inf).max(-1).values
+    best_rest = torch.where(rest, r, neg_inf).max(-1).values
+    diff = r[:, :, None] - r[:, None, :]
+    return {"prompts": torch.tensor(float(len(r)), dtype=torch.float64, device=r.device),
+            "pairs": above.sum().double(), "wins": (above & (diff > 0)).sum().double(),
+            "ties": (above & (diff == 0)).sum().double(),
+            "best_of_k": (rest.any(-1) & (best_top > best_rest)).sum().double()}
+
+
+def ranking_metrics_from_sums(sums: dict) -> dict[str, float]:
+    """acc = wins / pairs (a reward tie is an error), tie_rate = ties / pairs, best_of_k = hits / prompts."""
+    pairs, prompts = float(sums["pairs"]), float(sums["prompts"])
+    nan = float("nan")
+    return {"acc": float(sums["wins"]) / pairs if pairs else nan,
+            "tie_rate": float(sums["ties"]) / pairs if pairs else nan,
+            "best_of_k": float(sums["best_of_k"]) / prompts if prompts else nan}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Supervised fine-tuning: masked next-token cross-entropy
 #
 # Who shifts: the CALLER. sft_loss compares logits[:, t] with targets[:, t], exactly like nanoGPT's (x, y) pairs
@@ -255,3 +379,95 @@ def sft_loss(
     if reduction == "none":
         return per_token
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Direct preference optimisation: the policy itself trained on pairs, against a frozen reference
+#
+# The inputs are sequence log-probs, each summed over one response's tokens (rmcore/dpo.py: sequence_logps), of
+# the policy and of the reference, and the responses' token counts; every loss returns one term per pair and is
+# reduced as above (the loop sums, then divides by the step's global pair count). TRL 1.16's DPOTrainer
+# (sigmoid, robust, ipo, hinge) and CPOTrainer (simpo; sigmoid with label smoothing) compute the same terms:
+# tests/formulas/test_dpo_losses.py runs their code on the same log-probs.
+
+
+@dataclass
+class PairLogps:
+    """Per pair (B,): log-probs summed over each response's tokens, and its token count."""
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    ref_chosen: torch.Tensor     # the reference's (zeros for a reference-free loss)
+    ref_rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+    def logratio_margin(self) -> torch.Tensor:
+        """Δ = (log π(y_c) - log π_ref(y_c)) - (log π(y_r) - log π_ref(y_r))."""
+        return (_upcast(self.chosen) - _upcast(self.ref_chosen)) - (_upcast(self.rejected) - _upcast(self.ref_rejected))
+
+    def mean_logratio_margin(self) -> torch.Tensor:
+        """Δ per token: (log π(y_c) - log π_ref(y_c)) / |y_c| - (log π(y_r) - log π_ref(y_r)) / |y_r|."""
+        per_token_c = (_upcast(self.chosen) - _upcast(self.ref_chosen)) / self.chosen_tokens.clamp(min=1)
+        per_token_r = (_upcast(self.rejected) - _upcast(self.ref_rejected)) / self.rejected_tokens.clamp(min=1)
+        return per_token_c - per_token_r
+
+
+def _smoothed_logsigmoid_loss(x: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """-(1 - ε) logσ(x) - ε logσ(-x): the label of the pair is flipped with probability ε."""
+    return -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
+
+
+def dpo_sigmoid_loss(lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023): -(1-ε) logσ(βΔ) - ε logσ(-βΔ); ε > 0 is conservative DPO (Mitchell 2023)."""
+    return _smoothed_logsigmoid_loss(beta * lp.logratio_margin(), label_smoothing)
+
+
+def dpo_robust_loss(lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0) -> torch.Tensor:
+    """Robust DPO (Chowdhury et al. 2024), unbiased under label noise ε: (-(1-ε) logσ(βΔ) + ε logσ(-βΔ)) / (1-2ε)."""
+    x = beta * lp.logratio_margin()
+    return (-(1 - label_smoothing) * F.logsigmoid(x) + label_smoothing * F.logsigmoid(-x)) / (1 - 2 * label_smoothing)
+
+
+def dpo_ipo_loss(lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0) -> torch.Tensor:
+    """IPO (Azar et al. 2023, eq. 17), log-ratios per response token as TRL and the authors: (Δ_tok - 1/(2β))^2."""
+    # The paper's Δ is a sum over tokens, which makes the squared loss grow with length; TRL normalises by the
+    # response length "confirmed with the IPO authors", and so does this.
+    return (lp.mean_logratio_margin() - 1 / (2 * beta)).square()
+
+
+def dpo_hinge_loss(lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0) -> torch.Tensor:
+    """SLiC's calibration hinge (Zhao et al. 2023) on the log-ratios: max(0, 1 - βΔ)."""
+    return torch.relu(1 - beta * lp.logratio_margin())
+
+
+def simpo_loss(lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, gamma: float = 0.5) -> torch.Tensor:
+    """SimPO (Meng et al. 2024), no reference, per-token log-probs ā: -(1-ε) logσ(β(ā_c - ā_r) - γ) - ε logσ(-...)."""
+    mean_c = _upcast(lp.chosen) / lp.chosen_tokens.clamp(min=1)
+    mean_r = _upcast(lp.rejected) / lp.rejected_tokens.clamp(min=1)
+    return _smoothed_logsigmoid_loss(beta * (mean_c - mean_r) - gamma, label_smoothing)
+
+
+@dataclass(frozen=True)
+class PreferenceObjective:
+    loss: Callable[..., torch.Tensor]   # (PairLogps, *, beta, label_smoothing, gamma) -> per-pair loss
+    uses_reference: bool                # False: the reference is never computed (its log-probs are zeros)
+
+
+# dpo.loss names one of these (rmcore/dpo.py DpoConfig); adding a loss is a function above and an entry here.
+DPO_LOSSES = {
+    "sigmoid": PreferenceObjective(dpo_sigmoid_loss, uses_reference=True),
+    "robust": PreferenceObjective(dpo_robust_loss, uses_reference=True),
+    "ipo": PreferenceObjective(dpo_ipo_loss, uses_reference=True),
+    "hinge": PreferenceObjective(dpo_hinge_loss, uses_reference=True),
+    "simpo": PreferenceObjective(simpo_loss, uses_reference=False),
+}
+
+
+def implicit_rewards(lp: PairLogps, *, beta: float, uses_reference: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_c, r_r), r = β (log π(y) - log π_ref(y)) (Rafailov et al.); reference-free (SimPO): r = β log π(y) / |y|."""
+    # What TRL logs as rewards/chosen and rewards/rejected, for DPOTrainer and CPOTrainer respectively.
+    if uses_reference:
+        return (beta * (_upcast(lp.chosen) - _upcast(lp.ref_chosen)),
+                beta * (_upcast(lp.rejected) - _upcast(lp.ref_rejected)))
+    return (beta * _upcast(lp.chosen) / lp.chosen_tokens.clamp(min=1),
+            beta * _upcast(lp.rejected) / lp.rejected_tokens.clamp(min=1))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from rmcore.data.formats import require_data
 from rmcore.data.template import Template
 from rmcore.errors import NonFiniteOutputs
 from rmcore.eval.plots import plot_history
-from rmcore.lora import adapters_disabled
 from rmcore.model import CausalLM
 from rmcore.tokenizer import Tokenizer
 from rmcore.training.checkpoints import export_pretrained, run_record
@@ -173,13 +171,3 @@ class AlignRun:
             trainer.log.print(f"halting after iteration {iteration + 1} ({name}.halt_after_iteration)")
             trainer.log.close()
             raise SystemExit(0)
-
-
-@contextmanager
-def reference_model(policy, reference):
-    """The model that gives the reference log-probs: `reference`, or the policy with its LoRA adapters off."""
-    if reference is not None:
-        yield reference
-    else:
-        with adapters_disabled(policy):
-            yield policy

@@ -1,13 +1,14 @@
 """The config sections train.py, raft.py and ppo.py read, each with the checks of its own values.
 
-    TrainConfig            run | model | data | optim | loss | logging        (train.py: tokenizer, sft, rm)
+    TrainConfig            run | model | data | optim | loss | dpo | logging  (train.py: tokenizer, sft, rm, dpo)
     RaftTrainConfig        TrainConfig + raft                                 (raft.py)
     PpoTrainConfig         TrainConfig + ppo                                  (ppo.py)
 
-`data` is rmcore.data.datasets.DataConfig and `model.lora` rmcore.lora.LoraConfig, beside the code that reads them;
-`model` is the architecture (rmcore.model.ModelConfig) plus how it is trained. `load_stages` builds the configs of
-a command line (one, or each file of a chain) and runs every check before anything is written: a value the types
-allow but a run cannot use (a zero size, a negative rate, a warmup ratio above 1) is a ConfigError naming the key.
+`data` is rmcore.data.datasets.DataConfig, `model.lora` rmcore.lora.LoraConfig and `dpo` rmcore.dpo.DpoConfig,
+beside the code that reads them; `model` is the architecture (rmcore.model.ModelConfig) plus how it is trained.
+`load_stages` builds the configs of a command line (one, or each file of a chain) and runs every check before
+anything is written: a value the types allow but a run cannot use (a zero size, a negative rate, a warmup ratio
+above 1) is a ConfigError naming the key.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Literal
 
 from rmcore.config.loader import load_config, load_yaml_file
 from rmcore.data.datasets import DataConfig
+from rmcore.dpo import DpoConfig
 from rmcore.errors import ConfigError, check_at_least
 from rmcore.lora import LoraConfig
 from rmcore.model import ModelConfig
@@ -28,7 +30,7 @@ LossAggregationName = Literal[tuple(LOSS_AGGREGATIONS)]
 
 @dataclasses.dataclass
 class RunConfig:
-    stage: Literal["tokenizer", "sft", "rm", "raft", "ppo"] = "rm"  # raft, ppo: raft.py's, ppo.py's runs
+    stage: Literal["tokenizer", "sft", "rm", "dpo", "raft", "ppo"] = "rm"  # raft, ppo: raft.py's, ppo.py's runs
     out_dir: str = "runs/default"       # config.yaml, metrics.jsonl, checkpoints/, export/ go here
     init_from: str | None = None        # an HF-format directory (open_llama_3b, an SFT export); None = fresh init
     tokenizer: str | None = None        # tokenizer directory; default: init_from
@@ -104,6 +106,9 @@ class OptimConfig:
 class LossConfig:
     margin: bool = False                # subtract the data's per-pair margin (Llama 2)
     center_coef: float = 0.0            # reward centering (Eisenstein et al. 2023); TRL recommends 0.01
+    # rankings of K responses (a ranked data format): rmcore.losses.RANKING_LOSSES, all_pairs (InstructGPT: the
+    # mean Bradley-Terry loss over each prompt's ordered pairs) or plackett_luce (the ranking's likelihood)
+    ranking: Literal["all_pairs", "plackett_luce"] = "all_pairs"
 
     def check(self, source: str) -> None:
         check_at_least(self, 0, ("center_coef",), prefix="loss", source=source)
@@ -123,13 +128,17 @@ class TrainConfig:
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)   # rm
+    dpo: DpoConfig = dataclasses.field(default_factory=DpoConfig)      # dpo
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
     def check(self, source: str) -> None:
         """Every section's own checks; `source` (a file, or the command line) opens each message."""
-        for section in (self.run, self.model, self.data, self.optim, self.loss):
+        for section in (self.run, self.model, self.data, self.optim, self.loss, self.dpo):
             section.check(source)
+        if self.run.stage == "dpo" and self.run.init_from is None:
+            raise ConfigError(f"{source}: run.init_from is not set: DPO trains a policy from its start (an SFT "
+                              f"export), which is also its reference")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -30,8 +30,13 @@ def pad(seqs, pad_id: int, *, side: Literal["right", "left"] = "right",
 def collate_pairs(data: PairDataset, indices: list[int], pad_id: int, *, packed: bool = False) -> dict:
     """2B sequences, chosen[0..B) then rejected[0..B): right-padded rows (input_ids, attention_mask), or with
     packed, one row of them end to end with no padding (input_ids (1, L), position_ids restarting at each,
-    seq_lens); margin (B,) (0 where none)."""
+    seq_lens); margin (B,) (0 where none); with the dataset's response_starts, response_mask (the rows' shape):
+    the response tokens, EOS included."""
     seqs = [data.chosen[i] for i in indices] + [data.rejected[i] for i in indices]
+    response = None
+    if data.response_starts is not None:  # DPO: which tokens are the responses', in the same 2B order
+        starts = data.response_starts[indices].T.reshape(-1) if len(indices) else []
+        response = [np.arange(len(s)) >= start for s, start in zip(seqs, starts)]
     if packed and seqs:
         lens = tuple(len(x) for x in seqs)
         rows = {"input_ids": torch.from_numpy(np.concatenate(seqs).astype(np.int64))[None],
@@ -39,6 +44,9 @@ def collate_pairs(data: PairDataset, indices: list[int], pad_id: int, *, packed:
     else:
         input_ids, attention_mask = pad(seqs, pad_id)
         rows = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if response is not None:
+        rows["response_mask"] = (torch.from_numpy(np.concatenate(response))[None] if packed and seqs
+                                 else pad(response, 0)[0].bool())
     margin = torch.from_numpy(np.nan_to_num(data.margin[indices], nan=0.0)) if len(indices) else torch.zeros(0)
     return {**rows, "margin": margin.float(),
             "has_margin": bool(len(indices)) and not np.isnan(data.margin[indices]).all(),

@@ -64,6 +64,7 @@ class PairDataset:
     rejected: list[np.ndarray]
     margin: np.ndarray           # float32 per pair; nan where the record gave none
     examples: list[Example] | None = None  # the texts, kept for evaluation
+    response_starts: np.ndarray | None = None  # (n, 2) int32: index of each side's first response token (DPO)
 
     def __len__(self):
         return len(self.ids)
@@ -72,9 +73,23 @@ class PairDataset:
         return np.array([max(len(c), len(r)) for c, r in zip(self.chosen, self.rejected)], dtype=np.int64)
 
 
+def response_start(example: Example, response: str, tokenizer, template: Template) -> int:
+    """Index of the first response token in BOS + render(prompt, response) + EOS: the first token whose text
+    starts at or after the rendered prompt's end (a token spanning the boundary counts as prompt). Never 0: a
+    response token needs a token before it that predicts it."""
+    # One whole-text encoding, as training tokenizes it; encoding the prompt alone would change the tokens at the
+    # boundary.
+    prompt_chars = len(template.render(example.prompt))
+    _, starts = tokenizer.encode_with_starts(template.render(example.prompt, response),
+                                             specials=template.special_tokens)
+    return max(int(tokenizer.add_bos) + sum(1 for s in starts if s < prompt_chars), 1)
+
+
 def tokenize_pairs(examples: list[Example], tokenizer, template: Template, *, max_length: int | None,
-                   report: Report, keep_examples: bool = False, batch: int = 2048) -> PairDataset:
-    """Render and tokenize both sides (BOS ... EOS); drop and count pairs with a side over max_length tokens."""
+                   report: Report, keep_examples: bool = False, response_starts: bool = False,
+                   batch: int = 2048) -> PairDataset:
+    """Render and tokenize both sides (BOS ... EOS); drop and count pairs with a side over max_length tokens.
+    response_starts: also find where each side's response begins (what DPO's log-probs sum over)."""
     ids, chosen, rejected, margin, kept = [], [], [], [], []
     too_long = f"longer than max_length={max_length} tokens"
     for i in range(0, len(examples), batch):
@@ -92,17 +107,23 @@ def tokenize_pairs(examples: list[Example], tokenizer, template: Template, *, ma
             margin.append(math.nan if e.margin is None else e.margin)
             kept.append(e)
     report.kept = len(ids)
-    return PairDataset(ids, chosen, rejected, np.asarray(margin, dtype=np.float32), kept if keep_examples else None)
+    starts = None
+    if response_starts:
+        starts = np.array([[response_start(e, e.chosen, tokenizer, template),
+                            response_start(e, e.rejected, tokenizer, template)] for e in kept],
+                          dtype=np.int32).reshape(-1, 2)
+    return PairDataset(ids, chosen, rejected, np.asarray(margin, dtype=np.float32), kept if keep_examples else None,
+                       starts)
 
 
-def load_pairs(specs: list[str], tokenizer, cfg: DataConfig, name: str,
-               keep_examples: bool = False) -> tuple[PairDataset, Report]:
+def load_pairs(specs: list[str], tokenizer, cfg: DataConfig, name: str, *, keep_examples: bool = False,
+               response_starts: bool = False) -> tuple[PairDataset, Report]:
     """Preference pairs: every record read, rendered, tokenized and length-filtered (drops counted in the report)."""
     examples, report = read_examples(specs, fmt=cfg.format, skip_bad_lines=cfg.skip_bad_lines, name=name)
     if examples and examples[0].rejected is None:
         raise DataError(f"{examples[0].id}: a reward model needs pairs; this file holds single texts (format 'text')")
     pairs = tokenize_pairs(examples, tokenizer, cfg.build_template().check(tokenizer), max_length=cfg.max_length,
-                           report=report, keep_examples=keep_examples)
+                           report=report, keep_examples=keep_examples, response_starts=response_starts)
     return pairs, report
 
 

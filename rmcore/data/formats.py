@@ -7,6 +7,11 @@ itself makes unusable (two prompts that differ, an empty or identical response, 
 under its reason; a malformed record (a missing field, a wrong type, an empty required string) is a
 DataError("path:line: what was expected"), or with `skip_bad_lines` skipped and counted, the report listing the
 first few errors.
+
+The ranked formats (`ranked=True`: ranked, ultrafeedback, ultrafeedback_fine_grained) give rankings of K >= 2
+responses to one prompt: an Example with `responses` and `scores` (higher better, equal scores tie), read by
+rmcore/data/ranked.py. An empty or repeated response is removed from its ranking and counted (`Report.removed`);
+a ranking left with fewer than 2 responses, or with all of them tied, is dropped and counted.
 """
 from __future__ import annotations
 
@@ -23,9 +28,11 @@ from rmcore.errors import DataError
 class Example:
     id: str                      # "path:line" of the record it came from
     prompt: str                  # HH form, ends with "\n\nAssistant:" (or as written, for the pairs format)
-    chosen: str                  # response text
-    rejected: str | None = None  # None for SFT-only text
+    chosen: str                  # response text (a ranking's: its first best-scored response, what SFT reads)
+    rejected: str | None = None  # None for SFT-only text and for rankings
     margin: float | None = None
+    responses: list[str] | None = None  # a ranking of K >= 2 responses (the ranked formats), in record order
+    scores: list[float] | None = None   # one per response, higher better; equal scores tie
 
 
 @dataclass
@@ -37,6 +44,9 @@ class Report:
     dropped: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)  # first few record ids per reason
     notes: list[str] = field(default_factory=list)
+    # Responses taken out of a ranking whose record is kept (rankings only), by reason: counted apart from
+    # `dropped`, which counts whole records, so that read = kept + dropped still holds.
+    removed: dict[str, int] = field(default_factory=dict)
 
     def drop(self, reason: str, where: str, n: int = 1):
         self.dropped[reason] = self.dropped.get(reason, 0) + n
@@ -44,16 +54,27 @@ class Report:
         if len(ids) < 3:
             ids.append(where)
 
+    def remove(self, reason: str, where: str, n: int = 1):
+        """Count n responses removed from the ranking of record `where` (the record itself may still be kept)."""
+        self.removed[reason] = self.removed.get(reason, 0) + n
+        ids = self.examples.setdefault(reason, [])
+        if len(ids) < 3 and where not in ids:
+            ids.append(where)
+
     def summary(self) -> str:
         lines = [f"{self.name}: read {self.read:,} records, kept {self.kept:,}"]
         for reason, n in sorted(self.dropped.items(), key=lambda kv: -kv[1]):
             lines.append(f"  dropped {n:,}: {reason} (e.g. {', '.join(self.examples.get(reason, []))})")
+        for reason, n in sorted(self.removed.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  removed {n:,} response(s) from their rankings: {reason} "
+                         f"(e.g. {', '.join(self.examples.get(reason, []))})")
         lines += [f"  {note}" for note in self.notes]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "read": self.read, "kept": self.kept, "dropped": dict(self.dropped),
-                "notes": list(self.notes)}
+        out = {"name": self.name, "read": self.read, "kept": self.kept, "dropped": dict(self.dropped),
+               "notes": list(self.notes)}
+        return {**out, "removed": dict(self.removed)} if self.removed else out
 
 
 def require_data(count: int, report: Report, specs: list[str], what: str, unit: str = "examples"):
@@ -209,6 +230,135 @@ def parse_comparison(record: dict, where: str, report: Report) -> Example | None
     return Example(where, f"{HUMAN} {instruction}{ASSISTANT}", " " + responses[winner], " " + responses[1 - winner])
 
 
+# Rankings of K responses. Whichever way a record states its ranking, it is kept as one score per response (higher
+# better, equal scores tie). What the dataset itself makes unusable is taken out and counted: an empty response,
+# a repeated one, a record left with fewer than 2 responses or with every response tied.
+
+
+def ranking_problem(scores: list[float]) -> str | None:
+    """Why a ranking cannot be learned from (fewer than 2 responses, or all tied: no ordered pair); else None."""
+    if len(scores) < 2:
+        return "fewer than 2 responses"
+    if min(scores) == max(scores):
+        return "all responses tied"
+    return None
+
+
+def _ranking(where: str, prompt: str, responses: list[str], scores: list[float], report: Report) -> Example | None:
+    """The Example of a ranking, empty and repeated responses removed (counted); None (dropped, counted) when it has
+    fewer than 2 responses left or they all tie."""
+    keep = [i for i, r in enumerate(responses) if r.strip()]
+    if len(keep) < len(responses):
+        report.remove("empty response", where, len(responses) - len(keep))
+    copies = {}
+    for i in keep:
+        copies.setdefault(responses[i], []).append(i)
+    keep = []
+    for idx in copies.values():
+        # One text cannot be ranked above itself: copies that agree are one response, copies that disagree say
+        # nothing about it.
+        if len({scores[i] for i in idx}) > 1:
+            report.remove("the same response twice with different scores (every copy removed)", where, len(idx))
+            continue
+        keep.append(idx[0])
+        if len(idx) > 1:
+            report.remove("the same response twice with one score (one copy kept)", where, len(idx) - 1)
+    keep.sort()
+    responses, scores = [responses[i] for i in keep], [scores[i] for i in keep]
+    problem = ranking_problem(scores)
+    if problem:
+        return report.drop(problem, where)
+    return Example(where, prompt, responses[scores.index(max(scores))], responses=responses, scores=scores)
+
+
+def _scores_of_ranking(ranking: list, k: int, where: str) -> list[float]:
+    """Score len(ranking) - p for the response(s) at place p of a best-first ranking of K indices (a list: a tie)."""
+    scores: list[float | None] = [None] * k
+    for place, entry in enumerate(ranking):
+        tied = entry if isinstance(entry, list) else [entry]
+        if not tied:
+            raise DataError(f"{where}: ranking[{place}] is an empty list; expected a response index or a list of "
+                            f"tied indices (format ranked)")
+        for i in tied:
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < k:
+                raise DataError(f"{where}: ranking[{place}] holds {i!r}; expected indices of `responses`, 0 to "
+                                f"{k - 1}, best first (format ranked)")
+            if scores[i] is not None:
+                raise DataError(f"{where}: ranking names response {i} twice; expected each index 0 to {k - 1} "
+                                f"exactly once (format ranked)")
+            scores[i] = float(len(ranking) - place)
+    missing = [i for i, s in enumerate(scores) if s is None]
+    if missing:
+        raise DataError(f"{where}: ranking leaves out response(s) {missing}; expected each index 0 to {k - 1} exactly "
+                        f"once (format ranked)")
+    return scores
+
+
+def parse_ranked(record: dict, where: str, report: Report) -> Example | None:
+    """`prompt` (used as written: prompt + response, as in the pairs format), `responses` (K >= 2 strings), and
+    either `ranking`: the responses' 0-based indices, best first, each exactly once, an inner list a tie
+    ([2, [0, 3], 1]: 2 best, then 0 and 3 tied, then 1), or `scores`: one number per response, higher better,
+    equal numbers tied."""
+    prompt = _field(record, "prompt", where, "ranked", nonempty=False)
+    responses = _field(record, "responses", where, "ranked", kind=list)
+    for i, r in enumerate(responses):
+        if not isinstance(r, str):
+            raise DataError(f"{where}: responses[{i}] must be str, got {type(r).__name__} (format ranked)")
+    # null counts as absent, as in the pairs format: a parquet file holds every column in every row
+    ranking, scores = record.get("ranking"), record.get("scores")
+    if (ranking is None) == (scores is None):
+        raise DataError(f"{where}: expected one of 'ranking' (response indices, best first) and 'scores' (one number "
+                        f"per response, higher better), got {'both' if ranking is not None else 'neither'} "
+                        f"(format ranked)")
+    if ranking is not None:
+        scores = _scores_of_ranking(_field(record, "ranking", where, "ranked", kind=list), len(responses), where)
+    else:
+        scores = _field(record, "scores", where, "ranked", kind=list)
+        for i, s in enumerate(scores):
+            if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s):
+                raise DataError(f"{where}: scores[{i}] is {s!r}; expected a finite number (format ranked)")
+        if len(scores) != len(responses):
+            raise DataError(f"{where}: {len(scores)} scores for {len(responses)} responses; expected one score per "
+                            f"response (format ranked)")
+        scores = [float(s) for s in scores]
+    return _ranking(where, prompt, responses, scores, report)
+
+
+def _parse_completions(record: dict, where: str, report: Report, fmt: str, score_key: str) -> Example | None:
+    """UltraFeedback's record: `instruction` and `completions`, each {"response": text, score_key: number, ...}."""
+    instruction = _field(record, "instruction", where, fmt)
+    completions = _field(record, "completions", where, fmt, kind=list, nonempty=False)
+    responses, scores = [], []
+    for i, c in enumerate(completions):
+        if not isinstance(c, dict) or not isinstance(c.get("response"), str):
+            raise DataError(f"{where}: completions[{i}] must be an object with a string 'response', got {c!r:.80} "
+                            f"(format {fmt})")
+        score = c.get(score_key)
+        # The dataset leaves some completions unrated (null, NaN, "N/A"): each is taken out of its ranking, counted.
+        if score is None or score == "N/A" or (isinstance(score, float) and math.isnan(score)):
+            report.remove(f"no {score_key}", where)
+            continue
+        if not isinstance(score, (int, float)) or isinstance(score, bool) or math.isinf(score):
+            raise DataError(f"{where}: completions[{i}].{score_key} is {score!r}; expected a number (null, NaN or "
+                            f"'N/A' for none) (format {fmt})")
+        responses.append(" " + c["response"])
+        scores.append(float(score))
+    return _ranking(where, f"{HUMAN} {instruction}{ASSISTANT}", responses, scores, report)
+
+
+def parse_ultrafeedback(record: dict, where: str, report: Report) -> Example | None:
+    """UltraFeedback (openbmb/UltraFeedback): `instruction`, `completions` [{"response", "overall_score"}, ...]
+    ranked by overall_score, higher better (the score HuggingFaceH4/ultrafeedback_binarized picks pairs by).
+    Other fields (models, annotations, critique, principle, custom_system_prompt) are not read."""
+    return _parse_completions(record, where, report, "ultrafeedback", "overall_score")
+
+
+def parse_ultrafeedback_fine_grained(record: dict, where: str, report: Report) -> Example | None:
+    """UltraFeedback ranked by each completion's `fine-grained_score` (the mean of its four aspect ratings:
+    helpfulness, honesty, instruction following, truthfulness). Named with data.format; never auto-detected."""
+    return _parse_completions(record, where, report, "ultrafeedback_fine_grained", "fine-grained_score")
+
+
 def parse_text(record: dict, where: str, report: Report) -> Example | None:
     """`text`: one document (SFT only)."""
     return Example(where, "", _field(record, "text", where, "text"))
@@ -219,12 +369,20 @@ class RecordFormat:
     parse: Callable[[dict, str, Report], Example | None]
     fields: str                      # how a message names its fields
     matches: Callable[[dict], bool]  # whether a record looks like this format (auto detection)
+    ranked: bool = False             # records are rankings of K responses (Example.responses), not pairs
 
 
 # Detection tries the formats in this order: the first that matches a file's first record reads the whole file.
 FORMATS = {
     "comparison": RecordFormat(parse_comparison, "instruction/response-1/response-2/votes",
                                lambda r: {"response-1", "response-2"} <= r.keys()),
+    "ranked": RecordFormat(parse_ranked, "prompt/responses/ranking or scores",
+                           lambda r: {"prompt", "responses"} <= r.keys(), ranked=True),
+    "ultrafeedback": RecordFormat(parse_ultrafeedback, "instruction/completions with overall_score",
+                                  lambda r: {"instruction", "completions"} <= r.keys(), ranked=True),
+    "ultrafeedback_fine_grained": RecordFormat(parse_ultrafeedback_fine_grained,
+                                               "instruction/completions with fine-grained_score",
+                                               lambda r: False, ranked=True),
     "conversation": RecordFormat(parse_conversation, "chosen/rejected message lists",
                                  lambda r: {"chosen", "rejected"} <= r.keys() and isinstance(r["chosen"], list)),
     "pairs": RecordFormat(parse_pairs, "prompt/chosen/rejected",

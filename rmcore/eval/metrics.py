@@ -1,4 +1,5 @@
-"""Evaluation metrics for a reward model on preference pairs, as small pure functions of 1-D arrays.
+"""Evaluation metrics for a reward model on preference pairs, and on rankings of K responses (the last section:
+pairwise accuracy over ordered pairs, best-of-K), as small pure functions of 1-D arrays.
 
 Conventions shared by all functions in this file:
 
@@ -237,3 +238,54 @@ def margin_quantiles(r_chosen, r_rejected, qs: Sequence[float] = (0.05, 0.25, 0.
     if d.shape[0] == 0:
         return {q: math.nan for q in qs}
     return {q: float(x) for q, x in zip(qs, np.quantile(d, qs))}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rankings of K responses to one prompt
+#
+# rewards and scores are 1-D over every response of every prompt, each prompt's responses together, in the order of
+# group_sizes (one K per prompt); scores are the data's ranking, higher better, equal scores tied (no preference).
+
+
+def _rankings(rewards, scores, group_sizes) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(rewards, scores) of each prompt, refusing nan and group sizes that do not cover the inputs."""
+    r, s = _as_pairs(rewards, scores, "rewards", "scores")
+    sizes = np.asarray(group_sizes, dtype=np.int64).reshape(-1)
+    if (sizes < 1).any() or int(sizes.sum()) != len(r):
+        raise ValueError(f"group sizes {sizes.tolist()[:10]} must be >= 1 and add up to the {len(r)} responses")
+    if np.isnan(r).any() or np.isnan(s).any():
+        raise ValueError("rankings with a nan reward or score have no order")
+    bounds = np.cumsum(sizes)[:-1]
+    return list(zip(np.split(r, bounds), np.split(s, bounds)))
+
+
+def ranking_accuracy(rewards, scores, group_sizes) -> dict:
+    """accuracy = #(r_i > r_j) / #pairs over every prompt's ordered pairs (s_i > s_j); a reward tie is wrong."""
+    # Pairs are pooled over prompts (a prompt of K responses brings K(K-1)/2 of them when untied); pairs tied in the
+    # data state no preference and are counted apart (tied_pairs), never scored.
+    pairs = wins = ties = tied = 0
+    for r, s in _rankings(rewards, scores, group_sizes):
+        above = s[:, None] > s[None, :]
+        diff = r[:, None] - r[None, :]
+        pairs += int(above.sum())
+        wins += int((above & (diff > 0)).sum())
+        ties += int((above & (diff == 0)).sum())
+        tied += int(np.triu(s[:, None] == s[None, :], 1).sum())
+    return {"pairs": pairs, "wins": wins, "ties": ties, "accuracy": wins / pairs if pairs else math.nan,
+            "tied_pairs": tied}
+
+
+def best_of_k(rewards, scores, group_sizes) -> dict:
+    """accuracy = mean over prompts of [max reward of the best-scored > every other reward]; chance = mean(m / K)."""
+    # RewardBench 2 (Malik et al. 2025) scores a prompt right when its one correct response out of 4 gets the
+    # strictly highest reward (chance 1/4). With m responses tied for best any of them may win, and a random
+    # reward does so with probability m / K: `chance` is that, averaged over the prompts. A prompt whose responses
+    # all tie has no wrong answer to beat and counts as a miss (the data drops such prompts).
+    hits, chance, n = 0, 0.0, 0
+    for r, s in _rankings(rewards, scores, group_sizes):
+        top = s == s.max()
+        n += 1
+        chance += top.sum() / len(s)
+        hits += bool((~top).any() and r[top].max() > r[~top].max())
+    return {"prompts": n, "hits": hits, "accuracy": hits / n if n else math.nan,
+            "chance": chance / n if n else math.nan}

@@ -15,16 +15,19 @@ def pyplot():
 
 
 def plot_report(report: dict, out_dir: Path, name: str) -> list[Path]:
-    """PNG plots for one (model, dataset): reward histograms, reliability diagram, accuracy by length."""
+    """PNG plots for one (model, dataset): reward histograms, reliability diagram, accuracy by length (a ranked
+    set: the rewards of its best-scored and of its other responses)."""
     plt = pyplot()
     written = []
     fig, ax = plt.subplots(figsize=(6, 4))
-    for side in ("chosen", "rejected"):
-        h = report["histograms"][side]
+    for side, h in report["histograms"].items():  # chosen and rejected, or best-scored and lower-scored
         ax.stairs(h["counts"], h["edges"], label=side)
-    ax.set(xlabel="reward", ylabel="pairs", title=f"{name}: rewards")
+    ranked = report.get("kind") == "ranked"
+    ax.set(xlabel="reward", ylabel="responses" if ranked else "pairs", title=f"{name}: rewards")
     ax.legend()
     written.append(_save(fig, out_dir / f"{name}_rewards.png"))
+    if ranked:
+        return written
 
     fig, ax = plt.subplots(figsize=(5, 5))
     bins = [b for b in report["calibration"]["bins"] if b["count"]]

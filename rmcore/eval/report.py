@@ -21,7 +21,8 @@ from rmcore.eval.metrics import (
     quantile_edges,
     spearman,
 )
-from rmcore.eval.scorer import RewardScorer
+from rmcore.eval.ranked_report import best_of_k_cell, ranked_markdown
+from rmcore.eval.scorer import ImplicitRewardScorer, RewardScorer
 from rmcore.losses import pairwise_loss, preference_metrics
 
 
@@ -45,11 +46,13 @@ def response_lengths(pairs: PairDataset, tokenizer, template: Template) -> tuple
     return tuple(sides)
 
 
-def evaluate_pairs(scorer: RewardScorer, pairs: PairDataset, show: int = 5, progress: bool = False) -> dict:
-    """Every figure of the report for one preference set (pairs.examples must be kept)."""
+def evaluate_pairs(scorer: RewardScorer | ImplicitRewardScorer, pairs: PairDataset, show: int = 5,
+                   progress: bool = False) -> dict:
+    """Every figure of the report for one preference set (pairs.examples must be kept), under a reward model or a
+    DPO policy's implicit reward."""
     n = len(pairs)
-    rewards = scorer.score_ids(pairs.chosen + pairs.rejected, progress)
-    r_c, r_r = rewards[:n], rewards[n:]
+    r_c, r_r = scorer.pair_rewards(pairs, progress)
+    rewards = np.concatenate([r_c, r_r])
     tc, tr = torch.from_numpy(r_c), torch.from_numpy(r_r)
     stats = preference_metrics(tc, tr) if n else {}
     ex = pairs.examples
@@ -64,6 +67,7 @@ def evaluate_pairs(scorer: RewardScorer, pairs: PairDataset, show: int = 5, prog
                 "chosen": excerpt(e.chosen), "rejected": excerpt(e.rejected)}
 
     report = {
+        "reward": scorer.description,  # a reward model's, or a DPO policy's implicit reward
         "pairs": n,
         "accuracy": stats.get("accuracy", math.nan),
         "ties": stats.get("ties", 0),
@@ -99,11 +103,13 @@ def _range(values: np.ndarray) -> tuple[float, float]:
 
 
 def generalization_table(results: dict[str, dict[str, dict]]) -> str:
-    """Markdown: one row per model (trained on), one column per dataset (tested on), accuracy in %."""
+    """Markdown: one row per model (trained on), one column per dataset (tested on), accuracy in % (a ranked set:
+    pairwise accuracy over its ordered pairs, then best-of-K)."""
     datasets = list(dict.fromkeys(d for per_model in results.values() for d in per_model))
     lines = ["| trained on \\ tested on | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
     for model, per_model in results.items():
-        cells = [f"{100 * per_model[d]['accuracy']:.2f}" if d in per_model else "-" for d in datasets]
+        cells = [f"{100 * per_model[d]['accuracy']:.2f}{best_of_k_cell(per_model[d])}" if d in per_model else "-"
+                 for d in datasets]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -114,8 +120,15 @@ def markdown_report(results: dict[str, dict[str, dict]], drops: dict[str, dict])
     for model, per_model in results.items():
         for data, r in per_model.items():
             out += [f"## {model} on {data}", ""]
+            if r.get("kind") == "ranked":  # rankings of K responses: their own figures (ranked_report.py)
+                out += ranked_markdown(r, drops.get(data, {}))
+                continue
             drop = drops.get(data, {})
             dropped = ", ".join(f"{v} {k}" for k, v in drop.get("dropped", {}).items()) or "none"
+            reward = r.get("reward", {})
+            if reward.get("kind") == "implicit":
+                out += [f"- reward: implicit, β (log π(y|x) - log π_ref(y|x)) with β = {reward['beta']:g}, "
+                        f"reference {reward['reference']}"]
             out += [f"- pairs evaluated: {r['pairs']} (read {drop.get('read', '?')}; dropped: {dropped})",
                     f"- accuracy: {100 * r['accuracy']:.2f}% (ties: {r['ties']}, counted as wrong)",
                     f"- mean pairwise loss: {r['loss']:.4f}",

@@ -1,6 +1,7 @@
 """Scoring text with a reward model: the library behind eval.py's `score` and `normalize` and the reward interface.
 
     RewardScorer(model_dir).score(texts)            rewards for transcripts or (prompt, response) pairs
+    ImplicitRewardScorer(policy_dir, reference_dir)  a DPO policy read as a reward model, β log π/π_ref
     rank_responses(scorer, prompt, responses)       best-of-n: candidates sorted by reward
     write_normalization(model_dir, rewards, data)   reward mean/std stored in the model's config.json
 
@@ -18,12 +19,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rmcore.data.batching import pad
+from rmcore.data.batching import collate_pairs, pad
+from rmcore.data.datasets import PairDataset
 from rmcore.data.template import Template
+from rmcore.dpo import sequence_logps
 from rmcore.errors import CheckpointError, DataError
 from rmcore.interop.hf_checkpoint import load_pretrained, read_hf_config
 from rmcore.interop.hub import resolve_model
-from rmcore.model import RewardModel
+from rmcore.model import CausalLM, RewardModel
 from rmcore.tokenizer import Tokenizer
 from rmcore.training.distributed import Dist, gather_objects
 
@@ -42,11 +45,8 @@ class RewardScorer:
         self.tokenizer = Tokenizer.from_pretrained(self.dir)
         self.config = read_hf_config(self.dir)
         info = self.config.get("rmcore", {})
-        if "template" in info:
-            self.template = Template.from_dict(info["template"]).check(self.tokenizer)
-            self.template_source = "config.json"
-        else:  # a model rmcore did not train: the recipe's template, said out loud in every report
-            self.template, self.template_source = Template(), "default (not recorded in config.json)"
+        self.template, self.template_source = recorded_template(info, self.tokenizer)
+        self.description = {"kind": "reward model"}
         # default: the length limit the model was trained with, else its position limit
         self.max_length = max_length or info.get("max_length") or self.model.cfg.max_seq_len
         if self.max_length > self.model.cfg.max_seq_len:
@@ -113,6 +113,11 @@ class RewardScorer:
                                   f"({rewards[bad[0]]}); the model's weights or activations overflow")
         return rewards
 
+    def pair_rewards(self, pairs: PairDataset, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(r_chosen, r_rejected) of every pair."""
+        rewards = self.score_ids(pairs.chosen + pairs.rejected, progress)
+        return rewards[:len(pairs)], rewards[len(pairs):]
+
     def score(self, items, normalize: bool = False, progress: bool = False) -> list[float]:
         """Rewards of transcripts or (prompt, response) pairs, in input order."""
         rewards = self.score_ids(self.encode(list(items)), progress)
@@ -127,6 +132,59 @@ class RewardScorer:
             raise CheckpointError(f"{self.dir}/config.json holds no reward normalisation statistics; "
                              f"compute them first: python eval.py normalize --model {self.dir} --data FILE")
         return stats
+
+
+def recorded_template(info: dict, tokenizer) -> tuple[Template, str]:
+    """(the template a model was trained with, where it came from): config.json's record, else the recipe's."""
+    if "template" in info:
+        return Template.from_dict(info["template"]).check(tokenizer), "config.json"
+    # a model rmcore did not train: the recipe's template, said out loud in every report
+    return Template(), "default (not recorded in config.json)"
+
+
+class ImplicitRewardScorer:
+    """A policy trained by DPO read as the reward model it implies (Rafailov et al. 2023):
+    r(x, y) = β (log π(y|x) - log π_ref(y|x)), the log-probs summed over the response's tokens. Pairs must be
+    tokenized with response_starts. β: the argument, else the policy's recorded dpo.beta, else 0.1 (TRL's)."""
+
+    def __init__(self, model_dir: str | Path, reference_dir: str | Path, *, beta: float | None = None,
+                 batch_size: int = 16, dist: Dist | None = None):
+        self.dir, self.reference_dir = resolve_model(model_dir), resolve_model(reference_dir)
+        self.dist = dist or Dist(device=torch.device("cpu"))
+        self.tokenizer = Tokenizer.from_pretrained(self.dir)
+        if not self.tokenizer.same_ids(Tokenizer.from_pretrained(self.reference_dir)):
+            raise CheckpointError(f"--reference {reference_dir}: its tokenizer is not the policy's ({model_dir}); "
+                                  f"log-prob ratios need the same tokens")
+        self.config = read_hf_config(self.dir)
+        info = self.config.get("rmcore", {})
+        self.template, self.template_source = recorded_template(info, self.tokenizer)
+        self.policy, self.reference = (load_pretrained(CausalLM, d, device=self.dist.device).eval()
+                                       for d in (self.dir, self.reference_dir))
+        self.max_length = info.get("max_length") or self.policy.cfg.max_seq_len
+        recorded = info.get("dpo", {}).get("beta")
+        self.beta = beta if beta is not None else recorded if recorded is not None else 0.1
+        self.batch_size = batch_size
+        self.description = {"kind": "implicit", "beta": self.beta, "reference": str(reference_dir)}
+
+    @torch.no_grad()
+    def pair_rewards(self, pairs: PairDataset, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(r_chosen, r_rejected) of every pair; under torchrun each rank scores every world_size-th batch."""
+        if pairs.response_starts is None:
+            raise ValueError("implicit rewards need pairs tokenized with response_starts=True")
+        order = sorted(range(len(pairs)), key=lambda i: int(pairs.lengths()[i]))
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        mine = batches[self.dist.rank::self.dist.world_size]
+        found = {}
+        for batch in tqdm(mine, desc="implicit rewards", unit="batch", disable=not (progress and self.dist.is_main)):
+            collated = collate_pairs(pairs, batch, self.tokenizer.pad_id, packed=True)
+            logps = [sequence_logps(m, collated, self.dist, bf16=False)[0].double() for m in (self.policy,
+                                                                                          self.reference)]
+            r_c, r_r = (self.beta * (logps[0] - logps[1])).cpu().chunk(2)
+            found.update(zip(batch, zip(r_c.tolist(), r_r.tolist())))
+        if self.dist.enabled:
+            found = dict(gather_objects(list(found.items())))
+        rewards = np.array([found[i] for i in range(len(pairs))], dtype=np.float64).reshape(-1, 2)
+        return rewards[:, 0], rewards[:, 1]
 
 
 def rank_responses(scorer: RewardScorer, prompt: str, responses: list[str]) -> list[tuple[str, float]]:

@@ -295,4 +295,5 @@ def run_record(cfg) -> dict:
     revisions = hub_revisions(models)
     return {"rmcore": {"stage": cfg.run.stage, "template": cfg.data.build_template().to_dict(),
                        "max_length": cfg.data.max_length, "train_data": list(cfg.data.train),
+                       **({"dpo": {"loss": cfg.dpo.loss, "beta": cfg.dpo.beta}} if cfg.run.stage == "dpo" else {}),
                        **({"hub_revisions": revisions} if revisions else {})}}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 from rmcore.interop.hf_checkpoint import load_pretrained, read_hf_config
 from rmcore.interop.hub import resolve_model
-from rmcore.lora import LoraConfig, apply_lora
+from rmcore.lora import LoraConfig, adapters_disabled, apply_lora
 from rmcore.model import ModelConfig
 from rmcore.training.distributed import Dist, apply_fsdp
 
@@ -105,6 +105,16 @@ def frozen(model):
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+@contextmanager
+def reference_model(policy, reference):
+    """The model that gives the reference log-probs: `reference`, or the policy with its LoRA adapters off."""
+    if reference is not None:
+        yield reference
+    else:
+        with adapters_disabled(policy):
+            yield policy
 
 
 def autocast(dist: Dist, bf16: bool):
