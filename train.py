@@ -31,14 +31,13 @@ from rmcore.data.formats import read_examples, require_data
 from rmcore.data.ranked import collate_ranked, is_ranked, load_ranked
 from rmcore.data.sampler import ShardedSampler
 from rmcore.data.tokenizer_training import train_tokenizer
-from rmcore.dpo import load_or_compute_reference, pair_logps, sequence_logps, table_rows
+from rmcore.dpo import implicit_rewards, load_or_compute_reference, pair_logps, sequence_logps, table_rows
 from rmcore.errors import ConfigError
 from rmcore.losses import (
     PREFERENCE_SUM_KEYS,
     RANKING_LOSSES,
     RANKING_SUM_KEYS,
     centering_loss,
-    implicit_rewards,
     metrics_from_sums,
     pairwise_loss,
     preference_sums,
@@ -116,6 +115,16 @@ def sft(cfg: TrainConfig) -> dict:
     return trainer.finish(tok)
 
 
+def build_reward_model(cfg: TrainConfig, dist, tok) -> RewardModel:
+    """The reward model to train: run.init_from (a causal LM gets a fresh value head, said once) or a fresh init."""
+    new_head = cfg.run.init_from is not None and not has_value_head(cfg.run.init_from)
+    if new_head:
+        say(dist, f"{cfg.run.init_from} has no value head (a causal LM): starting a fresh one, std 1/sqrt(dim+1)")
+    return build_model(RewardModel, dist, init_from=cfg.run.init_from, architecture=cfg.model.architecture(tok),
+                       bf16=cfg.run.bf16, seed=cfg.run.seed, new_head=new_head,
+                       activation_checkpointing=cfg.model.activation_checkpointing, lora=cfg.model.lora)
+
+
 def rm(cfg: TrainConfig) -> dict:
     """Reward model: Bradley-Terry pairwise loss (+ optional margin, + optional centering) on chosen/rejected pairs."""
     if is_ranked(cfg.data.train, cfg.data.format):  # K responses per prompt: loss.ranking, in ranked_rm below
@@ -125,12 +134,7 @@ def rm(cfg: TrainConfig) -> dict:
     if cfg.loss.margin and np.isnan(train.margin).all():
         raise ConfigError("loss.margin=true, but no training pair carries a margin (a `margin` or `score_chosen`/"
                          "`score_rejected` field): the run would be a no-margin run under a margin label")
-    new_head = cfg.run.init_from is not None and not has_value_head(cfg.run.init_from)
-    if new_head:
-        say(dist, f"{cfg.run.init_from} has no value head (a causal LM): starting a fresh one, std 1/sqrt(dim+1)")
-    model = build_model(RewardModel, dist, init_from=cfg.run.init_from, architecture=cfg.model.architecture(tok),
-                        bf16=cfg.run.bf16, seed=cfg.run.seed, new_head=new_head,
-                        activation_checkpointing=cfg.model.activation_checkpointing, lora=cfg.model.lora)
+    model = build_reward_model(cfg, dist, tok)
     shard = {"rank": dist.rank, "world_size": dist.world_size}  # this rank's share of every split
     lengths = train.lengths() if cfg.data.group_by_length else None
     sampler = ShardedSampler(len(train), cfg.optim.micro_batch_size, **shard, seed=cfg.run.seed, lengths=lengths)
@@ -213,12 +217,7 @@ def ranked_rm(cfg: TrainConfig) -> dict:
                               f"with loss.ranking={cfg.loss.ranking}, always packed): remove it")
     dist, tok = setup(cfg)
     train, held_out = load_splits(load_ranked, cfg, tok, dist, "rankings")
-    new_head = cfg.run.init_from is not None and not has_value_head(cfg.run.init_from)
-    if new_head:
-        say(dist, f"{cfg.run.init_from} has no value head (a causal LM): starting a fresh one, std 1/sqrt(dim+1)")
-    model = build_model(RewardModel, dist, init_from=cfg.run.init_from, architecture=cfg.model.architecture(tok),
-                        bf16=cfg.run.bf16, seed=cfg.run.seed, new_head=new_head,
-                        activation_checkpointing=cfg.model.activation_checkpointing, lora=cfg.model.lora)
+    model = build_reward_model(cfg, dist, tok)
     shard = {"rank": dist.rank, "world_size": dist.world_size}  # this rank's share of every split
     lengths = train.lengths() if cfg.data.group_by_length else None
     sampler = ShardedSampler(len(train), cfg.optim.micro_batch_size, **shard, seed=cfg.run.seed, lengths=lengths)
@@ -270,7 +269,7 @@ def ranked_rm(cfg: TrainConfig) -> dict:
 
 def dpo(cfg: TrainConfig) -> dict:
     """Direct preference optimisation: the policy (run.init_from) trained on chosen/rejected pairs against its
-    start, with the loss dpo.loss (rmcore.losses.DPO_LOSSES) of the pair's response log-probs."""
+    start, with the loss dpo.loss (rmcore.dpo.DPO_LOSSES) of the pair's response log-probs."""
     dist, tok = setup(cfg)
     load = functools.partial(load_pairs, response_starts=True)  # log-probs sum over the response tokens only
     train, held_out = load_splits(load, cfg, tok, dist, "pairs")
@@ -278,7 +277,7 @@ def dpo(cfg: TrainConfig) -> dict:
                               seed=cfg.run.seed)
     policy = build(activation_checkpointing=cfg.model.activation_checkpointing, lora=cfg.model.lora)
     settings = {"dist": dist, "bf16": cfg.run.bf16, "micro_batch_size": cfg.optim.micro_batch_size,
-                "pad_id": tok.pad_id, "packed": cfg.data.pack_pairs}
+                "pad_id": tok.pad_id, "packed": cfg.data.pack_pairs, "progress": cfg.logging.progress}
     # The reference: none (a reference-free loss), log-probs computed once now by the policy before its first
     # step (and stored with the run, so a resumed run reads them), the policy with its LoRA adapters off, or a
     # frozen copy of the start. All give the same numbers (tests/end_to_end/test_dpo.py).

@@ -2,7 +2,7 @@
 
     pairs (response_mask) ──policy──> sequence log-probs (B,) per side ──┐
     pairs ──reference (a frozen copy | the policy, adapters off | precomputed once)──> log-probs ──┴─> PairLogps
-        ──rmcore.losses.DPO_LOSSES[dpo.loss]──> loss per pair;  implicit_rewards ──> rewards/* metrics
+        ──DPO_LOSSES[dpo.loss]──> loss per pair;  implicit_rewards ──> rewards/* metrics
 
 A sequence's log-prob is the sum over its response tokens (EOS included, the prompt's excluded) of
 log softmax(logits)[token], read from one forward pass over the pair's 2B sequences packed in one row.
@@ -11,21 +11,118 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
 from rmcore.data.batching import collate_pairs
 from rmcore.data.datasets import PairDataset
 from rmcore.data.sampler import ShardedSampler
 from rmcore.errors import ConfigError
 from rmcore.generate import token_logprobs
-from rmcore.losses import DPO_LOSSES, PairLogps
+from rmcore.losses import upcast
 from rmcore.training.distributed import Dist, all_reduce_tensor
 from rmcore.training.runtime import autocast
 
+# ----------------------------------------------------------------------------------------------------------------
+# The losses: the policy itself trained on pairs, against a frozen reference
+#
+# The inputs are sequence log-probs, each summed over one response's tokens (sequence_logps below), of
+# the policy and of the reference, and the responses' token counts; every loss returns one term per pair and is
+# reduced as above (the loop sums, then divides by the step's global pair count). TRL 1.16's DPOTrainer
+# (sigmoid, robust, ipo, hinge) and CPOTrainer (simpo; sigmoid with label smoothing) compute the same terms:
+# tests/formulas/test_dpo_losses.py runs their code on the same log-probs.
+
+
+@dataclass
+class PairLogps:
+    """Per pair (B,): log-probs summed over each response's tokens, and its token count."""
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    ref_chosen: torch.Tensor     # the reference's (zeros for a reference-free loss)
+    ref_rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+    def logratio_margin(self) -> torch.Tensor:
+        """Δ = (log π(y_c) - log π_ref(y_c)) - (log π(y_r) - log π_ref(y_r))."""
+        return (upcast(self.chosen) - upcast(self.ref_chosen)) - (upcast(self.rejected) - upcast(self.ref_rejected))
+
+    def mean_logratio_margin(self) -> torch.Tensor:
+        """Δ per token: (log π(y_c) - log π_ref(y_c)) / |y_c| - (log π(y_r) - log π_ref(y_r)) / |y_r|."""
+        per_token_c = (upcast(self.chosen) - upcast(self.ref_chosen)) / self.chosen_tokens.clamp(min=1)
+        per_token_r = (upcast(self.rejected) - upcast(self.ref_rejected)) / self.rejected_tokens.clamp(min=1)
+        return per_token_c - per_token_r
+
+
+def _smoothed_logsigmoid_loss(x: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """-(1 - ε) logσ(x) - ε logσ(-x): the label of the pair is flipped with probability ε."""
+    return -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
+
+
+def dpo_sigmoid_loss(lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023): -(1-ε) logσ(βΔ) - ε logσ(-βΔ); ε > 0 is conservative DPO (Mitchell 2023)."""
+    return _smoothed_logsigmoid_loss(beta * lp.logratio_margin(), label_smoothing)
+
+
+def dpo_robust_loss(lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0) -> torch.Tensor:
+    """Robust DPO (Chowdhury et al. 2024), unbiased under label noise ε: (-(1-ε) logσ(βΔ) + ε logσ(-βΔ)) / (1-2ε)."""
+    x = beta * lp.logratio_margin()
+    return (-(1 - label_smoothing) * F.logsigmoid(x) + label_smoothing * F.logsigmoid(-x)) / (1 - 2 * label_smoothing)
+
+
+def dpo_ipo_loss(lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0) -> torch.Tensor:
+    """IPO (Azar et al. 2023, eq. 17), log-ratios per response token as TRL and the authors: (Δ_tok - 1/(2β))^2."""
+    # The paper's Δ is a sum over tokens, which makes the squared loss grow with length; TRL normalises by the
+    # response length "confirmed with the IPO authors", and so does this.
+    return (lp.mean_logratio_margin() - 1 / (2 * beta)).square()
+
+
+def dpo_hinge_loss(lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0) -> torch.Tensor:
+    """SLiC's calibration hinge (Zhao et al. 2023) on the log-ratios: max(0, 1 - βΔ)."""
+    return torch.relu(1 - beta * lp.logratio_margin())
+
+
+def simpo_loss(lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, gamma: float = 0.5) -> torch.Tensor:
+    """SimPO (Meng et al. 2024), no reference, per-token log-probs ā: -(1-ε) logσ(β(ā_c - ā_r) - γ) - ε logσ(-...)."""
+    mean_c = upcast(lp.chosen) / lp.chosen_tokens.clamp(min=1)
+    mean_r = upcast(lp.rejected) / lp.rejected_tokens.clamp(min=1)
+    return _smoothed_logsigmoid_loss(beta * (mean_c - mean_r) - gamma, label_smoothing)
+
+
+@dataclass(frozen=True)
+class PreferenceObjective:
+    loss: Callable[..., torch.Tensor]   # (PairLogps, *, beta, label_smoothing, gamma) -> per-pair loss
+    uses_reference: bool                # False: the reference is never computed (its log-probs are zeros)
+
+
+# dpo.loss names one of these (DpoConfig below); adding a loss is a function above and an entry here.
+DPO_LOSSES = {
+    "sigmoid": PreferenceObjective(dpo_sigmoid_loss, uses_reference=True),
+    "robust": PreferenceObjective(dpo_robust_loss, uses_reference=True),
+    "ipo": PreferenceObjective(dpo_ipo_loss, uses_reference=True),
+    "hinge": PreferenceObjective(dpo_hinge_loss, uses_reference=True),
+    "simpo": PreferenceObjective(simpo_loss, uses_reference=False),
+}
+
+
+def implicit_rewards(lp: PairLogps, *, beta: float, uses_reference: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_c, r_r), r = β (log π(y) - log π_ref(y)) (Rafailov et al.); reference-free (SimPO): r = β log π(y) / |y|."""
+    # What TRL logs as rewards/chosen and rewards/rejected, for DPOTrainer and CPOTrainer respectively.
+    if uses_reference:
+        return (beta * (upcast(lp.chosen) - upcast(lp.ref_chosen)),
+                beta * (upcast(lp.rejected) - upcast(lp.ref_rejected)))
+    return (beta * upcast(lp.chosen) / lp.chosen_tokens.clamp(min=1),
+            beta * upcast(lp.rejected) / lp.rejected_tokens.clamp(min=1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stage's settings, log-probs and reference
 
 @dataclasses.dataclass
 class DpoConfig:
@@ -93,14 +190,14 @@ def pair_logps(policy_logps: tuple[torch.Tensor, torch.Tensor],
 
 @torch.no_grad()
 def reference_table(model, pairs: PairDataset, *, dist: Dist, bf16: bool, micro_batch_size: int,
-                    pad_id: int, packed: bool) -> torch.Tensor:
+                    pad_id: int, packed: bool, progress: bool = False) -> torch.Tensor:
     """(n, 2) fp32 reference log-probs (chosen, rejected) of every pair, each rank computing its share in the same
     number of forward passes (as FSDP2 needs), summed over ranks."""
     was_training = model.training
     model.eval()
     table = torch.zeros(len(pairs), 2, dtype=torch.float32, device=dist.device)
-    for idx in ShardedSampler(len(pairs), micro_batch_size, rank=dist.rank, world_size=dist.world_size,
-                              shuffle=False):
+    batches = ShardedSampler(len(pairs), micro_batch_size, rank=dist.rank, world_size=dist.world_size, shuffle=False)
+    for idx in tqdm(batches, desc="reference log-probs", unit="batch", disable=not (progress and dist.is_main)):
         logps, _ = sequence_logps(model, collate_pairs(pairs, idx, pad_id, packed=packed), dist, bf16)
         if idx:
             table[idx] = torch.stack(logps.float().chunk(2), dim=1)

@@ -12,15 +12,15 @@ Conventions shared by all functions in this file:
   per-token terms.
 - Nothing here reads a config or touches a model: callers pass tensors and coefficients.
 
-Sections: reward-model losses and metrics, supervised fine-tuning (next-token) losses, then direct preference
-optimisation (DPO and its family). The losses of policy optimisation (PPO's clipped surrogate and value loss, the
-KL penalty) are in rmcore/rl.py.
+Sections: reward-model losses and metrics, K-way rankings (reward models on K ranked responses: all pairs,
+Plackett-Luce), supervised fine-tuning (next-token) losses, then direct preference optimisation (DPO and its
+family). The losses of policy optimisation (PPO's clipped surrogate and value loss, the KL penalty) are in
+rmcore/rl.py.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ def _reduce(per_item: torch.Tensor, reduction: Reduction) -> torch.Tensor:
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
+def upcast(x: torch.Tensor) -> torch.Tensor:
     """x in fp32 if it is fp16/bf16, else x unchanged."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
@@ -66,11 +66,11 @@ def pairwise_loss(
 ) -> torch.Tensor:
     """Bradley-Terry loss per pair: -logsigmoid(r_c - r_r - m), m = 0 without a margin."""
     _check_pairs(r_chosen, r_rejected)
-    diff = _upcast(r_chosen) - _upcast(r_rejected)
+    diff = upcast(r_chosen) - upcast(r_rejected)
     if margin is not None:
         # Llama 2 (Touvron et al. 2023, sec. 3.2.2): a pair rated "significantly better" must be won by at least m,
         # so the sigmoid is shifted right by m. m is a per-pair tensor or one number for all pairs.
-        margin = _upcast(margin) if isinstance(margin, torch.Tensor) else margin
+        margin = upcast(margin) if isinstance(margin, torch.Tensor) else margin
         shifted = diff - margin
         if shifted.shape != diff.shape:
             raise ValueError(f"margin of shape {tuple(margin.shape)} does not fit rewards of shape {tuple(diff.shape)}")
@@ -102,7 +102,7 @@ def centering_loss(
     _check_pairs(r_chosen, r_rejected)
     if coef < 0:
         raise ValueError(f"centering coefficient must be >= 0 (a negative one pushes rewards apart), got {coef}")
-    total = _upcast(r_chosen) + _upcast(r_rejected)
+    total = upcast(r_chosen) + upcast(r_rejected)
     return _reduce(coef * total.square(), reduction)
 
 
@@ -232,7 +232,7 @@ def all_pairs_loss(rewards: torch.Tensor, scores: torch.Tensor, group_sizes, red
     # element per prompt, which they found to overfit less than shuffling the comparisons as separate pairs).
     # Tied pairs state no preference: they are not pairs here, and the mean is over the prompt's untied pairs.
     _check_ranking(rewards, scores)
-    r, valid = _by_prompt(_upcast(rewards), group_sizes, 0.0)
+    r, valid = _by_prompt(upcast(rewards), group_sizes, 0.0)
     s, _ = _by_prompt(scores, group_sizes, 0.0)
     above = valid[:, :, None] & valid[:, None, :] & (s[:, :, None] > s[:, None, :])  # (B, K, K): i ranked above j
     per_pair = torch.where(above, -F.logsigmoid(r[:, :, None] - r[:, None, :]), torch.zeros_like(r[:, :, None]))
@@ -245,7 +245,7 @@ def plackett_luce_loss(rewards: torch.Tensor, scores: torch.Tensor, group_sizes,
     """Per prompt: -sum_i [r_i - logsumexp_{j: s_j <= s_i} r_j], the ranking's Plackett-Luce NLL (ties: Breslow)."""
     # Plackett-Luce (Plackett 1975, Luce 1959) with weights exp(r): a ranking is drawn by picking the best response
     # with probability softmax(r), then the best of the rest, and so on; its likelihood is prod_k exp(r_pi(k)) /
-    # sum_{j ranked at or below k} exp(r_j), over K-1 choices (the last is certain). Zhu, Jordan & Jiao 2023
+    # sum_{j ranked at or below k} exp(r_j), over K-1 choices (the last is certain). Zhu, Jiao & Jordan 2023
     # (Principled RLHF from pairwise or K-wise comparisons) fit reward models with its maximum likelihood. Ties
     # follow Breslow (1974): the members of a tie group share one denominator, the sum over the group and every
     # response below it, so a tie contributes a factor per member and states no order within the group. A last
@@ -256,7 +256,7 @@ def plackett_luce_loss(rewards: torch.Tensor, scores: torch.Tensor, group_sizes,
     # no competitor (the sole worst one) has the factor 1, an exact 0, without a logsumexp of nothing (-inf) whose
     # gradient would be NaN.
     _check_ranking(rewards, scores)
-    r, valid = _by_prompt(_upcast(rewards), group_sizes, 0.0)
+    r, valid = _by_prompt(upcast(rewards), group_sizes, 0.0)
     s, _ = _by_prompt(scores, group_sizes, 0.0)
     width = r.shape[1]
     others = ~torch.eye(width, dtype=torch.bool, device=r.device)
@@ -369,7 +369,7 @@ def sft_loss(
     safe_targets = targets.masked_fill(~mask, 0)
     # The whole logits tensor is upcast rather than gathering the real positions first: gathering by a boolean
     # mask has a data-dependent shape, which forces a host sync and breaks torch.compile graphs.
-    per_token = F.cross_entropy(_upcast(logits).reshape(-1, vocab), safe_targets.reshape(-1), reduction="none")
+    per_token = F.cross_entropy(upcast(logits).reshape(-1, vocab), safe_targets.reshape(-1), reduction="none")
     per_token = torch.where(mask.reshape(-1), per_token, torch.zeros_like(per_token)).reshape(targets.shape)
     if reduction == "sum":
         return per_token.sum()
@@ -380,94 +380,3 @@ def sft_loss(
         return per_token
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Direct preference optimisation: the policy itself trained on pairs, against a frozen reference
-#
-# The inputs are sequence log-probs, each summed over one response's tokens (rmcore/dpo.py: sequence_logps), of
-# the policy and of the reference, and the responses' token counts; every loss returns one term per pair and is
-# reduced as above (the loop sums, then divides by the step's global pair count). TRL 1.16's DPOTrainer
-# (sigmoid, robust, ipo, hinge) and CPOTrainer (simpo; sigmoid with label smoothing) compute the same terms:
-# tests/formulas/test_dpo_losses.py runs their code on the same log-probs.
-
-
-@dataclass
-class PairLogps:
-    """Per pair (B,): log-probs summed over each response's tokens, and its token count."""
-    chosen: torch.Tensor
-    rejected: torch.Tensor
-    ref_chosen: torch.Tensor     # the reference's (zeros for a reference-free loss)
-    ref_rejected: torch.Tensor
-    chosen_tokens: torch.Tensor
-    rejected_tokens: torch.Tensor
-
-    def logratio_margin(self) -> torch.Tensor:
-        """Δ = (log π(y_c) - log π_ref(y_c)) - (log π(y_r) - log π_ref(y_r))."""
-        return (_upcast(self.chosen) - _upcast(self.ref_chosen)) - (_upcast(self.rejected) - _upcast(self.ref_rejected))
-
-    def mean_logratio_margin(self) -> torch.Tensor:
-        """Δ per token: (log π(y_c) - log π_ref(y_c)) / |y_c| - (log π(y_r) - log π_ref(y_r)) / |y_r|."""
-        per_token_c = (_upcast(self.chosen) - _upcast(self.ref_chosen)) / self.chosen_tokens.clamp(min=1)
-        per_token_r = (_upcast(self.rejected) - _upcast(self.ref_rejected)) / self.rejected_tokens.clamp(min=1)
-        return per_token_c - per_token_r
-
-
-def _smoothed_logsigmoid_loss(x: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """-(1 - ε) logσ(x) - ε logσ(-x): the label of the pair is flipped with probability ε."""
-    return -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
-
-
-def dpo_sigmoid_loss(lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0) -> torch.Tensor:
-    """DPO (Rafailov et al. 2023): -(1-ε) logσ(βΔ) - ε logσ(-βΔ); ε > 0 is conservative DPO (Mitchell 2023)."""
-    return _smoothed_logsigmoid_loss(beta * lp.logratio_margin(), label_smoothing)
-
-
-def dpo_robust_loss(lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0) -> torch.Tensor:
-    """Robust DPO (Chowdhury et al. 2024), unbiased under label noise ε: (-(1-ε) logσ(βΔ) + ε logσ(-βΔ)) / (1-2ε)."""
-    x = beta * lp.logratio_margin()
-    return (-(1 - label_smoothing) * F.logsigmoid(x) + label_smoothing * F.logsigmoid(-x)) / (1 - 2 * label_smoothing)
-
-
-def dpo_ipo_loss(lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0) -> torch.Tensor:
-    """IPO (Azar et al. 2023, eq. 17), log-ratios per response token as TRL and the authors: (Δ_tok - 1/(2β))^2."""
-    # The paper's Δ is a sum over tokens, which makes the squared loss grow with length; TRL normalises by the
-    # response length "confirmed with the IPO authors", and so does this.
-    return (lp.mean_logratio_margin() - 1 / (2 * beta)).square()
-
-
-def dpo_hinge_loss(lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0) -> torch.Tensor:
-    """SLiC's calibration hinge (Zhao et al. 2023) on the log-ratios: max(0, 1 - βΔ)."""
-    return torch.relu(1 - beta * lp.logratio_margin())
-
-
-def simpo_loss(lp: PairLogps, *, beta: float, label_smoothing: float = 0.0, gamma: float = 0.5) -> torch.Tensor:
-    """SimPO (Meng et al. 2024), no reference, per-token log-probs ā: -(1-ε) logσ(β(ā_c - ā_r) - γ) - ε logσ(-...)."""
-    mean_c = _upcast(lp.chosen) / lp.chosen_tokens.clamp(min=1)
-    mean_r = _upcast(lp.rejected) / lp.rejected_tokens.clamp(min=1)
-    return _smoothed_logsigmoid_loss(beta * (mean_c - mean_r) - gamma, label_smoothing)
-
-
-@dataclass(frozen=True)
-class PreferenceObjective:
-    loss: Callable[..., torch.Tensor]   # (PairLogps, *, beta, label_smoothing, gamma) -> per-pair loss
-    uses_reference: bool                # False: the reference is never computed (its log-probs are zeros)
-
-
-# dpo.loss names one of these (rmcore/dpo.py DpoConfig); adding a loss is a function above and an entry here.
-DPO_LOSSES = {
-    "sigmoid": PreferenceObjective(dpo_sigmoid_loss, uses_reference=True),
-    "robust": PreferenceObjective(dpo_robust_loss, uses_reference=True),
-    "ipo": PreferenceObjective(dpo_ipo_loss, uses_reference=True),
-    "hinge": PreferenceObjective(dpo_hinge_loss, uses_reference=True),
-    "simpo": PreferenceObjective(simpo_loss, uses_reference=False),
-}
-
-
-def implicit_rewards(lp: PairLogps, *, beta: float, uses_reference: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_c, r_r), r = β (log π(y) - log π_ref(y)) (Rafailov et al.); reference-free (SimPO): r = β log π(y) / |y|."""
-    # What TRL logs as rewards/chosen and rewards/rejected, for DPOTrainer and CPOTrainer respectively.
-    if uses_reference:
-        return (beta * (_upcast(lp.chosen) - _upcast(lp.ref_chosen)),
-                beta * (_upcast(lp.rejected) - _upcast(lp.ref_rejected)))
-    return (beta * _upcast(lp.chosen) / lp.chosen_tokens.clamp(min=1),
-            beta * _upcast(lp.rejected) / lp.rejected_tokens.clamp(min=1))

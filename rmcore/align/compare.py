@@ -14,6 +14,7 @@ import torch
 
 from rmcore.align.rewards import ModelReward, checked_rewards
 from rmcore.align.rollouts import PromptPool, default_stop_strings, sample
+from rmcore.align.selection import distinct_n
 from rmcore.data.formats import Report, read_examples, require_data
 from rmcore.data.template import Template
 from rmcore.eval.report import excerpt
@@ -73,7 +74,7 @@ def compare_policies(policy_a: str, policy_b: str, *, judge: str, prompt_specs: 
                          stop_strings=default_stop_strings(template), generator=g)
         rewards = checked_rewards(reward, prompts, samples.responses, source=f"the judge {judge}")
         results.append({"responses": samples.responses, "tokens": [len(t) for t in samples.tokens],
-                        "rewards": np.array(rewards)})
+                        "rewards": np.array(rewards), "distinct_2": distinct_n(samples.tokens, 2)})
         del model
     diff = results[0]["rewards"] - results[1]["rewards"]
     wins, losses = int((diff > tie_epsilon).sum()), int((diff < -tie_epsilon).sum())
@@ -83,6 +84,7 @@ def compare_policies(policy_a: str, policy_b: str, *, judge: str, prompt_specs: 
             "mean_reward_b": float(results[1]["rewards"].mean()),
             "mean_tokens_a": float(np.mean(results[0]["tokens"])),
             "mean_tokens_b": float(np.mean(results[1]["tokens"])),
+            "distinct_2_a": results[0]["distinct_2"], "distinct_2_b": results[1]["distinct_2"],
             "dropped": report.to_dict(),
             "template_a": {**templates[0][0].to_dict(), "source": templates[0][1]},
             "template_b": {**templates[1][0].to_dict(), "source": templates[1][1]},
@@ -103,7 +105,8 @@ def compare_markdown(r: dict, show: int = 20) -> str:
            f"- templates: A {r['template_a']['human']!r} ({r['template_a']['source']}), B {r['template_b']['human']!r} "
            f"({r['template_b']['source']})",
            f"- mean reward: A {r['mean_reward_a']:.4f}, B {r['mean_reward_b']:.4f}; mean response tokens: "
-           f"A {r['mean_tokens_a']:.1f}, B {r['mean_tokens_b']:.1f}", ""]
+           f"A {r['mean_tokens_a']:.1f}, B {r['mean_tokens_b']:.1f}; distinct-2 (distinct token bigrams over all, "
+           f"Li et al. 2016): A {r['distinct_2_a']:.3f}, B {r['distinct_2_b']:.3f}", ""]
     for s in r["samples"][:show]:
         out += [f"## {s['id']}", "", f"**Prompt**: {excerpt(s['prompt'], 400)}", "",
                 f"**A** (reward {s['reward_a']:.3f}): {excerpt(s['a'], 600)}", "",

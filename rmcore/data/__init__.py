@@ -6,5 +6,6 @@
     datasets.py   text ──tokenizer──> ids ──length filter (dropped, counted)──> PairDataset / BlockDataset
     sampler.py    ShardedSampler: each rank's micro-batches, disjoint, resumable
     batching.py   collate_pairs / collate_blocks / collate_documents ──> tensors (one `pad` helper)
+    ranked.py     rankings of K responses: tokenized, length-filtered (removals counted), packed (collate_ranked)
     tokenizer_training.py   a tokenizer trained on the data
 """

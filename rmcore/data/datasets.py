@@ -120,8 +120,12 @@ def load_pairs(specs: list[str], tokenizer, cfg: DataConfig, name: str, *, keep_
                response_starts: bool = False) -> tuple[PairDataset, Report]:
     """Preference pairs: every record read, rendered, tokenized and length-filtered (drops counted in the report)."""
     examples, report = read_examples(specs, fmt=cfg.format, skip_bad_lines=cfg.skip_bad_lines, name=name)
-    if examples and examples[0].rejected is None:
-        raise DataError(f"{examples[0].id}: a reward model needs pairs; this file holds single texts (format 'text')")
+    single = next((e for e in examples if e.rejected is None), None)
+    if single is not None and single.responses is not None:  # rmcore/data/ranked.py reads rankings
+        raise DataError(f"{single.id}: pairs are needed here, and this record is a ranking of K responses; the rm "
+                        f"stage trains on rankings when data.train holds them, and eval.py evaluates them")
+    if single is not None:
+        raise DataError(f"{single.id}: a reward model needs pairs; this file holds single texts (format 'text')")
     pairs = tokenize_pairs(examples, tokenizer, cfg.build_template().check(tokenizer), max_length=cfg.max_length,
                            report=report, keep_examples=keep_examples, response_starts=response_starts)
     return pairs, report

@@ -348,8 +348,8 @@ def _parse_completions(record: dict, where: str, report: Report, fmt: str, score
 
 def parse_ultrafeedback(record: dict, where: str, report: Report) -> Example | None:
     """UltraFeedback (openbmb/UltraFeedback): `instruction`, `completions` [{"response", "overall_score"}, ...]
-    ranked by overall_score, higher better (the score HuggingFaceH4/ultrafeedback_binarized picks pairs by).
-    Other fields (models, annotations, critique, principle, custom_system_prompt) are not read."""
+    ranked by overall_score (the GPT-4 critique's one rating, 1 to 10), higher better. Other fields (models,
+    annotations, critique, principle, custom_system_prompt) are not read."""
     return _parse_completions(record, where, report, "ultrafeedback", "overall_score")
 
 

@@ -255,6 +255,8 @@ def _rankings(rewards, scores, group_sizes) -> list[tuple[np.ndarray, np.ndarray
         raise ValueError(f"group sizes {sizes.tolist()[:10]} must be >= 1 and add up to the {len(r)} responses")
     if np.isnan(r).any() or np.isnan(s).any():
         raise ValueError("rankings with a nan reward or score have no order")
+    if not len(sizes):  # np.split would make one empty prompt of no prompt
+        return []
     bounds = np.cumsum(sizes)[:-1]
     return list(zip(np.split(r, bounds), np.split(s, bounds)))
 

@@ -191,6 +191,7 @@ def test_compare_a_policy_with_itself_is_all_ties(tmp_path, hh_file, tok_dir, po
                        "--out", str(tmp_path / "cmp")])
     assert r["prompts"] > 0 and r["ties"] == r["prompts"] and r["wins"] == r["losses"] == 0
     assert r["mean_tokens_a"] == r["mean_tokens_b"] and r["mean_reward_a"] == r["mean_reward_b"]
+    assert r["distinct_2_a"] == r["distinct_2_b"] and 0 < r["distinct_2_a"] <= 1
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert f"ties {r['prompts']} (100.0%)" in md and md.count("**A** (reward") == r["prompts"]
     other = eval_cli.main(["compare", "--policy-a", str(policy_dir), "--policy-b", str(policy_dir), "--judge",

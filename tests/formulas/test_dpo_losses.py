@@ -11,8 +11,7 @@ from trl.experimental.cpo import CPOTrainer
 
 from rmcore.data.batching import collate_pairs
 from rmcore.data.datasets import DataConfig, load_pairs
-from rmcore.dpo import DpoConfig, pair_logps, sequence_logps
-from rmcore.losses import DPO_LOSSES, PairLogps, implicit_rewards
+from rmcore.dpo import DPO_LOSSES, DpoConfig, PairLogps, implicit_rewards, pair_logps, sequence_logps
 from rmcore.model import CausalLM, ModelConfig
 from rmcore.tokenizer import Tokenizer
 from rmcore.training.distributed import Dist
