@@ -77,6 +77,8 @@ def compare_policies(policy_a: str, policy_b: str, *, judge: str, prompt_specs: 
                         "rewards": np.array(rewards), "distinct_2": distinct_n(samples.tokens, 2)})
         del model
     diff = results[0]["rewards"] - results[1]["rewards"]
+    # the same text is a tie whatever the judge says: scored in other batches, it can differ by float noise (3e-6)
+    diff[[a == b for a, b in zip(results[0]["responses"], results[1]["responses"])]] = 0.0
     wins, losses = int((diff > tie_epsilon).sum()), int((diff < -tie_epsilon).sum())
     return {"prompts": len(prompts), "wins": wins, "ties": len(prompts) - wins - losses, "losses": losses,
             "tie_epsilon": tie_epsilon, "policy_a": policy_a, "policy_b": policy_b, "judge": judge,
