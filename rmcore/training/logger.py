@@ -1,4 +1,5 @@
-"""The run's log: metrics.jsonl, a progress bar (loss, accuracy, lr, tokens/s, ETA) and W&B, all on rank 0."""
+"""The run's log: metrics.jsonl, a progress bar (loss, accuracy or DPO's reward accuracy and margin, lr, tokens/s,
+ETA) and W&B, all on rank 0."""
 from __future__ import annotations
 
 import json
@@ -67,7 +68,8 @@ class Logger:
             if advance:
                 self.bar.update(1)
             shown = {k: v for k, v in record.items()
-                     if k in ("loss", "acc", "eval_loss", "eval_acc", "lr", "tokens_per_s")}
+                     if k in ("loss", "acc", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_acc",
+                              "eval_rewards/accuracies", "lr", "tokens_per_s")}
             self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()})
 
     def print(self, *args):
