@@ -5,7 +5,8 @@ Prompts are in HH form ("\\n\\nHuman: ...\\n\\nAssistant:"), responses are plain
   - a directory or a Hugging Face Hub id (org/name[@revision]): a reward model held in memory (RewardScorer: the
     template, BOS/EOS and length limit recorded in its config.json; with normalize, the statistics stored by
     `eval.py normalize`);
-  - "module:function": any Python callable with that signature (rule-based or verifiable rewards, test rewards).
+  - "module:function": any Python callable with that signature (rule-based or verifiable rewards, test rewards);
+and several of them as one ensemble (EnsembleReward: mean, min, or mean - lam * std of the members).
 Under torchrun each rank scores its own samples: no collective is involved.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from rmcore.errors import ConfigError, RewardError
@@ -57,6 +59,57 @@ def load_reward(spec: str, device="cpu", *, dtype: torch.dtype | None = None, no
         raise ConfigError(f"reward {spec!r}: normalize applies to a reward model's stored statistics, not to a "
                           f"function")
     return fn
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reward-model ensembles (Coste et al. 2024; Eisenstein et al. 2023): M members score every response, and a
+# conservative aggregate of their (M, N) rewards is what the loop optimises. Each aggregation is a pure function.
+
+
+def ensemble_mean(rewards: np.ndarray, *, lam: float = 0.0) -> np.ndarray:
+    """Mean over members: (1/M) sum_m r_m."""
+    return rewards.mean(axis=0)
+
+
+def ensemble_min(rewards: np.ndarray, *, lam: float = 0.0) -> np.ndarray:
+    """Worst case over members: min_m r_m (Coste et al.'s WCO)."""
+    return rewards.min(axis=0)
+
+
+def ensemble_uncertainty_penalised(rewards: np.ndarray, *, lam: float = 1.0) -> np.ndarray:
+    """Mean minus lam times the members' population std: mean_m r_m - lam * std_m r_m (Coste et al.'s UWO)."""
+    return rewards.mean(axis=0) - lam * rewards.std(axis=0)
+
+
+ENSEMBLE_AGGREGATIONS = {"mean": ensemble_mean, "min": ensemble_min, "mean_minus_std": ensemble_uncertainty_penalised}
+
+
+class EnsembleReward:
+    """Several rewards as one: each member scores every response (checked as any reward is), the aggregation
+    combines them, and `disagreement` keeps the members' std per response of the last call, for logging."""
+
+    def __init__(self, members: list[RewardFn], names: list[str], *, aggregation: str = "mean", lam: float = 1.0):
+        if len(members) < 2:
+            raise ConfigError(f"a reward ensemble needs at least 2 members, got {len(members)}: {names}")
+        if aggregation not in ENSEMBLE_AGGREGATIONS:
+            raise ConfigError(f"ensemble aggregation {aggregation!r}; known: {', '.join(ENSEMBLE_AGGREGATIONS)}")
+        if lam < 0:
+            raise ConfigError(f"ensemble lam={lam}: a negative penalty rewards disagreement; expected >= 0")
+        self.members, self.names, self.aggregation, self.lam = members, names, aggregation, lam
+        self.disagreement = np.zeros(0)
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        rewards = np.array([checked_rewards(m, prompts, responses, source=f"ensemble member {name}")
+                            for m, name in zip(self.members, self.names)], dtype=np.float64)
+        self.disagreement = rewards.std(axis=0)
+        return ENSEMBLE_AGGREGATIONS[self.aggregation](rewards, lam=self.lam).tolist()
+
+
+def load_ensemble(specs: list[str], device="cpu", *, aggregation: str = "mean", lam: float = 1.0,
+                  dtype: torch.dtype | None = None, normalize: bool = False) -> EnsembleReward:
+    """An EnsembleReward of reward specs (directories, hub ids, module:function), each loaded by load_reward."""
+    return EnsembleReward([load_reward(s, device, dtype=dtype, normalize=normalize) for s in specs], list(specs),
+                          aggregation=aggregation, lam=lam)
 
 
 def checked_rewards(reward: RewardFn, prompts: list[str], responses: list[str], *,

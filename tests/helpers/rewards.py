@@ -26,3 +26,8 @@ def strings(prompts, responses):
 
 def returns_none(prompts, responses):
     return None
+
+
+def count_words(prompts, responses):
+    """The number of whitespace-separated words in the response (an ensemble's second member)."""
+    return [float(len(r.split())) for r in responses]
