@@ -287,6 +287,9 @@ def critic_source(cfg: PpoTrainConfig, tok: Tokenizer) -> tuple[str, bool]:
     ppo_cfg = cfg.ppo
     if ppo_cfg.critic == "policy":
         return cfg.run.init_from, True
+    if ppo_cfg.critic == "reward" and isinstance(ppo_cfg.reward, list):
+        raise ConfigError(f"ppo.critic=reward starts the critic from the reward model, and ppo.reward is an ensemble "
+                          f"{ppo_cfg.reward}: name one directory as ppo.critic, or ppo.critic=policy")
     path = ppo_cfg.reward if ppo_cfg.critic == "reward" else ppo_cfg.critic
     if not (resolve_model(path) / "config.json").is_file():
         raise ConfigError(f"ppo.critic={ppo_cfg.critic}: {path} is not a reward model directory; advantage=gae needs "

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rmcore.align.rewards import RewardFn, checked_rewards, load_reward
+from rmcore.align.rewards import EnsembleReward, RewardFn, checked_rewards, load_ensemble, load_reward
 from rmcore.align.rollouts import PromptPool, Samples, default_stop_strings, load_prompts, sample
 from rmcore.config.loader import parse_cli
 from rmcore.config.sections import AlignConfig, TrainConfig, load_stages
@@ -26,7 +26,7 @@ from rmcore.eval.plots import plot_history
 from rmcore.model import CausalLM
 from rmcore.tokenizer import Tokenizer
 from rmcore.training.checkpoints import export_pretrained, run_record
-from rmcore.training.distributed import Dist, init_distributed, say
+from rmcore.training.distributed import Dist, all_reduce_sum, init_distributed, say
 from rmcore.training.launch import setup
 from rmcore.training.run_dir import RunLock
 from rmcore.training.runtime import autocast, build_model, compute_dtype, frozen
@@ -56,6 +56,8 @@ class AlignRun:
     prompts: PromptPool
     held_out: PromptPool | None   # data.eval's prompts, answered greedily before each update and after the last
     reward: RewardFn
+    # an ensemble's member std summed over this rank's samples of the iteration, and their count
+    disagreement: list = field(default_factory=lambda: [0.0, 0])
 
     @classmethod
     def start(cls, cfg, name: str) -> AlignRun:
@@ -76,7 +78,11 @@ class AlignRun:
         prompts = pool(cfg.data.train, "prompts")
         require_data(len(prompts), prompts.report, cfg.data.train, f"data.train ({name} prompts)", "prompts")
         held_out = pool(cfg.data.eval, "held-out prompts") if cfg.data.eval and section.eval_prompts else None
-        reward = load_reward(section.reward, dist.device, normalize=section.reward_normalize)
+        if isinstance(section.reward, list):
+            reward = load_ensemble(section.reward, dist.device, aggregation=section.reward_aggregation,
+                                   lam=section.reward_lambda, normalize=section.reward_normalize)
+        else:
+            reward = load_reward(section.reward, dist.device, normalize=section.reward_normalize)
         return cls(cfg=cfg, name=name, dist=dist, tokenizer=tokenizer, template=template, stop_strings=stops,
                    prompts=prompts, held_out=held_out, reward=reward)
 
@@ -125,7 +131,10 @@ class AlignRun:
         """The reward of each (prompt, response), checked (one finite number each); a reward that fails is one
         error naming the reward, the iteration and `what` was being scored."""
         source = f"{self.name}.reward={self.section.reward} (iteration {iteration + 1}, {what})"
-        return checked_rewards(self.reward, prompts, responses, source=source)
+        rewards = checked_rewards(self.reward, prompts, responses, source=source)
+        if isinstance(self.reward, EnsembleReward) and what == "samples":  # the members' std, for the iteration's log
+            self.disagreement = [float(self.reward.disagreement.sum()), len(responses)]
+        return rewards
 
     def held_out_reward(self, policy, *, iteration: int) -> dict[str, float]:
         """{"held_out_reward": mean reward of greedy responses to the first eval_prompts held-out prompts}, of the
@@ -153,6 +162,9 @@ class AlignRun:
         ({title: [keys]}), and halt when asked (halt_after_iteration)."""
         cfg, section, name, out, stats = self.cfg, self.section, self.name, Path(self.cfg.run.out_dir), history[-1]
         trainer.check_exportable(policy, f"the policy after {name} iteration {iteration + 1}")
+        if isinstance(self.reward, EnsembleReward):  # the members' std over the iteration's samples, all ranks
+            total, count = all_reduce_sum(self.disagreement, self.dist.device)
+            stats["reward_disagreement"] = total / max(count, 1)
         if iteration + 1 == section.iterations:
             stats.update({f"{k}_final": v for k, v in self.held_out_reward(policy, iteration=iteration).items()})
         trainer.log.log(step, {k if "/" in k else f"{name}/{k}": v for k, v in stats.items()}, advance=False)

@@ -148,7 +148,10 @@ class TrainConfig:
 @dataclasses.dataclass
 class AlignConfig:
     """What raft.py and ppo.py share: the reward, the iterations, the prompts and how responses are sampled."""
-    reward: str = ""                    # a reward model directory or hub id, or module:function (prompts, responses)
+    reward: str | list[str] = ""        # a reward model directory or hub id, or module:function (prompts, responses);
+                                        # a list of them: an ensemble (Coste et al. 2024), combined by
+    reward_aggregation: Literal["mean", "min", "mean_minus_std"] = "mean"  # the members' mean, worst case, or
+    reward_lambda: float = 1.0          # mean - reward_lambda * std (uncertainty-penalised)
     reward_normalize: bool = False      # apply the statistics `eval.py normalize` stored with the reward model
     iterations: int = 3
     prompts_per_iter: int = 2048        # across all ranks
@@ -180,6 +183,14 @@ class AlignConfig:
                               f"probability mass reaches top_p; expected 0 < top_p <= 1 (1 = off)")
         if not self.reward:
             raise ConfigError(f"{name}.reward is not set: a reward model directory or hub id, or module:function")
+        if isinstance(self.reward, list) and len(self.reward) < 2:
+            raise ConfigError(f"{source}: {name}.reward={self.reward}: an ensemble needs at least 2 members (one "
+                              f"reward is written without brackets)")
+        check_at_least(self, 0, ("reward_lambda",), prefix=name, source=source)
+
+    def reward_specs(self) -> list[str]:
+        """Every reward spec named: one, or an ensemble's members."""
+        return list(self.reward) if isinstance(self.reward, list) else [self.reward]
 
 
 def check_alignment_run(cfg: TrainConfig, section: AlignConfig, source: str, name: str) -> None:

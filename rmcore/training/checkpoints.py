@@ -290,8 +290,9 @@ def export_pretrained(model, out: Path, dist: Dist, *, tokenizer=None, extra_con
 def run_record(cfg) -> dict:
     """What an export's config.json records of the run (under "rmcore"): the template the model was trained with,
     so evaluation and scoring apply it, and the commit hash of every hub model the run started from."""
-    models = [cfg.run.init_from, cfg.run.tokenizer, *(getattr(getattr(cfg, name, None), key, None)
-                                                       for name in ("raft", "ppo") for key in ("reward", "critic"))]
+    named = [getattr(getattr(cfg, name, None), key, None) for name in ("raft", "ppo") for key in ("reward", "critic")]
+    models = [cfg.run.init_from, cfg.run.tokenizer, *(m for spec in named
+                                                      for m in (spec if isinstance(spec, list) else [spec]))]
     revisions = hub_revisions(models)
     return {"rmcore": {"stage": cfg.run.stage, "template": cfg.data.build_template().to_dict(),
                        "max_length": cfg.data.max_length, "train_data": list(cfg.data.train),

@@ -14,7 +14,7 @@ from rmcore.interop.hf_checkpoint import save_pretrained
 
 import raft
 import train
-from helpers.runs import REPO, args, conflicting_keys, raft_args, torchrun
+from helpers.runs import REPO, args, conflicting_keys, raft_args, records, torchrun
 
 
 # ------------------------------------------------------------------------------------------------ pure pieces
@@ -95,6 +95,20 @@ def test_raft_raises_a_known_reward(tmp_path, hh_file, policy_dir):
     saved = json.loads((tmp_path / "r" / "raft_history.json").read_text())
     assert [h["reward_first"] for h in saved] == first
     assert (tmp_path / "r" / "raft_history.png").is_file()
+
+
+def test_an_ensemble_reward_trains_as_its_aggregate_written_by_hand(tmp_path, hh_file, policy_dir):
+    """raft.reward=[count_e, count_words] with aggregation min samples, selects and trains exactly as a function
+    that takes the min itself, and logs the members' disagreement per iteration."""
+    hand = raft.main(raft_args(tmp_path / "hand", hh_file, policy_dir, "raft.iterations=2",
+                               "raft.reward=helpers.rewards:min_e_words"))
+    ens = raft.main(raft_args(tmp_path / "ens", hh_file, policy_dir, "raft.iterations=2", "raft.reward_aggregation=min",
+                              "raft.reward=[helpers.rewards:count_e, helpers.rewards:count_words]"))
+    for h, e in zip(hand, ens):
+        assert {k: v for k, v in e.items() if k != "reward_disagreement"} == h
+    assert all(e["reward_disagreement"] > 0 for e in ens)
+    logged = [r for r in records(tmp_path / "ens") if "raft/reward_disagreement" in r]
+    assert [r["raft/reward_disagreement"] for r in logged] == [e["reward_disagreement"] for e in ens]
 
 
 def test_the_held_out_reward_is_measured_before_each_update_and_after_the_last(tmp_path, hh_file, policy_dir):

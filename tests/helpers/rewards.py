@@ -31,3 +31,8 @@ def returns_none(prompts, responses):
 def count_words(prompts, responses):
     """The number of whitespace-separated words in the response (an ensemble's second member)."""
     return [float(len(r.split())) for r in responses]
+
+
+def min_e_words(prompts, responses):
+    """min(count_e, count_words), written out: what an ensemble of the two with aggregation=min must give."""
+    return [min(e, w) for e, w in zip(count_e(prompts, responses), count_words(prompts, responses))]
