@@ -171,7 +171,8 @@ class ImplicitRewardScorer:
         """(r_chosen, r_rejected) of every pair; under torchrun each rank scores every world_size-th batch."""
         if pairs.response_starts is None:
             raise ValueError("implicit rewards need pairs tokenized with response_starts=True")
-        order = sorted(range(len(pairs)), key=lambda i: int(pairs.lengths()[i]))
+        lengths = pairs.lengths()
+        order = sorted(range(len(pairs)), key=lambda i: int(lengths[i]))
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         mine = batches[self.dist.rank::self.dist.world_size]
         found = {}
