@@ -8,6 +8,8 @@
     python eval.py score --model DIR --input texts.jsonl --output scores.jsonl [--normalize] [--truncate left]
     python eval.py normalize --model DIR [--data FILE ...]     # default data: the model's own training split
     python eval.py compare --policy-a DIR --policy-b DIR --judge RM_DIR --prompts FILE[a:b] --out runs/compare
+    python eval.py compare ... --judge PROXY_RM --judge GOLD_RM      # several judges: wins/ties/losses under each
+    python eval.py ... --head sum          # a length-disentangled reward model (ODIN): quality (default), length, sum
     torchrun --nproc_per_node=N eval.py ...                     # each rank scores a share of the batches
 
 The report (report.json, report.md, PNG plots) is described in rmcore/eval/report.py; a file of rankings of K
@@ -31,7 +33,7 @@ from rmcore.errors import DataError, UserError, user_errors
 from rmcore.eval.plots import plot_report
 from rmcore.eval.ranked_report import evaluate_ranked_file, ranked_line
 from rmcore.eval.report import evaluate_pairs, markdown_report
-from rmcore.eval.scorer import ImplicitRewardScorer, RewardScorer, write_normalization
+from rmcore.eval.scorer import READ_HEADS, ImplicitRewardScorer, RewardScorer, write_normalization
 from rmcore.training.distributed import init_distributed, say, shutdown
 from rmcore.training.logger import wandb_login
 
@@ -46,7 +48,7 @@ def evaluate(args, dist) -> dict:
             scorer = ImplicitRewardScorer(model_dir, args.reference, beta=args.beta, batch_size=args.batch_size,
                                           dist=dist)
         else:
-            scorer = RewardScorer(model_dir, batch_size=args.batch_size, dist=dist)
+            scorer = RewardScorer(model_dir, batch_size=args.batch_size, dist=dist, head=args.head)
         name = model_name(model_dir)
         max_length = args.max_length or scorer.config.get("rmcore", {}).get("max_length")
         for spec in args.data:
@@ -93,7 +95,7 @@ def evaluate(args, dist) -> dict:
 
 def score(args, dist):
     scorer = RewardScorer(args.model, batch_size=args.batch_size, max_length=args.max_length, truncate=args.truncate,
-                          dist=dist)
+                          dist=dist, head=args.head)
     items = []
     # output i is input line i: a blank or unscorable line is an error, never skipped
     for where, record in iter_records(args.input, blank_lines="error"):
@@ -125,7 +127,7 @@ def normalize(args, dist):
         raise UserError(f"--model {args.model}: normalize writes the statistics into the model's config.json, so it "
                         f"needs a local directory: `hf download {args.model.split('@')[0]} --local-dir DIR`, then "
                         f"--model DIR")
-    scorer = RewardScorer(args.model, batch_size=args.batch_size, dist=dist)
+    scorer = RewardScorer(args.model, batch_size=args.batch_size, dist=dist, head=args.head)
     data = args.data or scorer.config.get("rmcore", {}).get("train_data")
     if not data:
         raise UserError("--data is required: the model's config.json does not record its training data")
@@ -150,7 +152,8 @@ def normalize(args, dist):
 def compare(args, dist) -> dict:
     r = compare_policies(args.policy_a, args.policy_b, judge=args.judge, prompt_specs=args.prompts, device=dist.device,
                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, seed=args.seed, tie_epsilon=args.tie_epsilon, batch_size=args.batch_size)
+                         top_p=args.top_p, seed=args.seed, tie_epsilon=args.tie_epsilon, batch_size=args.batch_size,
+                         head=args.head)
     if dist.is_main:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -197,7 +200,9 @@ def parse(argv):
     elif command == "compare":
         p.add_argument("--policy-a", required=True)
         p.add_argument("--policy-b", required=True)
-        p.add_argument("--judge", required=True, help="reward model: a directory or a hub id, org/name[@revision]")
+        p.add_argument("--judge", action="append", required=True,
+                       help="reward model: a directory or a hub id, org/name[@revision]; repeatable (a proxy and a "
+                            "gold judge: each gets its own wins, ties and losses, the first is the headline)")
         p.add_argument("--prompts", action="append", required=True,
                        help="prompt file(s), optionally sliced (repeatable)")
         p.add_argument("--out", default="runs/compare")
@@ -215,6 +220,9 @@ def parse(argv):
         p.add_argument("--format", default="auto")
         p.add_argument("--skip-bad-lines", action="store_true")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--head", choices=READ_HEADS, default="quality",
+                   help="what a length-disentangled reward model's reward is: its quality head, its length head, or "
+                        "their sum (a one-head model: its head)")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     if command == "evaluate" and args.beta is not None and not args.reference:

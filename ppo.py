@@ -40,6 +40,7 @@ from torch import nn
 
 from rmcore.align.iteration import AlignRun, align_main
 from rmcore.align.rollouts import Packed, pack, response_logits, response_logprobs, response_values, response_values_of
+from rmcore.align.selection import distinct_n, repeated_ngram_rate
 from rmcore.config.sections import PpoConfig, PpoTrainConfig
 from rmcore.errors import ConfigError
 from rmcore.generate import token_logprobs
@@ -135,6 +136,7 @@ def ppo(cfg: PpoTrainConfig) -> list[dict]:
         # 2. score
         ended = torch.tensor(samples.stopped, device=dist.device)
         raw_scores = torch.tensor(run.score(samples.prompts, samples.responses, iteration=it), device=dist.device)
+        gold = run.gold_scores(samples.prompts, samples.responses, iteration=it)  # logged only
         scores = shape_scores(raw_scores, ended, ppo_cfg.missing_eos_penalty, ppo_cfg.score_clip)
         # 3. per-token rewards and 4. advantages, with statistics over every rank
         kl = (kl_k1 if ppo_cfg.kl_estimator == "k1" else kl_k3)(logp_old, logp_ref) * mask
@@ -164,17 +166,24 @@ def ppo(cfg: PpoTrainConfig) -> list[dict]:
                 per_minibatch.append(record)
                 step += 1
         # 6. figures, beta, log, export, checkpoint
-        stats.update(rollout_stats(exp, raw_scores=raw_scores, scores=scores, ended=ended, kl=kl,
+        stats.update(rollout_stats(exp, raw_scores=raw_scores, scores=scores, ended=ended, kl=kl, gold=gold,
                                    beta_in_reward=beta if kl_in == "reward" else 0.0, has_critic=critic is not None,
                                    eos_id=tok.eos_id, dist=dist))
-        stats.update(beta=beta, **update_stats(per_minibatch, gather_objects(ratio_means)))
+        every_response = gather_objects(samples.tokens)
+        stats.update(beta=beta, distinct_2=distinct_n(every_response, 2),
+                     repeated_4gram_rate=repeated_ngram_rate(every_response, 4),
+                     **update_stats(per_minibatch, gather_objects(ratio_means)))
         if ppo_cfg.adaptive_kl:  # Ziegler et al.: after each rollout, with n = the samples it held
             beta = adaptive_beta(beta, stats["objective/kl"], ppo_cfg.kl_target, stats["samples"], ppo_cfg.kl_horizon)
         history.append(stats)
         run.end_iteration(trainer, policy, iteration=it, step=step, history=history, extra_state={"beta": beta},
-                          plot_panels={"score": ["objective/scores", "objective/rlhf_reward", "held_out_reward"],
+                          plot_panels={"score": ["objective/scores", "objective/rlhf_reward", "held_out_reward",
+                                                 "held_out_gold"],
                                        "KL to the reference (per response)": ["objective/kl_k1", "objective/kl_k3"],
-                                       "response tokens": ["response_length"]})
+                                       "proxy and gold score against the KL": ["objective/scores_raw",
+                                                                               "objective/gold_scores"],
+                                       "response tokens": ["response_length"]},
+                          plot_against={"proxy and gold score against the KL": "objective/kl_k1"})
     trainer.export_and_close(tok, policy)
     return history
 
@@ -251,10 +260,11 @@ def update_stats(per_minibatch: list[dict], ratio_means: list[float]) -> dict[st
 
 
 def rollout_stats(exp: Experience, *, raw_scores: torch.Tensor, scores: torch.Tensor, ended: torch.Tensor,
-                  kl: torch.Tensor, beta_in_reward: float, has_critic: bool, eos_id: int, dist: Dist) -> dict:
+                  kl: torch.Tensor, gold: list[float] | None, beta_in_reward: float, has_critic: bool, eos_id: int,
+                  dist: Dist) -> dict:
     """The rollout's figures over every rank: per-response sums averaged over responses (TRL's objective/*; the
-    non-score reward is the KL penalty inside the reward, 0 when the KL is in the loss), the critic's explained
-    variance over real tokens, length and how responses ended."""
+    non-score reward is the KL penalty inside the reward, 0 when the KL is in the loss; the gold judge's score of
+    the same responses), the critic's explained variance over real tokens, length and how responses ended."""
     batch, logp_old, logp_ref = exp.batch, exp.logp_old, exp.logp_ref
     mask = batch.response_mask
     lengths = mask.sum(-1)
@@ -266,6 +276,7 @@ def rollout_stats(exp: Experience, *, raw_scores: torch.Tensor, scores: torch.Te
         "objective/entropy": (-logp_old * mask).sum(-1),  # TRL's: minus the sampled tokens' log-probs, summed
         "objective/non_score_reward": (-beta_in_reward * kl).sum(-1), "response_length": lengths,
         "no_eos_fraction": (~ended).float(), "val/num_eos_tokens": (last == eos_id).float(),
+        **({"objective/gold_scores": torch.tensor(gold)} if gold is not None else {}),
     }
     keys = list(per_response)
     sums = all_reduce_sum([float(per_response[k].sum()) for k in keys] + [len(scores)], dist.device)

@@ -16,6 +16,7 @@ therefore never change the math.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -45,6 +46,7 @@ from rmcore.losses import (
     ranking_sums,
 )
 from rmcore.model import CausalLM, RewardModel
+from rmcore.odin import head_orthogonality_loss, length_correlation_loss, quality_decorrelation_loss
 from rmcore.sft import sft_step, sft_sums
 from rmcore.training.distributed import all_reduce_sum, barrier, init_distributed, say
 from rmcore.training.launch import has_value_head, load_splits, run_script, setup
@@ -116,21 +118,27 @@ def sft(cfg: TrainConfig) -> dict:
 
 
 def build_reward_model(cfg: TrainConfig, dist, tok) -> RewardModel:
-    """The reward model to train: run.init_from (a causal LM gets a fresh value head, said once) or a fresh init."""
+    """The reward model to train: run.init_from (a causal LM gets a fresh value head, said once) or a fresh init;
+    with loss.length_head, two heads (quality, length)."""
     new_head = cfg.run.init_from is not None and not has_value_head(cfg.run.init_from)
+    heads = 2 if cfg.loss.length_head else 1
     if new_head:
-        say(dist, f"{cfg.run.init_from} has no value head (a causal LM): starting a fresh one, std 1/sqrt(dim+1)")
-    return build_model(RewardModel, dist, init_from=cfg.run.init_from, architecture=cfg.model.architecture(tok),
-                       bf16=cfg.run.bf16, seed=cfg.run.seed, new_head=new_head,
+        say(dist, f"{cfg.run.init_from} has no value head (a causal LM): starting {heads} fresh, std 1/sqrt(dim+1)")
+    return build_model(RewardModel, dist, init_from=cfg.run.init_from,
+                       architecture=dataclasses.replace(cfg.model.architecture(tok), reward_heads=heads),
+                       bf16=cfg.run.bf16, seed=cfg.run.seed, new_head=new_head, reward_heads=heads,
                        activation_checkpointing=cfg.model.activation_checkpointing, lora=cfg.model.lora)
 
 
 def rm(cfg: TrainConfig) -> dict:
-    """Reward model: Bradley-Terry pairwise loss (+ optional margin, + optional centering) on chosen/rejected pairs."""
+    """Reward model: Bradley-Terry pairwise loss (+ optional margin, + optional centering) on chosen/rejected pairs;
+    with loss.length_head, on the sum of a quality and a length head, + ODIN's terms (rmcore/odin.py)."""
     if is_ranked(cfg.data.train, cfg.data.format):  # K responses per prompt: loss.ranking, in ranked_rm below
         return ranked_rm(cfg)
     dist, tok = setup(cfg)
-    train, held_out = load_splits(load_pairs, cfg, tok, dist, "pairs")
+    odin = cfg.loss.length_head
+    # ODIN's terms correlate rewards with response lengths: find where each response starts
+    train, held_out = load_splits(functools.partial(load_pairs, response_starts=odin), cfg, tok, dist, "pairs")
     if cfg.loss.margin and np.isnan(train.margin).all():
         raise ConfigError("loss.margin=true, but no training pair carries a margin (a `margin` or `score_chosen`/"
                          "`score_rejected` field): the run would be a no-margin run under a margin label")
@@ -140,27 +148,49 @@ def rm(cfg: TrainConfig) -> dict:
     sampler = ShardedSampler(len(train), cfg.optim.micro_batch_size, **shard, seed=cfg.run.seed, lengths=lengths)
 
     def rewards(batch):
-        """(r_chosen, r_rejected), each (B,), from one forward pass over the 2B rows."""
+        """(r_chosen, r_rejected), each (B,), from one forward pass over the 2B rows, and each head's (2B, heads)
+        (chosen rows, then rejected) with loss.length_head, else None."""
         with autocast(dist, cfg.run.bf16):
             if "seq_lens" in batch:  # packed: one row, no padding
-                r = model(batch["input_ids"].to(dist.device), position_ids=batch["position_ids"].to(dist.device),
-                          seq_lens=batch["seq_lens"])
+                heads = model(batch["input_ids"].to(dist.device), position_ids=batch["position_ids"].to(dist.device),
+                              seq_lens=batch["seq_lens"], per_head=True)
             else:  # collate_pairs pads on the right
-                r = model(batch["input_ids"].to(dist.device), attention_mask=batch["attention_mask"].to(dist.device),
-                          right_padded=True)
-        return r.float().chunk(2) if len(r) else (r.float(), r.float())
+                heads = model(batch["input_ids"].to(dist.device),
+                              attention_mask=batch["attention_mask"].to(dist.device), right_padded=True, per_head=True)
+        r = heads.float().sum(-1)
+        return (*(r.chunk(2) if len(r) else (r, r)), heads.float() if odin else None)
 
-    def pair_losses(r_chosen, r_rejected, batch) -> dict:
+    def pair_losses(r_chosen, r_rejected, batch, heads=None) -> dict:
         """Each term summed over the batch's pairs. `loss` is always the plain Bradley-Terry -logsigmoid(r_c - r_r),
         comparable across runs; `margin_loss` -logsigmoid(r_c - r_r - m) and `center_loss` coef * (r_c + r_r)^2
-        when enabled; `total_loss`, what is optimised: the pairwise term (with margin if enabled) + centering."""
+        when enabled; with heads (loss.length_head), ODIN's `length_loss` and `quality_loss`, each a micro-batch
+        correlation times the batch's pairs (so the step's division makes them pair-weighted means); `total_loss`,
+        what is optimised: the pairwise term (with margin if enabled) + the others."""
         terms = {"loss": pairwise_loss(r_chosen, r_rejected, reduction="sum")}
         if cfg.loss.margin:
             terms["margin_loss"] = pairwise_loss(r_chosen, r_rejected, batch["margin"].to(dist.device), reduction="sum")
         if cfg.loss.center_coef:
             terms["center_loss"] = centering_loss(r_chosen, r_rejected, cfg.loss.center_coef, reduction="sum")
-        terms["total_loss"] = terms.get("margin_loss", terms["loss"]) + terms.get("center_loss", 0.0)
+        if heads is not None and len(r_chosen) > 1:
+            lengths, pairs = batch["response_lengths"].to(dist.device), len(r_chosen)
+            terms["length_loss"] = cfg.loss.length_coef * length_correlation_loss(heads[:, 1], lengths) * pairs
+            terms["quality_loss"] = cfg.loss.quality_coef * quality_decorrelation_loss(heads[:, 0], lengths) * pairs
+        elif heads is not None:  # one pair's two lengths correlate +-1: no signal; every rank still logs the keys
+            terms["length_loss"] = terms["quality_loss"] = heads.sum() * 0.0
+        terms["total_loss"] = (terms.get("margin_loss", terms["loss"]) + terms.get("center_loss", 0.0)
+                               + terms.get("length_loss", 0.0) + terms.get("quality_loss", 0.0))
         return terms
+
+    def orthogonality_step(n_pairs: int) -> dict:
+        """ODIN's |w_Q . w_L| once per optimizer step, backward included: every rank computes it on the full head
+        weights (all-gathered under FSDP2, whose backward hands each rank its own shard's gradient, unaveraged), so
+        it enters the gradient once. Its value as a logged sum: a share of value * n_pairs per rank."""
+        weight = model.score.weight
+        weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+        term = cfg.loss.orthogonality_coef * head_orthogonality_loss(weight[0], weight[1])
+        term.backward()
+        share = term.detach() * n_pairs / dist.world_size
+        return {"orthogonality_loss": share, "total_loss": share}
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -168,10 +198,10 @@ def rm(cfg: TrainConfig) -> dict:
         sums, loss_sums = dict.fromkeys(PREFERENCE_SUM_KEYS, 0.0), {}
         for idx in ShardedSampler(len(held_out), cfg.optim.micro_batch_size, **shard, shuffle=False):
             batch = collate_pairs(held_out, idx, tok.pad_id, packed=cfg.data.pack_pairs)
-            r_chosen, r_rejected = rewards(batch)
+            r_chosen, r_rejected, heads = rewards(batch)
             for k, v in preference_sums(r_chosen, r_rejected).items():
                 sums[k] += v
-            for k, v in pair_losses(r_chosen, r_rejected, batch).items():
+            for k, v in pair_losses(r_chosen, r_rejected, batch, heads).items():
                 loss_sums[k] = loss_sums.get(k, 0.0) + float(v)
         model.train()
         totals = dict(zip(sums, all_reduce_sum(list(sums.values()), dist.device)))
@@ -189,12 +219,15 @@ def rm(cfg: TrainConfig) -> dict:
         sums = {}  # summed on the device: one host sync per step, after the last backward
         for i, batch in enumerate(batches):
             set_grad_sync(model, i == len(batches) - 1)
-            r_chosen, r_rejected = rewards(batch)
-            terms = pair_losses(r_chosen, r_rejected, batch)
+            r_chosen, r_rejected, heads = rewards(batch)
+            terms = pair_losses(r_chosen, r_rejected, batch, heads)
             (terms["total_loss"] / n_pairs * dist.world_size).backward()
             terms = {**terms, "wins": (r_chosen > r_rejected).sum(), "ties": (r_chosen == r_rejected).sum()}
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
+        if odin:
+            for k, v in orthogonality_step(n_pairs).items():
+                sums[k] = sums.get(k, 0.0) + v.float()
         sums = dict(zip(sums, torch.stack(list(sums.values())).tolist()))
         wins, ties = all_reduce_sum([sums.pop("wins"), sums.pop("ties")], dist.device)
         tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
@@ -211,6 +244,7 @@ def ranked_rm(cfg: TrainConfig) -> dict:
     loss.ranking (all_pairs or plackett_luce), each prompt's loss summed and divided by the step's global number of
     prompts; a micro-batch's responses run in one packed row, each prompt's K together."""
     for setting, given in (("loss.margin", cfg.loss.margin), ("loss.center_coef", cfg.loss.center_coef),
+                           ("loss.length_head", cfg.loss.length_head),
                            ("data.pack_pairs=false", not cfg.data.pack_pairs)):
         if given:  # said, not ignored: each is a setting of the pairwise loss or of pair batches
             raise ConfigError(f"{setting} applies to pairs, and data.train holds rankings of K responses (trained "

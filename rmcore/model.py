@@ -5,7 +5,8 @@ parameter names; `rmcore/interop/hf_checkpoint.py` holds the explicit map and th
 
     Transformer    token ids -> final hidden states (B, T, dim)
     CausalLM       Transformer + lm_head          -> logits (B, T, vocab)
-    RewardModel    Transformer + score (dim -> 1) -> one reward per sequence (B,), read at the last real token
+    RewardModel    Transformer + score (dim -> 1) -> one reward per sequence (B,), read at the last real token;
+                   a length-disentangled one (ODIN) has two heads (dim -> 2): quality and length
 
 Masks: `attention_mask` (B, T) is 1 on real tokens and 0 on padding, on either side. `position_ids` default to
 the count of real tokens before each position, so left padding gets the same positions as no padding. A boolean
@@ -21,6 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+# a reward model's heads by count, in column order of `score`: one reward, or ODIN's (Chen et al. 2024) quality and
+# length heads, whose sum is what the pairwise loss trains and whose quality head alone is what alignment reads
+REWARD_HEAD_NAMES = {1: ("reward",), 2: ("quality", "length")}
 
 
 @dataclass
@@ -41,10 +46,14 @@ class ModelConfig:
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int = 0
+    # a reward model's value heads: 1, or 2 for a length-disentangled one (ODIN: REWARD_HEAD_NAMES); HF's num_labels
+    reward_heads: int = 1
 
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if self.reward_heads not in REWARD_HEAD_NAMES:
+            raise ValueError(f"reward_heads={self.reward_heads}: expected one of {sorted(REWARD_HEAD_NAMES)}")
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"dim {self.dim} must divide by n_heads {self.n_heads}, "
                              f"and n_heads by n_kv_heads {self.n_kv_heads}")
@@ -85,6 +94,9 @@ class ModelConfig:
             eos_id=eos[0] if isinstance(eos, list) else eos,
             # OpenLLaMA ships no pad token; unk (0) is its HF pad and is distinct from EOS
             pad_id=0 if pad is None else pad,
+            # HF keeps a classifier's label count as id2label; a causal LM's labels mean nothing
+            reward_heads=(len(hf.get("id2label") or {0: ""})
+                          if RewardModel.hf_architecture in hf.get("architectures", []) else 1),
         )
 
     def to_hf(self, architecture: str) -> dict:
@@ -338,7 +350,7 @@ class RewardModel(_Pretrained):
         super().__init__()
         self.cfg = cfg
         self.model = Transformer(cfg)
-        self.score = nn.Linear(cfg.dim, 1, bias=False)
+        self.score = nn.Linear(cfg.dim, cfg.reward_heads, bias=False)
 
     def init_weights(self, std: float = 0.02):
         super().init_weights(std)
@@ -348,9 +360,10 @@ class RewardModel(_Pretrained):
         init_linear(self.score, 1.0 / math.sqrt(self.cfg.dim + 1))
 
     def forward(self, input_ids, attention_mask=None, *, position_ids=None, attn_mask=None, every_token: bool = False,
-                right_padded: bool = False, seq_lens: tuple[int, ...] | None = None):
-        """Rewards (B,), fp32 whatever the trunk's precision; with every_token, the head at every position (B, T):
-        the values a PPO critic reads. right_padded: the caller's promise that every row is its real tokens then
+                right_padded: bool = False, seq_lens: tuple[int, ...] | None = None, per_head: bool = False):
+        """Rewards (B,), fp32 whatever the trunk's precision: the sum of the heads (one head: its reward); with
+        per_head, each head's (B, reward_heads). With every_token, the sum at every position (B, T): the values a PPO
+        critic reads. right_padded: the caller's promise that every row is its real tokens then
         padding; the trunk then runs plain causal attention (exact: no real token sees a later position) with no
         (B, 1, T, T) mask, and the last real token is read at sum(mask) - 1 without a host-device sync.
         seq_lens: one packed row of several sequences (Transformer.forward); one reward per sequence."""
@@ -377,4 +390,4 @@ class RewardModel(_Pretrained):
         with torch.autocast(device_type=h.device.type, enabled=False):
             reward = self.score(last.to(self.score.weight.dtype)).float()
         # [..., 0] of a fresh (..., 1) tensor would be a view; FSDP2 cannot hook a view's backward safely
-        return reward.sum(-1)
+        return reward if per_head else reward.sum(-1)

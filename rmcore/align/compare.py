@@ -3,7 +3,9 @@ researchers publish ("at least as good on 84 of 100 prompts: 30 wins, 54 ties").
 
 Each policy answers every prompt once, with the same sampling settings and seed, in its own template (recorded in
 its config.json); the judge scores each (prompt, response) in its own template. A tie is a reward difference
-within `tie_epsilon`. Mean response lengths are reported beside the wins, so a win bought by length is visible.
+within `tie_epsilon`. Mean response lengths, distinct-2 and the repeated 4-gram rate are reported beside the wins,
+so a win bought by length or by repetition is visible. Several judges (a proxy and a gold reward model, Gao et al.
+2023) score the same responses, and each gets its own wins, ties and losses; the first is the headline.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 
 from rmcore.align.rewards import ModelReward, checked_rewards
 from rmcore.align.rollouts import PromptPool, default_stop_strings, sample
-from rmcore.align.selection import distinct_n
+from rmcore.align.selection import distinct_n, repeated_ngram_rate
 from rmcore.data.formats import Report, read_examples, require_data
 from rmcore.data.template import Template
 from rmcore.eval.report import excerpt
@@ -44,11 +46,12 @@ def policy_templates(policy_a: str, policy_b: str) -> list[tuple[Template, str]]
     return out
 
 
-def compare_policies(policy_a: str, policy_b: str, *, judge: str, prompt_specs: list[str], device="cpu",
+def compare_policies(policy_a: str, policy_b: str, *, judge: str | list[str], prompt_specs: list[str], device="cpu",
                      max_new_tokens: int = 128, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                      seed: int = 0, tie_epsilon: float = 0.0, max_prompt_tokens: int = 512,
-                     batch_size: int = 16) -> dict:
-    """Wins / ties / losses of policy A against B on the prompts, with every sample."""
+                     batch_size: int = 16, head: str = "quality") -> dict:
+    """Wins / ties / losses of policy A against B on the prompts under each judge, with every sample."""
+    judges = [judge] if isinstance(judge, str) else list(judge)
     examples, report = read_examples(prompt_specs, name="compare prompts")
     sides, templates = [], policy_templates(policy_a, policy_b)
     for path, (template, _) in zip((policy_a, policy_b), templates):
@@ -63,7 +66,7 @@ def compare_policies(policy_a: str, policy_b: str, *, judge: str, prompt_specs: 
     report.kept = len(keep)
     require_data(len(keep), report, prompt_specs, "--prompts (compare)", "prompts")
     prompts = [examples[i].prompt for i in keep]
-    reward = ModelReward(judge, device)
+    rewards_of = [ModelReward(j, device, head=head) for j in judges]
     results = []
     for path, tok, template, ids in sides:
         model = load_pretrained(CausalLM, path, device=device).eval()
@@ -72,45 +75,58 @@ def compare_policies(policy_a: str, policy_b: str, *, judge: str, prompt_specs: 
         samples = sample(model, pool, list(range(len(pool))), tokenizer=tok, max_new_tokens=max_new_tokens,
                          batch_size=batch_size, temperature=temperature, top_k=top_k, top_p=top_p,
                          stop_strings=default_stop_strings(template), generator=g)
-        rewards = checked_rewards(reward, prompts, samples.responses, source=f"the judge {judge}")
+        rewards = np.array([checked_rewards(reward, prompts, samples.responses, source=f"the judge {j}")
+                            for j, reward in zip(judges, rewards_of)])  # (judges, prompts)
         results.append({"responses": samples.responses, "tokens": [len(t) for t in samples.tokens],
-                        "rewards": np.array(rewards), "distinct_2": distinct_n(samples.tokens, 2)})
+                        "rewards": rewards, "distinct_2": distinct_n(samples.tokens, 2),
+                        "repeated_4gram_rate": repeated_ngram_rate(samples.tokens, 4)})
         del model
-    diff = results[0]["rewards"] - results[1]["rewards"]
-    # the same text is a tie whatever the judge says: scored in other batches, it can differ by float noise (3e-6)
-    diff[[a == b for a, b in zip(results[0]["responses"], results[1]["responses"])]] = 0.0
-    wins, losses = int((diff > tie_epsilon).sum()), int((diff < -tie_epsilon).sum())
-    return {"prompts": len(prompts), "wins": wins, "ties": len(prompts) - wins - losses, "losses": losses,
-            "tie_epsilon": tie_epsilon, "policy_a": policy_a, "policy_b": policy_b, "judge": judge,
-            "mean_reward_a": float(results[0]["rewards"].mean()),
-            "mean_reward_b": float(results[1]["rewards"].mean()),
+    same_text = [a == b for a, b in zip(results[0]["responses"], results[1]["responses"])]
+    verdicts = []
+    for j, name in enumerate(judges):
+        diff = results[0]["rewards"][j] - results[1]["rewards"][j]
+        # the same text is a tie whatever the judge says: scored in other batches, it can differ by float noise
+        diff[same_text] = 0.0
+        wins, losses = int((diff > tie_epsilon).sum()), int((diff < -tie_epsilon).sum())
+        verdicts.append({"judge": name, "wins": wins, "ties": len(prompts) - wins - losses, "losses": losses,
+                         "mean_reward_a": float(results[0]["rewards"][j].mean()),
+                         "mean_reward_b": float(results[1]["rewards"][j].mean())})
+    return {"prompts": len(prompts), **verdicts[0], "judges": verdicts,
+            "tie_epsilon": tie_epsilon, "policy_a": policy_a, "policy_b": policy_b,
             "mean_tokens_a": float(np.mean(results[0]["tokens"])),
             "mean_tokens_b": float(np.mean(results[1]["tokens"])),
             "distinct_2_a": results[0]["distinct_2"], "distinct_2_b": results[1]["distinct_2"],
+            "repeated_4gram_rate_a": results[0]["repeated_4gram_rate"],
+            "repeated_4gram_rate_b": results[1]["repeated_4gram_rate"],
             "dropped": report.to_dict(),
             "template_a": {**templates[0][0].to_dict(), "source": templates[0][1]},
             "template_b": {**templates[1][0].to_dict(), "source": templates[1][1]},
             "samples": [{"id": examples[k].id, "prompt": prompts[j], "a": results[0]["responses"][j],
-                         "b": results[1]["responses"][j], "reward_a": float(results[0]["rewards"][j]),
-                         "reward_b": float(results[1]["rewards"][j])} for j, k in enumerate(keep)]}
+                         "b": results[1]["responses"][j], "reward_a": float(results[0]["rewards"][0, j]),
+                         "reward_b": float(results[1]["rewards"][0, j]),
+                         "rewards_a": results[0]["rewards"][:, j].tolist(),
+                         "rewards_b": results[1]["rewards"][:, j].tolist()} for j, k in enumerate(keep)]}
 
 
 def compare_markdown(r: dict, show: int = 20) -> str:
     n = max(r["prompts"], 1)
     out = ["# Policy comparison", "",
-           f"- A: `{r['policy_a']}`; B: `{r['policy_b']}`; judge: `{r['judge']}`",
-           f"- prompts: {r['prompts']}; A wins {r['wins']} ({100 * r['wins'] / n:.1f}%), ties {r['ties']} "
-           f"({100 * r['ties'] / n:.1f}%), losses {r['losses']} ({100 * r['losses'] / n:.1f}%); "
-           f"a tie is |r_a - r_b| <= "
-           f"{r['tie_epsilon']}",
-           f"- A at least as good as B on {r['wins'] + r['ties']} of {r['prompts']} prompts",
+           f"- A: `{r['policy_a']}`; B: `{r['policy_b']}`; prompts: {r['prompts']}; a tie is |r_a - r_b| <= "
+           f"{r['tie_epsilon']}"]
+    for v in r["judges"]:
+        out += [f"- judge `{v['judge']}`: A wins {v['wins']} ({100 * v['wins'] / n:.1f}%), ties {v['ties']} "
+                f"({100 * v['ties'] / n:.1f}%), losses {v['losses']} ({100 * v['losses'] / n:.1f}%); A at least as "
+                f"good as B on {v['wins'] + v['ties']} of {r['prompts']} prompts; mean reward A "
+                f"{v['mean_reward_a']:.4f}, B {v['mean_reward_b']:.4f}"]
+    out += [
            f"- templates: A {r['template_a']['human']!r} ({r['template_a']['source']}), B {r['template_b']['human']!r} "
            f"({r['template_b']['source']})",
-           f"- mean reward: A {r['mean_reward_a']:.4f}, B {r['mean_reward_b']:.4f}; mean response tokens: "
-           f"A {r['mean_tokens_a']:.1f}, B {r['mean_tokens_b']:.1f}; distinct-2 (distinct token bigrams over all, "
-           f"Li et al. 2016): A {r['distinct_2_a']:.3f}, B {r['distinct_2_b']:.3f}", ""]
+           f"- mean response tokens: A {r['mean_tokens_a']:.1f}, B {r['mean_tokens_b']:.1f}; distinct-2 (distinct "
+           f"token bigrams over all, Li et al. 2016): A {r['distinct_2_a']:.3f}, B {r['distinct_2_b']:.3f}; repeated "
+           f"4-grams (within a response): A {r['repeated_4gram_rate_a']:.3f}, B {r['repeated_4gram_rate_b']:.3f}", ""]
     for s in r["samples"][:show]:
+        shown = {side: " / ".join(f"{x:.3f}" for x in s[f"rewards_{side}"]) for side in "ab"}
         out += [f"## {s['id']}", "", f"**Prompt**: {excerpt(s['prompt'], 400)}", "",
-                f"**A** (reward {s['reward_a']:.3f}): {excerpt(s['a'], 600)}", "",
-                f"**B** (reward {s['reward_b']:.3f}): {excerpt(s['b'], 600)}", ""]
+                f"**A** (reward {shown['a']}): {excerpt(s['a'], 600)}", "",
+                f"**B** (reward {shown['b']}): {excerpt(s['b'], 600)}", ""]
     return "\n".join(out)

@@ -1,14 +1,22 @@
 """The iteration cycle raft.py and ppo.py share. `AlignRun` holds what every iteration reads (the config, the
-process group, the tokenizer, the template and stop strings, the prompt pools, the reward); its methods are the
-steps both loops take: build the policy, sample an iteration, the held-out reward, and the end of an iteration
-(log, export, checkpoint, plot, the halt that resume tests use). What happens between sampling and the end is each
-script's own algorithm.
+process group, the tokenizer, the template and stop strings, the prompt pools, the reward and the gold judge); its
+methods are the steps both loops take: build the policy, sample an iteration, score it, the held-out reward, and
+the end of an iteration (log, export, checkpoint, plot, the halt that resume tests use). What happens between
+sampling and the end is each script's own algorithm.
+
+The gold judge (Gao et al. 2023, "Scaling laws for reward model overoptimization"): the reward a loop optimises is
+a proxy; a second reward (`gold_reward`, trained on more or other data, or a larger model) scores the same samples,
+and its score beside the proxy's, against the KL to the start, shows when the proxy is being hacked. It is only
+ever logged: `gold_scores` returns numbers the loops put in their statistics and nowhere else, and it runs with
+every random state saved and restored, so even a judge that draws random numbers cannot change the run.
 """
 from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +64,7 @@ class AlignRun:
     prompts: PromptPool
     held_out: PromptPool | None   # data.eval's prompts, answered greedily before each update and after the last
     reward: RewardFn
+    gold: RewardFn | None         # the gold judge: logged beside the reward, never optimised
     # an ensemble's member std summed over this rank's samples of the iteration, and their count
     disagreement: list = field(default_factory=lambda: [0.0, 0])
 
@@ -80,11 +89,14 @@ class AlignRun:
         held_out = pool(cfg.data.eval, "held-out prompts") if cfg.data.eval and section.eval_prompts else None
         if isinstance(section.reward, list):
             reward = load_ensemble(section.reward, dist.device, aggregation=section.reward_aggregation,
-                                   lam=section.reward_lambda, normalize=section.reward_normalize)
+                                   lam=section.reward_lambda, normalize=section.reward_normalize,
+                                   head=section.reward_head)
         else:
-            reward = load_reward(section.reward, dist.device, normalize=section.reward_normalize)
+            reward = load_reward(section.reward, dist.device, normalize=section.reward_normalize,
+                                 head=section.reward_head)
+        gold = load_reward(section.gold_reward, dist.device) if section.gold_reward else None
         return cls(cfg=cfg, name=name, dist=dist, tokenizer=tokenizer, template=template, stop_strings=stops,
-                   prompts=prompts, held_out=held_out, reward=reward)
+                   prompts=prompts, held_out=held_out, reward=reward, gold=gold)
 
     @property
     def section(self) -> AlignConfig:
@@ -136,10 +148,20 @@ class AlignRun:
             self.disagreement = [float(self.reward.disagreement.sum()), len(responses)]
         return rewards
 
+    def gold_scores(self, prompts: list[str], responses: list[str], *, iteration: int,
+                    what: str = "samples") -> list[float] | None:
+        """The gold judge's score of each (prompt, response), checked as the reward's are; None without a judge.
+        Call it on exactly what the reward scored, and put the result in the statistics only."""
+        if self.gold is None:
+            return None
+        source = f"{self.name}.gold_reward={self.section.gold_reward} (iteration {iteration + 1}, {what})"
+        with random_states_kept(self.dist.device):
+            return checked_rewards(self.gold, prompts, responses, source=source)
+
     def held_out_reward(self, policy, *, iteration: int) -> dict[str, float]:
-        """{"held_out_reward": mean reward of greedy responses to the first eval_prompts held-out prompts}, of the
-        policy as it is now ({} without held-out prompts). Every rank generates all of them: greedy is deterministic,
-        and every rank runs the same forwards."""
+        """{"held_out_reward": mean reward of greedy responses to the first eval_prompts held-out prompts, and
+        "held_out_gold" with a gold judge}, of the policy as it is now ({} without held-out prompts). Every rank
+        generates all of them: greedy is deterministic, and every rank runs the same forwards."""
         if self.held_out is None:
             return {}
         section = self.section
@@ -152,14 +174,16 @@ class AlignRun:
         except NonFiniteOutputs as e:
             raise NonFiniteOutputs(f"{self.name} iteration {iteration + 1}, held-out prompts: {e}") from None
         rewards = self.score(out.prompts, out.responses, iteration=iteration, what="held-out prompts")
-        return {"held_out_reward": float(np.mean(rewards))}
+        gold = self.gold_scores(out.prompts, out.responses, iteration=iteration, what="held-out prompts")
+        return {"held_out_reward": float(np.mean(rewards)), **({"held_out_gold": float(np.mean(gold))} if gold else {})}
 
     def end_iteration(self, trainer: Trainer, policy, *, iteration: int, step: int, history: list[dict],
-                      extra_state: dict, plot_panels: dict[str, list[str]]):
+                      extra_state: dict, plot_panels: dict[str, list[str]], plot_against: dict[str, str]):
         """Refuse a broken policy (Trainer.check_exportable), measure the held-out reward after the last update
         (held_out_reward_final), log the iteration's figures (history[-1]) under `name/`, export the policy,
         checkpoint (with `extra_state`, the loop's own), write name_history.json and a plot of `plot_panels`
-        ({title: [keys]}), and halt when asked (halt_after_iteration)."""
+        ({title: [keys]}, against the iteration or the key plot_against names for a title), and halt when asked
+        (halt_after_iteration)."""
         cfg, section, name, out, stats = self.cfg, self.section, self.name, Path(self.cfg.run.out_dir), history[-1]
         trainer.check_exportable(policy, f"the policy after {name} iteration {iteration + 1}")
         if isinstance(self.reward, EnsembleReward):  # the members' std over the iteration's samples, all ranks
@@ -177,9 +201,20 @@ class AlignRun:
             for old in sorted((out / "iterations").glob("iteration_*"))[:-section.keep_exports]:
                 shutil.rmtree(old, ignore_errors=True)
             (out / f"{name}_history.json").write_text(json.dumps(history, indent=2) + "\n")
-            plot_history(history, plot_panels, out / f"{name}_history.png")
+            plot_history(history, plot_panels, out / f"{name}_history.png", against=plot_against)
         last = section.iterations
         if section.halt_after_iteration is not None and section.halt_after_iteration <= iteration + 1 < last:
             trainer.log.print(f"halting after iteration {iteration + 1} ({name}.halt_after_iteration)")
             trainer.log.close()
             raise SystemExit(0)
+
+
+@contextmanager
+def random_states_kept(device: torch.device):
+    """Python's, numpy's and torch's random states (CPU, and the device's) as they were before the block."""
+    py, np_state = random.getstate(), np.random.get_state()
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+    random.setstate(py)
+    np.random.set_state(np_state)

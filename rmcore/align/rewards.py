@@ -32,10 +32,10 @@ class ModelReward:
     """A reward model scoring (prompt, response) pairs exactly as eval.py scores them."""
 
     def __init__(self, model_dir: str | Path, device, *, dtype: torch.dtype | None = None, normalize: bool = False,
-                 batch_size: int = 16):
+                 batch_size: int = 16, head: str = "quality"):
         # truncate="left": a long conversation keeps its latest turns, as a policy's context does
         self.scorer = RewardScorer(model_dir, dtype=dtype, batch_size=batch_size, truncate="left",
-                                   dist=Dist(device=torch.device(device)))
+                                   dist=Dist(device=torch.device(device)), head=head)
         self.normalize = normalize
         if normalize:
             self.scorer.normalization()  # missing statistics fail here, at start, not after the first rollout
@@ -44,10 +44,12 @@ class ModelReward:
         return self.scorer.score(list(zip(prompts, responses)), normalize=self.normalize)
 
 
-def load_reward(spec: str, device="cpu", *, dtype: torch.dtype | None = None, normalize: bool = False) -> RewardFn:
-    """A reward model directory or hub id, or "module:function" naming a callable (prompts, responses) -> rewards."""
+def load_reward(spec: str, device="cpu", *, dtype: torch.dtype | None = None, normalize: bool = False,
+                head: str = "quality") -> RewardFn:
+    """A reward model directory or hub id (head: what a length-disentangled one's reward is), or "module:function"
+    naming a callable (prompts, responses) -> rewards."""
     if Path(spec).is_dir() or is_hub_id(spec):
-        return ModelReward(spec, device, dtype=dtype, normalize=normalize)
+        return ModelReward(spec, device, dtype=dtype, normalize=normalize, head=head)
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
         raise ConfigError(f"reward {spec!r}: expected a reward model directory, a hub id (org/name) or module:function")
@@ -106,10 +108,10 @@ class EnsembleReward:
 
 
 def load_ensemble(specs: list[str], device="cpu", *, aggregation: str = "mean", lam: float = 1.0,
-                  dtype: torch.dtype | None = None, normalize: bool = False) -> EnsembleReward:
+                  dtype: torch.dtype | None = None, normalize: bool = False, head: str = "quality") -> EnsembleReward:
     """An EnsembleReward of reward specs (directories, hub ids, module:function), each loaded by load_reward."""
-    return EnsembleReward([load_reward(s, device, dtype=dtype, normalize=normalize) for s in specs], list(specs),
-                          aggregation=aggregation, lam=lam)
+    return EnsembleReward([load_reward(s, device, dtype=dtype, normalize=normalize, head=head) for s in specs],
+                          list(specs), aggregation=aggregation, lam=lam)
 
 
 def checked_rewards(reward: RewardFn, prompts: list[str], responses: list[str], *,

@@ -33,6 +33,17 @@ def distinct_n(token_lists: list[list[int]], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def repeated_ngram_rate(token_lists: list[list[int]], n: int = 4) -> float:
+    """Share of n-grams that repeat an earlier n-gram of the same response, over all the samples' n-grams; 0 when
+    there is none. Distinct-n across samples misses a response that loops on itself ("50 words. 50 words. ...")."""
+    repeats = total = 0
+    for t in token_lists:
+        grams = [tuple(t[i:i + n]) for i in range(len(t) - n + 1)]
+        repeats += len(grams) - len(set(grams))
+        total += len(grams)
+    return repeats / total if total else 0.0
+
+
 # ------------------------------------------------------------------------------------------------ selection
 def select_local(rewards: np.ndarray, k: int, valid: np.ndarray) -> list[int]:
     """Best of each prompt's K samples (rows i*K .. i*K+K-1) among the valid ones; ties go to the first sample.

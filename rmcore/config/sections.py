@@ -109,9 +109,16 @@ class LossConfig:
     # rankings of K responses (a ranked data format): rmcore.losses.RANKING_LOSSES, all_pairs (InstructGPT: the
     # mean Bradley-Terry loss over each prompt's ordered pairs) or plackett_luce (the ranking's likelihood)
     ranking: Literal["all_pairs", "plackett_luce"] = "all_pairs"
+    # a length-disentangled reward model (ODIN, Chen et al. 2024; rmcore/odin.py): quality and length heads, the
+    # pairwise loss on their sum, plus these terms over each micro-batch's responses; alignment reads quality only
+    length_head: bool = False
+    length_coef: float = 1.0            # -pearson(r_length, response tokens)
+    quality_coef: float = 1.0           # |pearson(r_quality, response tokens)|
+    orthogonality_coef: float = 1.0     # |w_quality . w_length|, once per optimizer step
 
     def check(self, source: str) -> None:
-        check_at_least(self, 0, ("center_coef",), prefix="loss", source=source)
+        check_at_least(self, 0, ("center_coef", "length_coef", "quality_coef", "orthogonality_coef"), prefix="loss",
+                       source=source)
 
 
 @dataclasses.dataclass
@@ -153,6 +160,11 @@ class AlignConfig:
     reward_aggregation: Literal["mean", "min", "mean_minus_std"] = "mean"  # the members' mean, worst case, or
     reward_lambda: float = 1.0          # mean - reward_lambda * std (uncertainty-penalised)
     reward_normalize: bool = False      # apply the statistics `eval.py normalize` stored with the reward model
+    reward_head: Literal["quality", "sum"] = "quality"  # of a length-disentangled reward model (ODIN): its quality
+                                        # head alone, or quality + length (what its pairwise loss trained)
+    gold_reward: str = ""               # a gold judge (Gao et al. 2023), any reward spec: it scores the same samples
+                                        # and held-out answers as the reward, logged beside it as gold_*, and never
+                                        # enters the loss or the selection; "" = none
     iterations: int = 3
     prompts_per_iter: int = 2048        # across all ranks
     prompt_order: Literal["redraw", "pass"] = "redraw"  # a fresh shuffle of the pool every iteration, or passes
@@ -187,6 +199,9 @@ class AlignConfig:
             raise ConfigError(f"{source}: {name}.reward={self.reward}: an ensemble needs at least 2 members (one "
                               f"reward is written without brackets)")
         check_at_least(self, 0, ("reward_lambda",), prefix=name, source=source)
+        if self.gold_reward and self.gold_reward in self.reward_specs():
+            raise ConfigError(f"{source}: {name}.gold_reward={self.gold_reward!r} is also the reward the loop "
+                              f"optimises: a gold judge measures what the proxy misses only if it is another model")
 
     def reward_specs(self) -> list[str]:
         """Every reward spec named: one, or an ensemble's members."""

@@ -57,8 +57,11 @@ def main(argv=None):
     out = Path(args.out or Path("runs/sweeps") / Path(args.sweep).stem)
     config = base_config(sweep)
     rows = []
-    for values in grid(sweep):
-        name = ",".join(f"{k}={v}" for k, v in values.items())
+    combos = grid(sweep)
+    # a run is named by the parameters that vary (a fixed `value` is the same for all and would only lengthen it)
+    varying = [k for k in (combos[0] if combos else {}) if len({json.dumps(c[k]) for c in combos}) > 1]
+    for values in combos:
+        name = ",".join(f"{k}={v}" for k, v in values.items() if k in varying or not varying)
         run_dir = out / name.replace("/", "_")
         cmd = [sys.executable, "train.py", "--config", config, *args.overrides,
                *(f"{k}={json.dumps(v)}" for k, v in values.items()),

@@ -31,7 +31,7 @@ def collate_pairs(data: PairDataset, indices: list[int], pad_id: int, *, packed:
     """2B sequences, chosen[0..B) then rejected[0..B): right-padded rows (input_ids, attention_mask), or with
     packed, one row of them end to end with no padding (input_ids (1, L), position_ids restarting at each,
     seq_lens); margin (B,) (0 where none); with the dataset's response_starts, response_mask (the rows' shape):
-    the response tokens, EOS included."""
+    the response tokens, EOS included, and response_lengths (2B,): their count per sequence."""
     seqs = [data.chosen[i] for i in indices] + [data.rejected[i] for i in indices]
     response = None
     if data.response_starts is not None:  # DPO: which tokens are the responses', in the same 2B order
@@ -47,6 +47,7 @@ def collate_pairs(data: PairDataset, indices: list[int], pad_id: int, *, packed:
     if response is not None:
         rows["response_mask"] = (torch.from_numpy(np.concatenate(response))[None] if packed and seqs
                                  else pad(response, 0)[0].bool())
+        rows["response_lengths"] = torch.tensor([int(r.sum()) for r in response], dtype=torch.float32)
     margin = torch.from_numpy(np.nan_to_num(data.margin[indices], nan=0.0)) if len(indices) else torch.zeros(0)
     return {**rows, "margin": margin.float(),
             "has_margin": bool(len(indices)) and not np.isnan(data.margin[indices]).all(),

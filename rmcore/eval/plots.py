@@ -54,16 +54,20 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_history(history: list[dict], panels: dict[str, list[str]], path: Path):
-    """One panel per title, each key of it a line against the iteration (over the records that hold it)."""
+def plot_history(history: list[dict], panels: dict[str, list[str]], path: Path, *,
+                 against: dict[str, str] | None = None):
+    """One panel per title, each key of it a line against the iteration, or against the key `against` names for
+    that title (e.g. rewards against the KL to the start), over the records that hold both."""
     plt = pyplot()
+    against = against or {}
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels.items()):
+        x = against.get(title, "iteration")
         for key in keys:
-            held = [h for h in history if key in h]
+            held = [h for h in history if key in h and x in h]
             if held:
-                ax.plot([h["iteration"] for h in held], [h[key] for h in held], marker="o", label=key)
-        ax.set_xlabel("iteration (figures of the policy before its update)")
+                ax.plot([h[x] for h in held], [h[key] for h in held], marker="o", label=key)
+        ax.set_xlabel("iteration (figures of the policy before its update)" if x == "iteration" else x)
         ax.set_title(title)
         ax.legend(fontsize=7)
     _save(fig, path)

@@ -51,7 +51,12 @@ def evaluate_pairs(scorer: RewardScorer | ImplicitRewardScorer, pairs: PairDatas
     """Every figure of the report for one preference set (pairs.examples must be kept), under a reward model or a
     DPO policy's implicit reward."""
     n = len(pairs)
-    r_c, r_r = scorer.pair_rewards(pairs, progress)
+    by_head = None  # a length-disentangled reward model: each head's rewards, chosen rows then rejected
+    if len(getattr(scorer, "head_names", ())) > 1:
+        by_head = scorer.head_rewards(pairs.chosen + pairs.rejected, progress)
+        r_c, r_r = scorer.read_head(by_head[:n]), scorer.read_head(by_head[n:])
+    else:
+        r_c, r_r = scorer.pair_rewards(pairs, progress)
     rewards = np.concatenate([r_c, r_r])
     tc, tr = torch.from_numpy(r_c), torch.from_numpy(r_r)
     stats = preference_metrics(tc, tr) if n else {}
@@ -81,6 +86,9 @@ def evaluate_pairs(scorer: RewardScorer | ImplicitRewardScorer, pairs: PairDatas
         "length": {
             **length_baselines(len_c, len_r),
             "spearman_reward_length": spearman(np.concatenate([r_c, r_r]), np.concatenate([len_c, len_r])),
+            **({"spearman_by_head": {name: spearman(values, np.concatenate([len_c, len_r])) for name, values in
+                                     [*zip(scorer.head_names, by_head.T), ("sum", by_head.sum(-1))]}}
+               if by_head is not None else {}),
             "accuracy_by_length": accuracy_by_bucket(mean_len, correct, quantile_edges(mean_len, 4)) if n else [],
         },
         "accuracy_by_turns": (accuracy_by_bucket(n_turns, correct,
@@ -140,7 +148,9 @@ def markdown_report(results: dict[str, dict[str, dict]], drops: dict[str, dict])
                     f"- expected calibration error (10 bins): {r['calibration']['ece']:.4f}",
                     f"- length baselines: longer wins {100 * r['length']['longer_wins']:.2f}%, shorter wins "
                     f"{100 * r['length']['shorter_wins']:.2f}%; Spearman(reward, response length) "
-                    f"{r['length']['spearman_reward_length']:.4f}",
+                    f"{r['length']['spearman_reward_length']:.4f}"
+                    + ("; by head: " + ", ".join(f"{h} {v:.4f}" for h, v in r["length"]["spearman_by_head"].items())
+                       + f" (the reward read: {reward['head']})" if "spearman_by_head" in r["length"] else ""),
                     f"- template: {r['template']['human']!r} / {r['template']['assistant']!r}, separator "
                     f"{r['template']['separator']!r} ({r['template']['source']})",
                     ""]

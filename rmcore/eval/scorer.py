@@ -26,9 +26,13 @@ from rmcore.dpo import sequence_logps
 from rmcore.errors import CheckpointError, DataError
 from rmcore.interop.hf_checkpoint import load_pretrained, read_hf_config
 from rmcore.interop.hub import resolve_model
-from rmcore.model import CausalLM, RewardModel
+from rmcore.model import REWARD_HEAD_NAMES, CausalLM, RewardModel
 from rmcore.tokenizer import Tokenizer
 from rmcore.training.distributed import Dist, gather_objects
+
+# what a scorer reads of a length-disentangled reward model (ODIN): its quality head (what alignment optimises), its
+# length head, or their sum (what its pairwise loss trained); a one-head model's reward for quality and sum alike
+READ_HEADS = ("quality", "length", "sum")
 
 
 class RewardScorer:
@@ -36,9 +40,10 @@ class RewardScorer:
 
     def __init__(self, model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  batch_size: int = 16, max_length: int | None = None, truncate: str = "error",
-                 dist: Dist | None = None):
+                 dist: Dist | None = None, head: str = "quality"):
         """dist: the process group under torchrun (each rank scores a share of the batches); default: one process
-        on `device`."""
+        on `device`. head: what a length-disentangled model's reward is (READ_HEADS: quality, length, or their sum);
+        a one-head model's reward is its head, and it has no length head."""
         self.dir = resolve_model(model_dir)  # a local directory, or a hub id fetched into the HF cache
         self.dist = dist or Dist(device=torch.device(device))
         self.model = load_pretrained(RewardModel, self.dir, dtype=dtype, device=self.dist.device).eval()
@@ -46,7 +51,12 @@ class RewardScorer:
         self.config = read_hf_config(self.dir)
         info = self.config.get("rmcore", {})
         self.template, self.template_source = recorded_template(info, self.tokenizer)
-        self.description = {"kind": "reward model"}
+        self.head_names = REWARD_HEAD_NAMES[self.model.cfg.reward_heads]
+        if head not in READ_HEADS or (head == "length" and len(self.head_names) == 1):
+            raise DataError(f"head={head!r}: {self.dir} has the head(s) {list(self.head_names)}; expected "
+                            f"{' or '.join(READ_HEADS if len(self.head_names) > 1 else ('quality', 'sum'))}")
+        self.head = head
+        self.description = {"kind": "reward model", **({"head": head} if len(self.head_names) > 1 else {})}
         # default: the length limit the model was trained with, else its position limit
         self.max_length = max_length or info.get("max_length") or self.model.cfg.max_seq_len
         if self.max_length > self.model.cfg.max_seq_len:
@@ -84,10 +94,20 @@ class RewardScorer:
         return out
 
     # ---- ids -> rewards
-    @torch.no_grad()
     def score_ids(self, seqs: list, progress: bool = False) -> np.ndarray:
-        """Rewards (float64) of token sequences, in input order. Batches are length-sorted (less padding); under
-        torchrun each rank scores every world_size-th batch and the results are gathered."""
+        """Rewards (float64) of token sequences, in input order: the head this scorer reads."""
+        return self.read_head(self.head_rewards(seqs, progress))
+
+    def read_head(self, heads: np.ndarray) -> np.ndarray:
+        """(N,) rewards from each head's (N, heads): the one asked for, or their sum."""
+        if self.head == "sum" or len(self.head_names) == 1:
+            return heads.sum(-1)
+        return heads[:, self.head_names.index(self.head)]
+
+    @torch.no_grad()
+    def head_rewards(self, seqs: list, progress: bool = False) -> np.ndarray:
+        """Each head's reward (float64, (N, heads)) of token sequences, in input order. Batches are length-sorted
+        (less padding); under torchrun each rank scores every world_size-th batch and the results are gathered."""
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         mine = batches[self.dist.rank::self.dist.world_size]
@@ -98,7 +118,7 @@ class RewardScorer:
         for batch in mine:
             ids, mask = pad([seqs[i] for i in batch], self.tokenizer.pad_id)
             r = self.model(ids.to(self.dist.device), attention_mask=mask.to(self.dist.device),
-                           right_padded=True).double().cpu().tolist()
+                           right_padded=True, per_head=True).double().cpu().tolist()
             found.update(zip(batch, r))
             if bar is not None:
                 bar.update(int(mask.sum()))
@@ -106,11 +126,11 @@ class RewardScorer:
             bar.close()
         if self.dist.enabled:
             found = dict(gather_objects(list(found.items())))
-        rewards = np.array([found[i] for i in range(len(seqs))], dtype=np.float64)
-        bad = np.flatnonzero(~np.isfinite(rewards))
+        rewards = np.array([found[i] for i in range(len(seqs))], dtype=np.float64).reshape(len(seqs), -1)
+        bad = np.flatnonzero(~np.isfinite(rewards).all(-1))
         if len(bad):
             raise CheckpointError(f"{self.dir}: non-finite reward for input(s) {bad[:10].tolist()} "
-                                  f"({rewards[bad[0]]}); the model's weights or activations overflow")
+                                  f"({rewards[bad[0]].tolist()}); the model's weights or activations overflow")
         return rewards
 
     def pair_rewards(self, pairs: PairDataset, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,7 @@ is never materialised twice (a random init followed by a copy) and peak memory i
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -18,7 +19,7 @@ from safetensors.torch import save_file
 from rmcore.errors import CheckpointError, HubError
 from rmcore.interop.hub import resolve_model
 from rmcore.lora import LoraConfig, merge_adapter, merged_state_dict, peft_adapter_config, peft_state_dict
-from rmcore.model import ModelConfig, RewardModel
+from rmcore.model import REWARD_HEAD_NAMES, ModelConfig, RewardModel
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -102,13 +103,15 @@ def iter_shard(file: Path):
 
 
 def load_pretrained(cls, path, *, dtype: torch.dtype | None = None, device="cpu", new_head: bool = False,
-                    adapter: str | Path | None = None):
+                    adapter: str | Path | None = None, reward_heads: int | None = None):
     """Build `cls` (CausalLM or RewardModel) from an HF-format directory.
 
     path: an HF-format directory, or a Hugging Face Hub id (org/name[@revision], rmcore/interop/hub.py).
     dtype: parameter dtype (default float32, the training master precision). For a RewardModel, a checkpoint
     without `score.weight` is an error unless `new_head=True`, which starts a fresh value head (std 1/sqrt(dim+1))
     and ignores the checkpoint's lm_head -- the SFT-model-to-reward-model step, said out loud.
+    reward_heads: a RewardModel's head count (2: length-disentangled): what a new head gets, what a loaded head must
+    have (an error otherwise); None: the checkpoint's.
     adapter: a PEFT LoRA adapter directory (PEFT's or rmcore's) folded into the weights, with its saved head. A
     `path` that is itself an adapter directory loads its base_model_name_or_path with it.
     """
@@ -120,14 +123,15 @@ def load_pretrained(cls, path, *, dtype: torch.dtype | None = None, device="cpu"
         adapter_cfg, adapter_tensors = read_adapter(Path(adapter))
         has_head = any(k.endswith("score.weight") for k in adapter_tensors)
         model = load_pretrained(cls, path, dtype=dtype, device=device,
-                                new_head=new_head or (cls is RewardModel and has_head))
+                                new_head=new_head or (cls is RewardModel and has_head), reward_heads=reward_heads)
         try:
             merged = merge_adapter(model.state_dict(), adapter_tensors, adapter_cfg, str(adapter))
         except ValueError as e:
             raise CheckpointError(f"{e} (base model {path})") from None
         model.load_state_dict({k: v.to(device) for k, v in merged.items()}, strict=True)
         return model
-    cfg = ModelConfig.from_hf(read_hf_config(path), source=str(path / "config.json"))
+    cfg = with_reward_heads(ModelConfig.from_hf(read_hf_config(path), source=str(path / "config.json")), cls,
+                            reward_heads, new_head=new_head, source=str(path))
     dtype = dtype or torch.float32
     with torch.device("meta"):
         model = cls(cfg)
@@ -176,6 +180,17 @@ def load_pretrained(cls, path, *, dtype: torch.dtype | None = None, device="cpu"
         model.score.float()
         model.init_head()
     return model
+
+
+def with_reward_heads(cfg: ModelConfig, cls, reward_heads: int | None, *, new_head: bool, source: str) -> ModelConfig:
+    """cfg with a new value head's count; a loaded head's count checked against the one asked for."""
+    if reward_heads is None or cls is not RewardModel or reward_heads == cfg.reward_heads:
+        return cfg
+    if new_head:
+        return dataclasses.replace(cfg, reward_heads=reward_heads)
+    raise CheckpointError(f"{source}: a reward model with {cfg.reward_heads} value head(s), and {reward_heads} were "
+                          f"asked for (2 = quality and length, loss.length_head): start from a model without a value "
+                          f"head, or set loss.length_head to match")
 
 
 def save_pretrained(model, path, *, state_dict: dict | None = None, max_shard_bytes: int = 5 * 2**30,
@@ -231,7 +246,10 @@ def hf_config(model, dtype: torch.dtype, extra_config: dict | None = None) -> di
     hf = model.cfg.to_hf(model.hf_architecture)
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     if isinstance(model, RewardModel):
-        hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+        # HF's default name for one label; a length-disentangled model's heads by name
+        names = REWARD_HEAD_NAMES[model.cfg.reward_heads] if model.cfg.reward_heads > 1 else ("LABEL_0",)
+        hf.update(num_labels=len(names), id2label={str(i): n for i, n in enumerate(names)},
+                  label2id={n: i for i, n in enumerate(names)})
     hf.update(extra_config or {})
     return hf
 

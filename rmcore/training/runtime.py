@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from rmcore.interop.hf_checkpoint import load_pretrained, read_hf_config
+from rmcore.interop.hf_checkpoint import load_pretrained, read_hf_config, with_reward_heads
 from rmcore.interop.hub import resolve_model
 from rmcore.lora import LoraConfig, adapters_disabled, apply_lora
 from rmcore.model import ModelConfig
@@ -65,18 +65,18 @@ def seed_everything(seed: int):
 
 def build_model(cls, dist: Dist, *, init_from: str | None = None, architecture: ModelConfig | None = None,
                 bf16: bool = False, seed: int = 0, new_head: bool = False, activation_checkpointing: bool = False,
-                lora: LoraConfig | None = None):
+                lora: LoraConfig | None = None, reward_heads: int | None = None):
     """The model to train, on dist.device: loaded from `init_from` (an HF directory), or a fresh init of
     `architecture` seeded by `seed`. One process: the module itself. N processes: built on the meta device, sharded
     with FSDP2, materialised empty, then filled from rank 0's full weights, so N processes start from exactly the
     weights one process would. activation_checkpointing and lora are ways to train, not part of the weights: they
     apply to a loaded model too. With lora.enabled, the trunk is frozen and LoRA adapters (seeded by `seed`) are
-    what trains."""
+    what trains. reward_heads: a loaded RewardModel's head count (load_pretrained)."""
     lora = lora if lora is not None and lora.enabled else None
 
     def full_model():
         if init_from:
-            m = load_pretrained(cls, init_from, new_head=new_head)
+            m = load_pretrained(cls, init_from, new_head=new_head, reward_heads=reward_heads)
         else:
             torch.manual_seed(seed)
             m = cls(architecture)
@@ -86,7 +86,8 @@ def build_model(cls, dist: Dist, *, init_from: str | None = None, architecture: 
     if not dist.enabled:
         model = full_model().to(dist.device)
     else:
-        cfg = ModelConfig.from_hf(read_hf_config(resolve_model(init_from))) if init_from else architecture
+        cfg = (with_reward_heads(ModelConfig.from_hf(read_hf_config(resolve_model(init_from))), cls, reward_heads,
+                                 new_head=new_head, source=init_from) if init_from else architecture)
         with torch.device("meta"):
             model = cls(cfg)
         if lora:

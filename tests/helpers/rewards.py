@@ -36,3 +36,30 @@ def count_words(prompts, responses):
 def min_e_words(prompts, responses):
     """min(count_e, count_words), written out: what an ensemble of the two with aggregation=min must give."""
     return [min(e, w) for e, w in zip(count_e(prompts, responses), count_words(prompts, responses))]
+
+
+# Gold judges (tests/end_to_end/test_reward_hacking.py)
+def noise(prompts, responses):
+    """Random numbers from every global generator a judge could use: python's, numpy's and torch's."""
+    import random
+
+    import numpy as np
+    import torch
+    return [random.random() + float(np.random.rand()) + float(torch.rand(())) for _ in responses]
+
+
+SEEN = {"proxy": [], "gold": []}  # (prompt, response, reward) of every call, per role
+
+
+def recorded_count_e(prompts, responses):
+    """count_e, recording what it scored."""
+    out = count_e(prompts, responses)
+    SEEN["proxy"] += list(zip(prompts, responses, out))
+    return out
+
+
+def recorded_words(prompts, responses):
+    """count_words, recording what it scored."""
+    out = count_words(prompts, responses)
+    SEEN["gold"] += list(zip(prompts, responses, out))
+    return out
