@@ -16,6 +16,7 @@ Each iteration, top to bottom in `ppo` below:
      tokens under the policy and the reference (logits / temperature), and the critic's values, come from one
      forward pass over the whole sequences, the same pass training takes;
   2. score the text, minus ppo.missing_eos_penalty for a response cut at the length limit, clipped (ppo.score_clip);
+     a gold judge (ppo.gold_reward), if any, scores the same responses for the log only (objective/gold_scores);
   3. per-token rewards: the score at the last real token, and -beta * kl_t (k1 or k3) on every token when the KL
      is in the reward (ppo.kl_in); beta fixed or adaptive;
   4. advantages from ppo.advantage, a name of rmcore.rl.ADVANTAGE_ESTIMATORS: gae (critic), rloo or grpo (K
