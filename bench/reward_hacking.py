@@ -34,8 +34,8 @@ PRESETS = {
     "small": {"rm": "configs/small.yaml", "raft": "configs/small_raft.yaml", "gold": "runs/small/rm/export",
               "raft_overrides": ["raft.iterations=4"], "compare_prompts": 16, "max_new_tokens": 64},
 }
-PROXY_DATA = "data.train=['${RMCORE_DATA}/hh-rlhf/harmless-base/test.jsonl.gz[:640]']"
-HELD_OUT = "${RMCORE_DATA}/hh-rlhf/harmless-base/test.jsonl.gz[1932:]"
+PROXY_DATA = "data.train=['${RMCORE_DATA}/hh-rlhf/harmless-base/test.jsonl.gz[:640]']"  # as the ensemble sweeps
+HH = "${RMCORE_DATA}/hh-rlhf/harmless-base/test.jsonl.gz"  # records [1932:] are held out
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -83,7 +83,7 @@ def main(argv=None):
         step(f"compare_{method}", out / f"compare_{method}" / "compare.json",
              [py, "eval.py", "compare", "--policy-a", str(out / f"raft_{method}" / "export"),
               "--policy-b", str(out / "raft_plain" / "export"), "--judge", str(members[0]), "--judge", preset["gold"],
-              "--prompts", f"{HELD_OUT}[:{preset['compare_prompts']}]", "--temperature", "0",
+              "--prompts", f"{HH}[1932:{1932 + preset['compare_prompts']}]", "--temperature", "0",
               "--max-new-tokens", str(preset["max_new_tokens"]), "--out", str(out / f"compare_{method}")])
     table = results_table(out, walls, args.preset)
     (out / "results.md").write_text(table + "\n")
