@@ -148,6 +148,6 @@ def test_compare_reports_two_judges_and_repetition(tmp_path, hh_file, policy_dir
                        "--out", str(tmp_path / "c")])
     assert [j["judge"] for j in r["judges"]] == [str(rm_dir), str(odin_dir / "export")]
     assert r["wins"] == r["judges"][0]["wins"]
-    quality = RewardScorer(odin_dir / "export").score([(s["prompt"], s["a"]) for s in r["samples"]])
+    quality = RewardScorer(odin_dir / "export", truncate="left").score([(s["prompt"], s["a"]) for s in r["samples"]])
     np.testing.assert_allclose([s["rewards_a"][1] for s in r["samples"]], quality, atol=1e-6)
     assert 0 <= r["repeated_4gram_rate_a"] <= 1
