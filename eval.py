@@ -9,6 +9,7 @@
     python eval.py normalize --model DIR [--data FILE ...]     # default data: the model's own training split
     python eval.py compare --policy-a DIR --policy-b DIR --judge RM_DIR --prompts FILE[a:b] --out runs/compare
     python eval.py compare ... --judge PROXY_RM --judge GOLD_RM      # several judges: wins/ties/losses under each
+    python eval.py serve --model DIR [--port 8000] [--normalize]  # the reward over HTTP: raft.reward=http://host:8000
     python eval.py ... --head sum          # a length-disentangled reward model (ODIN): quality (default), length, sum
     torchrun --nproc_per_node=N eval.py ...                     # each rank scores a share of the batches
 
@@ -34,6 +35,8 @@ from rmcore.eval.plots import plot_report
 from rmcore.eval.ranked_report import evaluate_ranked_file, ranked_line
 from rmcore.eval.report import evaluate_pairs, markdown_report
 from rmcore.eval.scorer import READ_HEADS, ImplicitRewardScorer, RewardScorer, write_normalization
+from rmcore.serving.json_http import serve_until_interrupted, start
+from rmcore.serving.reward_server import RewardService, reward_handler
 from rmcore.training.distributed import init_distributed, say, shutdown
 from rmcore.training.logger import wandb_login
 
@@ -164,13 +167,23 @@ def compare(args, dist) -> dict:
     return r
 
 
+def serve(args, dist):
+    """The reward model over HTTP until Ctrl-C (rmcore/serving/reward_server.py says what it answers)."""
+    scorer = RewardScorer(args.model, device=dist.device, batch_size=args.batch_size, max_length=args.max_length,
+                          truncate=args.truncate, head=args.head)
+    service = RewardService(scorer, normalize=args.normalize, max_texts=args.max_texts)
+    server, thread = start(reward_handler(service), args.host, args.port)
+    serve_until_interrupted(server, thread, f"reward model {scorer.dir} (head {scorer.head}, "
+                                            f"{'normalised' if args.normalize else 'raw'} rewards)")
+
+
 def model_name(path: str) -> str:
     p = Path(path)
     return p.parent.name if p.name == "export" else p.name  # runs/tiny/rm/export -> rm
 
 
 def parse(argv):
-    command = argv[0] if argv and argv[0] in ("score", "normalize", "compare") else "evaluate"
+    command = argv[0] if argv and argv[0] in ("score", "normalize", "compare", "serve") else "evaluate"
     argv = argv[1:] if command != "evaluate" else argv
     p = argparse.ArgumentParser(prog=f"eval.py{'' if command == 'evaluate' else ' ' + command}")
     if command == "evaluate":
@@ -213,10 +226,20 @@ def parse(argv):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--tie-epsilon", type=float, default=0.0, help="a reward difference within this is a tie")
         p.add_argument("--show", type=int, default=20, help="side-by-side samples in compare.md")
+    elif command == "serve":
+        p.add_argument("--model", required=True)
+        p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to answer other machines (no authentication)")
+        p.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+        p.add_argument("--normalize", action="store_true", help="apply the statistics stored by `eval.py normalize`")
+        p.add_argument("--truncate", choices=["error", "left"], default="left",
+                       help="a text over the length limit: keep its latest tokens (left, as the loops' in-process "
+                            "reward does, so a served reward equals it) or refuse the request (error, a 422)")
+        p.add_argument("--max-length", type=int, help="default: the model's training max_length")
+        p.add_argument("--max-texts", type=int, default=512, help="most texts in one request (more: a 413)")
     else:
         p.add_argument("--model", required=True)
         p.add_argument("--data", action="append", help="reference file(s); default: the model's training data")
-    if command not in ("score", "compare"):
+    if command not in ("score", "compare", "serve"):
         p.add_argument("--format", default="auto")
         p.add_argument("--skip-bad-lines", action="store_true")
     p.add_argument("--batch-size", type=int, default=16)
@@ -242,7 +265,8 @@ def parse(argv):
 def main(argv):
     command, args = parse(argv)
     dist = init_distributed(args.device)
-    return {"evaluate": evaluate, "score": score, "normalize": normalize, "compare": compare}[command](args, dist)
+    return {"evaluate": evaluate, "score": score, "normalize": normalize, "compare": compare,
+            "serve": serve}[command](args, dist)
 
 
 if __name__ == "__main__":

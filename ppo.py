@@ -59,6 +59,7 @@ from rmcore.rl import (
     token_entropy,
     value_loss_terms,
 )
+from rmcore.serving.reward_client import is_url
 from rmcore.tokenizer import Tokenizer
 from rmcore.training.distributed import Dist, all_reduce_sum, all_reduce_tensor, gather_objects
 from rmcore.training.launch import run_script
@@ -303,6 +304,9 @@ def critic_source(cfg: PpoTrainConfig, tok: Tokenizer) -> tuple[str, bool]:
         raise ConfigError(f"ppo.critic=reward starts the critic from the reward model, and ppo.reward is an ensemble "
                           f"{ppo_cfg.reward}: name one directory as ppo.critic, or ppo.critic=policy")
     path = ppo_cfg.reward if ppo_cfg.critic == "reward" else ppo_cfg.critic
+    if is_url(path):
+        raise ConfigError(f"ppo.critic={ppo_cfg.critic}: a critic starts from a reward model's weights, and {path} is "
+                          f"a reward server: name the model's directory as ppo.critic, or ppo.critic=policy")
     if not (resolve_model(path) / "config.json").is_file():
         raise ConfigError(f"ppo.critic={ppo_cfg.critic}: {path} is not a reward model directory; advantage=gae needs "
                           "a critic (ppo.critic=policy starts one from the policy's trunk with a fresh value head)")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmcore.align.rewards import ModelReward, checked_rewards
+from rmcore.align.rewards import checked_rewards, load_reward
 from rmcore.align.rollouts import PromptPool, default_stop_strings, sample
 from rmcore.align.selection import distinct_n, repeated_ngram_rate
 from rmcore.data.formats import Report, read_examples, require_data
@@ -66,7 +66,7 @@ def compare_policies(policy_a: str, policy_b: str, *, judge: str | list[str], pr
     report.kept = len(keep)
     require_data(len(keep), report, prompt_specs, "--prompts (compare)", "prompts")
     prompts = [examples[i].prompt for i in keep]
-    rewards_of = [ModelReward(j, device, head=head) for j in judges]
+    rewards_of = [load_reward(j, device, head=head) for j in judges]
     results = []
     for path, tok, template, ids in sides:
         model = load_pretrained(CausalLM, path, device=device).eval()

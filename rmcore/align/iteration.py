@@ -87,14 +87,15 @@ class AlignRun:
         prompts = pool(cfg.data.train, "prompts")
         require_data(len(prompts), prompts.report, cfg.data.train, f"data.train ({name} prompts)", "prompts")
         held_out = pool(cfg.data.eval, "held-out prompts") if cfg.data.eval and section.eval_prompts else None
+        http = {"timeout": section.reward_timeout, "retries": section.reward_retries}
         if isinstance(section.reward, list):
             reward = load_ensemble(section.reward, dist.device, aggregation=section.reward_aggregation,
                                    lam=section.reward_lambda, normalize=section.reward_normalize,
-                                   head=section.reward_head)
+                                   head=section.reward_head, **http)
         else:
             reward = load_reward(section.reward, dist.device, normalize=section.reward_normalize,
-                                 head=section.reward_head)
-        gold = load_reward(section.gold_reward, dist.device) if section.gold_reward else None
+                                 head=section.reward_head, **http)
+        gold = load_reward(section.gold_reward, dist.device, **http) if section.gold_reward else None
         return cls(cfg=cfg, name=name, dist=dist, tokenizer=tokenizer, template=template, stop_strings=stops,
                    prompts=prompts, held_out=held_out, reward=reward, gold=gold)
 

@@ -6,6 +6,8 @@ Prompts are in HH form ("\\n\\nHuman: ...\\n\\nAssistant:"), responses are plain
     template, BOS/EOS and length limit recorded in its config.json; with normalize, the statistics stored by
     `eval.py normalize`);
   - "module:function": any Python callable with that signature (rule-based or verifiable rewards, test rewards);
+  - "http://host:port": a reward model served by `eval.py serve` (rmcore/serving/reward_client.py), with a timeout
+    and retries;
 and several of them as one ensemble (EnsembleReward: mean, min, or mean - lam * std of the members).
 Under torchrun each rank scores its own samples: no collective is involved.
 """
@@ -23,6 +25,7 @@ import torch
 from rmcore.errors import ConfigError, RewardError
 from rmcore.eval.scorer import RewardScorer
 from rmcore.interop.hub import is_hub_id
+from rmcore.serving.reward_client import HTTPReward, is_url
 from rmcore.training.distributed import Dist
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -45,14 +48,18 @@ class ModelReward:
 
 
 def load_reward(spec: str, device="cpu", *, dtype: torch.dtype | None = None, normalize: bool = False,
-                head: str = "quality") -> RewardFn:
-    """A reward model directory or hub id (head: what a length-disentangled one's reward is), or "module:function"
-    naming a callable (prompts, responses) -> rewards."""
+                head: str = "quality", timeout: float = 60.0, retries: int = 3) -> RewardFn:
+    """A reward model directory or hub id (head: what a length-disentangled one's reward is), a reward server's URL
+    (timeout in seconds per request, retries after the first try), or "module:function" naming a callable
+    (prompts, responses) -> rewards."""
+    if is_url(spec):
+        return HTTPReward(spec, timeout=timeout, retries=retries, head=head, normalize=normalize)
     if Path(spec).is_dir() or is_hub_id(spec):
         return ModelReward(spec, device, dtype=dtype, normalize=normalize, head=head)
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
-        raise ConfigError(f"reward {spec!r}: expected a reward model directory, a hub id (org/name) or module:function")
+        raise ConfigError(f"reward {spec!r}: expected a reward model directory, a hub id (org/name), a reward "
+                          f"server's http://host:port or module:function")
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
@@ -108,9 +115,10 @@ class EnsembleReward:
 
 
 def load_ensemble(specs: list[str], device="cpu", *, aggregation: str = "mean", lam: float = 1.0,
-                  dtype: torch.dtype | None = None, normalize: bool = False, head: str = "quality") -> EnsembleReward:
-    """An EnsembleReward of reward specs (directories, hub ids, module:function), each loaded by load_reward."""
-    return EnsembleReward([load_reward(s, device, dtype=dtype, normalize=normalize, head=head) for s in specs],
+                  **load) -> EnsembleReward:
+    """An EnsembleReward of reward specs (directories, hub ids, URLs, module:function), each loaded by load_reward
+    with the keyword arguments `load`."""
+    return EnsembleReward([load_reward(s, device, **load) for s in specs],
                           list(specs), aggregation=aggregation, lam=lam)
 
 
@@ -120,6 +128,8 @@ def checked_rewards(reward: RewardFn, prompts: list[str], responses: list[str], 
     the reward, is one RewardError naming `source` (e.g. "ppo.reward=mod:fn, iteration 3") and what came back."""
     try:
         out = reward(prompts, responses)
+    except RewardError:  # already one line that names its source (a reward server's URL)
+        raise
     except Exception as e:  # the user's code: say where it failed, in one line
         frame = traceback.extract_tb(e.__traceback__)[-1]
         raise RewardError(f"{source} raised {type(e).__name__}: {e} (at {frame.filename}:{frame.lineno}) while "

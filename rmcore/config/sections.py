@@ -155,7 +155,8 @@ class TrainConfig:
 @dataclasses.dataclass
 class AlignConfig:
     """What raft.py and ppo.py share: the reward, the iterations, the prompts and how responses are sampled."""
-    reward: str | list[str] = ""        # a reward model directory or hub id, or module:function (prompts, responses);
+    reward: str | list[str] = ""        # a reward model directory or hub id, a reward server's http://host:port
+                                        # (eval.py serve), or module:function (prompts, responses) -> rewards;
                                         # a list of them: an ensemble (Coste et al. 2024), combined by
     reward_aggregation: Literal["mean", "min", "mean_minus_std"] = "mean"  # the members' mean, worst case, or
     reward_lambda: float = 1.0          # mean - reward_lambda * std (uncertainty-penalised)
@@ -165,6 +166,8 @@ class AlignConfig:
     gold_reward: str = ""               # a gold judge (Gao et al. 2023), any reward spec: it scores the same samples
                                         # and held-out answers as the reward, logged beside it as gold_*, and never
                                         # enters the loss or the selection; "" = none
+    reward_timeout: float = 60.0        # seconds a reward server (http://...) has for one request before it is
+    reward_retries: int = 3             # asked again, this many times (backing off 1, 2, 4 s), then the run stops
     iterations: int = 3
     prompts_per_iter: int = 2048        # across all ranks
     prompt_order: Literal["redraw", "pass"] = "redraw"  # a fresh shuffle of the pool every iteration, or passes
@@ -194,11 +197,14 @@ class AlignConfig:
             raise ConfigError(f"{source}: {name}.top_p={self.top_p}: nucleus sampling keeps the tokens whose "
                               f"probability mass reaches top_p; expected 0 < top_p <= 1 (1 = off)")
         if not self.reward:
-            raise ConfigError(f"{name}.reward is not set: a reward model directory or hub id, or module:function")
+            raise ConfigError(f"{name}.reward is not set: a reward model directory or hub id, a reward server's "
+                              f"http://host:port, or module:function")
         if isinstance(self.reward, list) and len(self.reward) < 2:
             raise ConfigError(f"{source}: {name}.reward={self.reward}: an ensemble needs at least 2 members (one "
                               f"reward is written without brackets)")
-        check_at_least(self, 0, ("reward_lambda",), prefix=name, source=source)
+        check_at_least(self, 0, ("reward_lambda", "reward_retries"), prefix=name, source=source)
+        if not self.reward_timeout > 0:
+            raise ConfigError(f"{source}: {name}.reward_timeout={self.reward_timeout}: expected > 0 seconds")
         if self.gold_reward and self.gold_reward in self.reward_specs():
             raise ConfigError(f"{source}: {name}.gold_reward={self.gold_reward!r} is also the reward the loop "
                               f"optimises: a gold judge measures what the proxy misses only if it is another model")
