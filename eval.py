@@ -10,6 +10,8 @@
     python eval.py compare --policy-a DIR --policy-b DIR --judge RM_DIR --prompts FILE[a:b] --out runs/compare
     python eval.py compare ... --judge PROXY_RM --judge GOLD_RM      # several judges: wins/ties/losses under each
     python eval.py serve --model DIR [--port 8000] [--normalize]  # the reward over HTTP: raft.reward=http://host:8000
+    python eval.py label --input runs/compare/compare.json --out runs/label   # blind A/B judgments by people
+    python eval.py label --out runs/label --report [--judge RM_DIR]          # their win rates, agreement
     python eval.py ... --head sum          # a length-disentangled reward model (ODIN): quality (default), length, sum
     torchrun --nproc_per_node=N eval.py ...                     # each rank scores a share of the batches
 
@@ -26,16 +28,20 @@ import sys
 from pathlib import Path
 
 from rmcore.align.compare import compare_markdown, compare_policies
+from rmcore.align.rewards import checked_rewards, load_reward
 from rmcore.data.datasets import tokenize_pairs
 from rmcore.data.files import iter_records
 from rmcore.data.formats import read_examples, require_data
 from rmcore.data.ranked import is_ranked
 from rmcore.errors import DataError, UserError, user_errors
+from rmcore.eval.human_report import human_markdown, human_report, write_human_report
+from rmcore.eval.labeling import LabelTask, items_from_compare, items_from_pairs
 from rmcore.eval.plots import plot_report
 from rmcore.eval.ranked_report import evaluate_ranked_file, ranked_line
 from rmcore.eval.report import evaluate_pairs, markdown_report
 from rmcore.eval.scorer import READ_HEADS, ImplicitRewardScorer, RewardScorer, write_normalization
 from rmcore.serving.json_http import serve_until_interrupted, start
+from rmcore.serving.label_server import label_handler
 from rmcore.serving.reward_server import RewardService, reward_handler
 from rmcore.training.distributed import init_distributed, say, shutdown
 from rmcore.training.logger import wandb_login
@@ -177,13 +183,40 @@ def serve(args, dist):
                                             f"{'normalised' if args.normalize else 'raw'} rewards)")
 
 
+def label(args, dist):
+    """The labeling page over a task folder until Ctrl-C; with --report, the report of what was judged."""
+    if args.report:
+        task = LabelTask(args.out)
+        judge_prefers = None
+        if args.judge:  # the answer the reward model rewards more, per item
+            reward = load_reward(args.judge, dist.device, head=args.head)
+            prompts = [item["prompt"] for item in task.items]
+            r_a = checked_rewards(reward, prompts, [item["a"] for item in task.items], source=args.judge)
+            r_b = checked_rewards(reward, prompts, [item["b"] for item in task.items], source=args.judge)
+            judge_prefers = {i: "a" if a > b else "b" for i, (a, b) in enumerate(zip(r_a, r_b))}
+        r = human_report(task, judge_prefers, args.judge)
+        paths = write_human_report(r, Path(args.out))
+        print(human_markdown(r))
+        print("wrote " + ", ".join(map(str, paths)))
+        return r
+    if not args.input:
+        raise UserError("eval.py label: give --input (compare.json, or a preference file) to start a task, or "
+                        "--report to report one")
+    from_compare = args.input.endswith(".json") and Path(args.input).is_file()
+    items, names = items_from_compare(args.input) if from_compare else items_from_pairs(args.input)
+    task = LabelTask.create(args.out, items, names=names, source=args.input, seed=args.seed)
+    server, thread = start(label_handler(task), args.host, args.port)
+    serve_until_interrupted(server, thread, f"labeling page for {len(task.items)} items of {args.input}, "
+                                            f"judgments in {args.out}")
+
+
 def model_name(path: str) -> str:
     p = Path(path)
     return p.parent.name if p.name == "export" else p.name  # runs/tiny/rm/export -> rm
 
 
 def parse(argv):
-    command = argv[0] if argv and argv[0] in ("score", "normalize", "compare", "serve") else "evaluate"
+    command = argv[0] if argv and argv[0] in ("score", "normalize", "compare", "serve", "label") else "evaluate"
     argv = argv[1:] if command != "evaluate" else argv
     p = argparse.ArgumentParser(prog=f"eval.py{'' if command == 'evaluate' else ' ' + command}")
     if command == "evaluate":
@@ -236,10 +269,19 @@ def parse(argv):
                             "reward does, so a served reward equals it) or refuse the request (error, a 422)")
         p.add_argument("--max-length", type=int, help="default: the model's training max_length")
         p.add_argument("--max-texts", type=int, default=512, help="most texts in one request (more: a 413)")
+    elif command == "label":
+        p.add_argument("--input", help="eval.py compare's compare.json (A vs B), or a preference file (re)labeled")
+        p.add_argument("--out", default="runs/label", help="the task folder: task.json, judgments.json, "
+                                                           "comparisons.jsonl (train.py's comparison format)")
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=8001, help="0: any free port (printed)")
+        p.add_argument("--seed", type=int, default=0, help="which answer is shown on the left, drawn per item")
+        p.add_argument("--report", action="store_true", help="report the judgments in --out instead of serving")
+        p.add_argument("--judge", help="with --report: a reward model (or reward spec) scored against the people")
     else:
         p.add_argument("--model", required=True)
         p.add_argument("--data", action="append", help="reference file(s); default: the model's training data")
-    if command not in ("score", "compare", "serve"):
+    if command not in ("score", "compare", "serve", "label"):
         p.add_argument("--format", default="auto")
         p.add_argument("--skip-bad-lines", action="store_true")
     p.add_argument("--batch-size", type=int, default=16)
@@ -266,7 +308,7 @@ def main(argv):
     command, args = parse(argv)
     dist = init_distributed(args.device)
     return {"evaluate": evaluate, "score": score, "normalize": normalize, "compare": compare,
-            "serve": serve}[command](args, dist)
+            "serve": serve, "label": label}[command](args, dist)
 
 
 if __name__ == "__main__":

@@ -215,7 +215,9 @@ def parse_conversation(record: dict, where: str, report: Report) -> Example | No
 def parse_comparison(record: dict, where: str, report: Report) -> Example | None:
     """`instruction`, `response-1`, `response-2`, `votes`: a list of annotator votes, each 1 or 2 (or "1"/"2", or
     {"value": 1|2, "status": ...} as labelling tools export them; only votes with status "submitted", or without a
-    status, count). The majority decides; ties and records without a counted vote are dropped and counted."""
+    status, count). The majority decides; ties and records without a counted vote are dropped and counted. An
+    instruction that is already an HH transcript (starts with Human:, ends with Assistant:, as eval.py label writes
+    a multi-turn prompt) is the prompt as it is."""
     instruction = _field(record, "instruction", where, "comparison")
     responses = [_field(record, k, where, "comparison") for k in ("response-1", "response-2")]
     votes = [_vote(v) for v in _field(record, "votes", where, "comparison", kind=list, nonempty=False)]
@@ -227,7 +229,9 @@ def parse_comparison(record: dict, where: str, report: Report) -> Example | None
     if ones == twos:
         return report.drop("tied votes", where)
     winner = 0 if ones > twos else 1
-    return Example(where, f"{HUMAN} {instruction}{ASSISTANT}", " " + responses[winner], " " + responses[1 - winner])
+    is_transcript = instruction.startswith(HUMAN) and instruction.endswith(ASSISTANT)
+    prompt = instruction if is_transcript else f"{HUMAN} {instruction}{ASSISTANT}"
+    return Example(where, prompt, " " + responses[winner], " " + responses[1 - winner])
 
 
 # Rankings of K responses. Whichever way a record states its ranking, it is kept as one score per response (higher
