@@ -117,8 +117,9 @@ class LabelTask:
         """Item `index` as the page shows it: turns, and the answers as left/right (never which is a or b)."""
         item = self.items[index]
         right = "b" if item["left"] == "a" else "a"
-        return {"index": index, "id": item["id"], "turns": turns(item["prompt"]), "left": item[item["left"]],
-                "right": item[right]}
+        # stripped: HH answers start with the space after "Assistant:", which would show as an indent on one side
+        return {"index": index, "id": item["id"], "turns": turns(item["prompt"]), "left": item[item["left"]].strip(),
+                "right": item[right].strip()}
 
     def record(self, annotator: str, index: int, choice: str, comment: str = "") -> dict:
         """Store one judgment (written to disk before this returns); one per annotator and item."""

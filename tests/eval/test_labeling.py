@@ -37,7 +37,7 @@ def test_sides_are_drawn_per_item_and_survive_reordering(tmp_path):
     again = LabelTask.create(tmp_path / "other", reordered, names={}, source="x", seed=3)
     assert {item["id"]: item["left"] for item in again.items} == lefts
     shown = task.shown(0)
-    assert {shown["left"], shown["right"]} == {" answer A0", " answer B0"} and "a" not in shown
+    assert {shown["left"], shown["right"]} == {"answer A0", "answer B0"} and "a" not in shown
 
 
 def test_judgments_are_on_disk_at_once_and_a_new_process_resumes(tmp_path):

@@ -43,9 +43,9 @@ def test_label_by_mouse_and_keyboard_reload_and_resume(tmp_path, browser):
         index = len(expected)
         page.wait_for_function(f"document.getElementById('progress').textContent.startsWith('{index} of 5')")
         left, right = page.text_content("#left"), page.text_content("#right")
-        assert {left, right} == {items[index]["a"], items[index]["b"]}
+        assert {left, right} == {items[index]["a"].strip(), items[index]["b"].strip()}
         assert page.inner_text("#prompt").count("Human") == 2 and f"<b>{index}</b>" in page.inner_text("#prompt")
-        shown = {"left": "a" if left == items[index]["a"] else "b"}
+        shown = {"left": "a" if left == items[index]["a"].strip() else "b"}
         shown["right"] = "b" if shown["left"] == "a" else "a"
         expected.append((choice, shown.get(choice, choice)))
         how()
