@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rmcore.eval.plots import pyplot
+
 LABELS = ("a", "b", "tie")
 
 
@@ -129,9 +131,7 @@ def human_markdown(r: dict) -> str:
 
 def plot_human_report(r: dict, path: Path):
     """Stacked bars of wins / ties / losses per annotator and pooled, with the at-least-as-good interval."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     rows = [*r["annotators"].items(), ("pooled", r["pooled"])]
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.2))
     for y, (name, t) in enumerate(rows):

@@ -8,6 +8,7 @@ loop or a few annotators, where a thread per request is plenty; the model is use
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -122,6 +123,10 @@ def address(server: ThreadingHTTPServer) -> str:
 
 
 def serve_until_interrupted(server: ThreadingHTTPServer, thread: threading.Thread, what: str):
+    """Serve until Ctrl-C or SIGTERM. Both handlers are set here: a process started in the background by a
+    non-interactive shell inherits SIGINT ignored, and a service manager stops a server with SIGTERM."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"{what} at {address(server)} (Ctrl-C stops it)", flush=True)
     try:
         while thread.is_alive():

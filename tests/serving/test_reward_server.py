@@ -187,9 +187,12 @@ def test_raft_against_the_server_trains_exactly_as_against_the_model_in_memory(t
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_eval_py_serve_prints_its_address_answers_and_stops_on_ctrl_c(rm_dir):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_eval_py_serve_prints_its_address_answers_and_stops_on_ctrl_c_or_sigterm(rm_dir, stop):
+    """Also when started with SIGINT ignored, as a background job of a non-interactive shell is."""
     proc = subprocess.Popen([sys.executable, "eval.py", "serve", "--model", str(rm_dir), "--port", "0"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         line = proc.stdout.readline()
         url = re.search(r"http://127\.0\.0\.1:\d+", line)
@@ -197,7 +200,7 @@ def test_eval_py_serve_prints_its_address_answers_and_stops_on_ctrl_c(rm_dir):
         with urllib.request.urlopen(url.group() + "/health", timeout=30) as r:
             health = json.loads(r.read())
         assert (health["model"], health["truncate"], health["max_texts"]) == (str(rm_dir), "left", 512)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         assert proc.wait(timeout=30) == 0 and "stopped" in proc.stdout.read()
     finally:
         proc.kill()
