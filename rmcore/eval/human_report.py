@@ -148,7 +148,7 @@ def plot_human_report(r: dict, path: Path):
     ax.set_xlabel("share of judgments (black: 95% CI of A at least as good)")
     ax.set_title(f"A = {Path(r['names']['a']).parent.name or r['names']['a']} vs "
                  f"B = {Path(r['names']['b']).parent.name or r['names']['b']}")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)  # beside the bars, never over them
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
