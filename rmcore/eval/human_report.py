@@ -87,7 +87,7 @@ def human_report(task, judge_prefers: dict[int, str] | None = None, judge: str |
             agree = sum(judge_prefers[i] == p for i, p in pairs)
             return {"judgments": len(pairs), "agree": agree, "accuracy": agree / len(pairs) if pairs else float("nan"),
                     "accuracy_ci95": list(wilson_interval(agree, len(pairs)))}
-        decided = [(j["annotator"], j["item"], j["preferred"]) for j in task.judgments if j["preferred"] in "ab"]
+        decided = [(j["annotator"], j["item"], j["preferred"]) for j in task.judgments if j["preferred"] in ("a", "b")]
         r["judge"] = {"model": judge, "pooled": accuracy([(i, p) for _, i, p in decided]),
                       "annotators": {a: accuracy([(i, p) for b, i, p in decided if b == a]) for a in annotators}}
     return r

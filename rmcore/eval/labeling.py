@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import threading
 from pathlib import Path
 
@@ -45,22 +46,14 @@ def items_from_pairs(spec: str) -> tuple[list[dict], dict]:
 
 def turns(prompt: str) -> list[dict]:
     """An HH-form prompt as its turns [{role: human|assistant, text}], the final empty assistant turn left out."""
-    out, rest = [], prompt
-    while rest:
-        h, a = rest.find(HUMAN), rest.find(ASSISTANT)
-        starts = [(i, role, m) for i, role, m in ((h, "human", HUMAN), (a, "assistant", ASSISTANT)) if i >= 0]
-        if not starts:
-            if rest.strip():
-                out.append({"role": "human", "text": rest.strip()})
-            break
-        i, role, marker = min(starts)
-        if i > 0 and rest[:i].strip():
-            out.append({"role": "human", "text": rest[:i].strip()})
-        rest = rest[i + len(marker):]
-        nxt = [j for j in (rest.find(HUMAN), rest.find(ASSISTANT)) if j >= 0]
-        end = min(nxt) if nxt else len(rest)
-        out.append({"role": role, "text": rest[:end].strip()})
-        rest = rest[end:]
+    out = []
+    for part in re.split(f"({re.escape(HUMAN)}|{re.escape(ASSISTANT)})", prompt):
+        if part in (HUMAN, ASSISTANT):
+            out.append({"role": "human" if part == HUMAN else "assistant", "text": ""})
+        elif part.strip():
+            if not out:  # text before any marker is the human's
+                out.append({"role": "human", "text": ""})
+            out[-1]["text"] = part.strip()
     if out and out[-1]["role"] == "assistant" and not out[-1]["text"]:
         out.pop()
     return out
