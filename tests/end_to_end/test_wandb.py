@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,12 +31,21 @@ def read_offline_run(root: Path) -> tuple[dict, list[dict]]:
     from wandb.sdk.internal import datastore
     files = glob.glob(str(root / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1, files
-    store = datastore.DataStore()
-    store.open_for_scan(files[0])
+    # wandb's service process may still be writing the log when finish() returns (seen once in CI on a loaded
+    # 2-core machine: the config was there, no history): read until the run's closing `exit` record is in
+    records, deadline = None, time.monotonic() + 60
+    while not records or records[-1].WhichOneof("record_type") != "exit":
+        if records is not None:
+            assert time.monotonic() < deadline, [r.WhichOneof("record_type") for r in records]
+            time.sleep(0.2)
+        store = datastore.DataStore()
+        store.open_for_scan(files[0])
+        records = []
+        while (data := store.scan_data()) is not None:
+            records.append(wandb_internal_pb2.Record())
+            records[-1].ParseFromString(data)
     config, history = {}, []
-    while (data := store.scan_data()) is not None:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "history":
             history.append({item.key or ".".join(item.nested_key): json.loads(item.value_json)
