@@ -14,7 +14,9 @@ Each iteration, top to bottom in `ppo` below:
   1. rollout: ppo.prompts_per_iter prompts (each rank an equal share), ppo.k samples each at ppo.temperature, each
      cut at its stop; prompts left-padded, everything after the stop is padding. The log-probs of the sampled
      tokens under the policy and the reference (logits / temperature), and the critic's values, come from one
-     forward pass over the whole sequences, the same pass training takes;
+     forward pass over the whole sequences, the same pass training takes (the LM head at the response tokens
+     only). Not done where the math does not read it: the reference with beta 0; the separate pass for the old
+     log-probs when one optimizer step follows each rollout and the advantages do not read them (TRL's shortcut);
   2. score the text, minus ppo.missing_eos_penalty for a response cut at the length limit, clipped (ppo.score_clip);
      a gold judge (ppo.gold_reward), if any, scores the same responses for the log only (objective/gold_scores);
   3. per-token rewards: the score at the last real token, and -beta * kl_t (k1 or k3) on every token when the KL
@@ -24,7 +26,8 @@ Each iteration, top to bottom in `ppo` below:
   5. optim.epochs passes over shuffled minibatches (optim.micro_batch_size x optim.grad_accum samples per rank),
      one AdamW step each: the clipped policy loss aggregated by ppo.loss_aggregation (plus beta * k3 when the KL
      is in the loss), the clipped value loss and the entropy bonus as means over real tokens;
-  6. log (TRL's metric names), export the policy, checkpoint models, optimizer, beta and the iteration.
+  6. log (TRL's metric names, and the seconds each phase took: time/*), export the policy (every
+     ppo.export_every iterations), checkpoint models, optimizer, beta and the iteration (every ppo.save_every).
 The held-out reward (greedy answers to data.eval's prompts) is measured before each iteration's update, so it
 describes the same policy as the rollout's scores, and after the last one (held_out_reward_final).
 """
@@ -39,8 +42,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from rmcore.align.iteration import AlignRun, align_main
-from rmcore.align.rollouts import Packed, pack, response_logits, response_logprobs, response_values, response_values_of
+from rmcore.align.iteration import AlignRun, Clock, align_main
+from rmcore.align.rollouts import (
+    Packed,
+    at_responses,
+    pack,
+    response_logits,
+    response_logprobs,
+    response_values,
+    response_values_of,
+)
 from rmcore.align.selection import distinct_n, repeated_ngram_rate
 from rmcore.config.sections import PpoConfig, PpoTrainConfig
 from rmcore.errors import ConfigError
@@ -90,7 +101,7 @@ class Experience:
     """One iteration's rollout as training reads it; every tensor (B, T) over response positions."""
     batch: Packed
     logp_old: torch.Tensor
-    logp_ref: torch.Tensor
+    logp_ref: torch.Tensor | None  # None without a reference model (beta 0)
     values_old: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
@@ -105,7 +116,8 @@ def ppo(cfg: PpoTrainConfig) -> list[dict]:
                       "policy's distribution (logits / temperature) that the log-probs assume, so the KL estimate and "
                       "the importance ratios are biased; top_k=0, top_p=1 keep them exact", stacklevel=2)
     kl_in, whiten = ppo_cfg.kl_placement(), ppo_cfg.advantage_whitening()
-    policy, reference = run.build_policy()
+    with_reference = needs_reference(ppo_cfg)
+    policy, reference = run.build_policy(with_reference=with_reference)
     critic = None
     if ppo_cfg.estimator().needs_critic:
         source, new_head = critic_source(cfg, tok)
@@ -115,6 +127,7 @@ def ppo(cfg: PpoTrainConfig) -> list[dict]:
     model = ActorCritic(policy, critic)
     n = run.prompts_per_rank * ppo_cfg.k
     minibatch = optim.micro_batch_size * optim.grad_accum
+    old_from_update = old_logprobs_from_update(cfg, samples_per_rank=n, has_critic=critic is not None)
     trainer = Trainer(cfg, dist, model, total_steps=ppo_cfg.iterations * optim.epochs * math.ceil(n / minibatch))
     resumed = trainer.resumed or {}
     first, history, beta = resumed.get("iteration", 0), resumed.get("history", []), resumed.get("beta", ppo_cfg.beta)
@@ -124,24 +137,35 @@ def ppo(cfg: PpoTrainConfig) -> list[dict]:
                       f"{ppo_cfg.advantage} advantages whitened: {whiten}, KL in the {kl_in}, policy loss "
                       f"{ppo_cfg.loss_aggregation} with a {ppo_cfg.importance_ratio} ratio")
     for it in range(first, ppo_cfg.iterations):
+        clock = Clock()
         stats = {"iteration": it + 1, **run.held_out_reward(policy, iteration=it)}  # the policy that samples next
+        clock.lap("held_out")
         # 1. rollout, and one forward pass of each model over it
         samples = run.sample(policy, iteration=it, with_logprobs=False)
+        clock.lap("sample")
         batch = pack([run.prompts.ids[i] for i in samples.prompt_index], samples.tokens, tok.pad_id, dist.device)
         mask = batch.response_mask
         with autocast(dist, cfg.run.bf16):
-            logp_old = response_logprobs(policy, batch, ppo_cfg.temperature, optim.micro_batch_size)
-            with reference_model(policy, reference) as ref:
-                logp_ref = response_logprobs(ref, batch, ppo_cfg.temperature, optim.micro_batch_size)
+            logp_old = (torch.zeros_like(mask) if old_from_update  # filled in by the update
+                        else response_logprobs(policy, batch, ppo_cfg.temperature, optim.micro_batch_size))
+            logp_ref = None
+            if with_reference:
+                with reference_model(policy, reference) as ref:
+                    logp_ref = response_logprobs(ref, batch, ppo_cfg.temperature, optim.micro_batch_size)
             values_old = (response_values_of(critic, batch, optim.micro_batch_size) if critic is not None
                           else torch.zeros_like(mask))
+        clock.lap("forward")
         # 2. score
         ended = torch.tensor(samples.stopped, device=dist.device)
         raw_scores = torch.tensor(run.score(samples.prompts, samples.responses, iteration=it), device=dist.device)
         gold = run.gold_scores(samples.prompts, samples.responses, iteration=it)  # logged only
         scores = shape_scores(raw_scores, ended, ppo_cfg.missing_eos_penalty, ppo_cfg.score_clip)
-        # 3. per-token rewards and 4. advantages, with statistics over every rank
-        kl = (kl_k1 if ppo_cfg.kl_estimator == "k1" else kl_k3)(logp_old, logp_ref) * mask
+        clock.lap("score")
+        # 3. per-token rewards and 4. advantages, with statistics over every rank; the KL of the rollout (zero
+        # without a reference; with old log-probs from the update, measured after it: the reward does not read it)
+        kl_of = kl_k1 if ppo_cfg.kl_estimator == "k1" else kl_k3
+        measured_now = logp_ref is not None and not old_from_update
+        kl = kl_of(logp_old, logp_ref) * mask if measured_now else torch.zeros_like(mask)
         advantages, returns = advantages_and_returns(
             scores, kl, values_old, mask, estimator=ppo_cfg.advantage, beta=beta, kl_in=kl_in,
             whiten_rewards=ppo_cfg.whiten_rewards, whiten=whiten, k=ppo_cfg.k, gamma=ppo_cfg.gamma, lam=ppo_cfg.lam,
@@ -157,8 +181,9 @@ def ppo(cfg: PpoTrainConfig) -> list[dict]:
                 rows = order[start:start + minibatch]
                 tokens, sequences = all_reduce_sum([float(mask[rows].sum()), len(rows)], dist.device)
                 sums = ppo_minibatch(model, exp, rows, tokens=tokens, sequences=sequences, ppo_cfg=ppo_cfg,
-                                     beta_in_loss=beta if kl_in == "loss" else None, dist=dist, bf16=cfg.run.bf16,
-                                     micro_batch_size=optim.micro_batch_size)
+                                     beta_in_loss=beta if kl_in == "loss" and with_reference else None, dist=dist,
+                                     bf16=cfg.run.bf16, micro_batch_size=optim.micro_batch_size,
+                                     old_from_update=old_from_update)
                 ratio_means += sums.pop("ratio_means")
                 metrics = token_means(sums, dist)
                 # Trainer logs sum over ranks / count: the loss terms are already means, so they go in times count
@@ -167,6 +192,9 @@ def ppo(cfg: PpoTrainConfig) -> list[dict]:
                                       tokens=int(sums["tokens"]), ids=[f"sample {int(r)}" for r in rows])
                 per_minibatch.append(record)
                 step += 1
+        clock.lap("update")
+        if old_from_update and logp_ref is not None:
+            kl = kl_of(logp_old, logp_ref) * mask
         # 6. figures, beta, log, export, checkpoint
         stats.update(rollout_stats(exp, raw_scores=raw_scores, scores=scores, ended=ended, kl=kl, gold=gold,
                                    beta_in_reward=beta if kl_in == "reward" else 0.0, has_critic=critic is not None,
@@ -174,8 +202,8 @@ def ppo(cfg: PpoTrainConfig) -> list[dict]:
         every_response = gather_objects(samples.tokens)
         stats.update(beta=beta, distinct_2=distinct_n(every_response, 2),
                      repeated_4gram_rate=repeated_ngram_rate(every_response, 4),
-                     **update_stats(per_minibatch, gather_objects(ratio_means)))
-        if ppo_cfg.adaptive_kl:  # Ziegler et al.: after each rollout, with n = the samples it held
+                     **update_stats(per_minibatch, gather_objects(ratio_means)), **clock.times)
+        if ppo_cfg.adaptive_kl and with_reference:  # Ziegler et al.: after each rollout, n = the samples it held
             beta = adaptive_beta(beta, stats["objective/kl"], ppo_cfg.kl_target, stats["samples"], ppo_cfg.kl_horizon)
         history.append(stats)
         run.end_iteration(trainer, policy, iteration=it, step=step, history=history, extra_state={"beta": beta},
@@ -190,6 +218,21 @@ def ppo(cfg: PpoTrainConfig) -> list[dict]:
     return history
 
 
+def needs_reference(ppo_cfg: PpoConfig) -> bool:
+    """A reference model is built and run only when the KL term has weight: with beta 0 (fixed or adaptive, which
+    stays 0) nothing reads its log-probs, and the KL is not logged."""
+    return ppo_cfg.beta > 0
+
+
+def old_logprobs_from_update(cfg: PpoTrainConfig, *, samples_per_rank: int, has_critic: bool) -> bool:
+    """The old log-probs are the update's own (detached; ratio exactly 1, as TRL's GRPO takes them) when one
+    optimizer step follows each rollout and nothing before the update reads them: no critic (its advantages) and no
+    KL in the reward. Otherwise a separate forward pass over the rollout computes them."""
+    optim = cfg.optim
+    one_step = optim.epochs == 1 and samples_per_rank <= optim.micro_batch_size * optim.grad_accum
+    return one_step and not has_critic and cfg.ppo.kl_placement() != "reward"
+
+
 LOSS_TERMS = ("loss/policy", "loss/kl", "loss/value")
 TOKEN_COUNTS = {"policy/clipfrac": "clipped", "val/clipfrac": "value_clipped", "policy/approxkl": "approxkl",
                 "policy/entropy": "entropy", "policy/ratio": "ratio"}  # a metric: the token count it is a mean of
@@ -197,11 +240,12 @@ TOKEN_COUNTS = {"policy/clipfrac": "clipped", "val/clipfrac": "value_clipped", "
 
 def ppo_minibatch(model: ActorCritic, exp: Experience, rows: torch.Tensor, *, tokens: float, sequences: float,
                   ppo_cfg: PpoConfig, beta_in_loss: float | None, dist: Dist, bf16: bool,
-                  micro_batch_size: int) -> dict:
+                  micro_batch_size: int, old_from_update: bool = False) -> dict:
     """Forward and backward over one minibatch, micro-batch by micro-batch. The policy loss is weighted by
     ppo.loss_aggregation (rmcore.rl.LOSS_AGGREGATIONS) from the minibatch's real tokens and responses on all ranks
     (tokens, sequences), plus beta_in_loss * its k3 KL when the KL is in the loss; the value loss and entropy are
-    means over the same tokens: micro-batching and the number of ranks never change the loss. Returns this rank's
+    means over the same tokens: micro-batching and the number of ranks never change the loss. old_from_update: the
+    rollout's old log-probs are this forward's, detached (written into exp.logp_old). Returns this rank's
     share of each loss term (the sum over ranks is the minibatch's), sums for token means, and each micro-batch's
     mean ratio."""
     aggregate = LOSS_AGGREGATIONS[ppo_cfg.loss_aggregation]
@@ -214,15 +258,17 @@ def ppo_minibatch(model: ActorCritic, exp: Experience, rows: torch.Tensor, *, to
         m = b.response_mask
         real = m.bool()
         with autocast(dist, bf16):
-            logits = response_logits(model.policy, b)
+            logits = response_logits(model.policy, b)  # (n, vocab): the real response tokens only
             values = response_values(model.critic, b) if model.critic is not None else None
         logits = logits.float() / ppo_cfg.temperature  # the distribution the samples came from
-        logp = token_logprobs(logits, b.responses)
+        logp = at_responses(token_logprobs(logits, b.responses[real]), b)
+        if old_from_update:
+            exp.logp_old[r] = logp.detach()
         weights = aggregate(m, tokens=tokens, sequences=sequences, max_len=ppo_cfg.max_new_tokens)
         pg, kl, clipped = policy_objective(logp, exp.logp_old[r], exp.advantages[r], m, weights, clip=ppo_cfg.clip,
                                            sequence_ratio=ppo_cfg.importance_ratio == "sequence",
                                            logp_ref=exp.logp_ref[r] if beta_in_loss is not None else None)
-        ent = torch.where(real, token_entropy(logits), 0)
+        ent = at_responses(token_entropy(logits), b)
         loss = pg + (beta_in_loss or 0.0) * kl - ppo_cfg.entropy_coef * ent.sum() / tokens
         vl, vclipped = torch.zeros(()), torch.zeros(())
         if values is not None:
@@ -271,10 +317,11 @@ def rollout_stats(exp: Experience, *, raw_scores: torch.Tensor, scores: torch.Te
     mask = batch.response_mask
     lengths = mask.sum(-1)
     last = batch.responses.gather(1, (lengths.long() - 1).clamp(min=0)[:, None])[:, 0]
+    kl_sums = {} if logp_ref is None else {  # no reference model (beta 0): no KL measured
+        "objective/kl": kl.sum(-1), "objective/kl_k1": (kl_k1(logp_old, logp_ref) * mask).sum(-1),
+        "objective/kl_k3": (kl_k3(logp_old, logp_ref) * mask).sum(-1)}
     per_response = {
-        "objective/scores": scores, "objective/scores_raw": raw_scores, "objective/kl": kl.sum(-1),
-        "objective/kl_k1": (kl_k1(logp_old, logp_ref) * mask).sum(-1),
-        "objective/kl_k3": (kl_k3(logp_old, logp_ref) * mask).sum(-1),
+        "objective/scores": scores, "objective/scores_raw": raw_scores, **kl_sums,
         "objective/entropy": (-logp_old * mask).sum(-1),  # TRL's: minus the sampled tokens' log-probs, summed
         "objective/non_score_reward": (-beta_in_reward * kl).sum(-1), "response_length": lengths,
         "no_eos_fraction": (~ended).float(), "val/num_eos_tokens": (last == eos_id).float(),

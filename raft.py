@@ -13,7 +13,8 @@ Each iteration, top to bottom in `raft` below:
      (selection=global); an iteration that keeps none is a warning, raft.max_empty_iterations in a row a stop;
   4. gather every rank's kept (prompt, response) pairs and fine-tune the policy on them for optim.epochs epochs,
      with the SFT step train.py uses (loss on the response tokens by default, data.sft_loss_on);
-  5. log the iteration, export the policy, checkpoint: a killed run resumes after its last completed iteration.
+  5. log the iteration (with the seconds each phase took: time/*), export the policy (every raft.export_every
+     iterations) and checkpoint (every raft.save_every): a killed run resumes after its last checkpoint, exactly.
 The held-out reward (greedy answers to data.eval's prompts) is measured before each iteration's update, as the
 samples' rewards are, and after the last one (held_out_reward_final). Where this differs from LMFlow's RAFT, and
 the settings that give LMFlow's behaviour: RaftConfig's docstring (rmcore/config/sections.py).
@@ -26,7 +27,7 @@ import warnings
 
 import numpy as np
 
-from rmcore.align.iteration import AlignRun, align_main
+from rmcore.align.iteration import AlignRun, Clock, align_main
 from rmcore.align.rollouts import pack, response_logprobs
 from rmcore.align.selection import discard_reason, distinct_n, repeated_ngram_rate, select_global, select_local
 from rmcore.config.sections import RaftTrainConfig
@@ -57,9 +58,12 @@ def raft(cfg: RaftTrainConfig) -> list[dict]:
     history = trainer.resumed.get("history", []) if trainer.resumed else []
     step = trainer.start_step
     for it in range(first, cfg.raft.iterations):
+        clock = Clock()
         held_out = run.held_out_reward(policy, iteration=it)  # the policy that samples next, before its update
+        clock.lap("held_out")
         # 1. sample
         samples = run.sample(policy, iteration=it, with_logprobs=True)
+        clock.lap("sample")
         # 2. score, 3. discard and select
         rewards = np.array(run.score(samples.prompts, samples.responses, iteration=it))
         gold = run.gold_scores(samples.prompts, samples.responses, iteration=it)  # logged only
@@ -74,11 +78,13 @@ def raft(cfg: RaftTrainConfig) -> list[dict]:
             top = select_global(np.array([x[2] for x in everyone]), k, np.array([x[3] for x in everyone]),
                                 keep_fraction=cfg.raft.keep_fraction)
             kept = sorted(everyone[j][1] for j in top if everyone[j][0] == dist.rank)
+        clock.lap("score")
         with autocast(dist, cfg.run.bf16):  # KL(policy || start) on the samples, k1 estimate summed over each response
             packed = pack([run.prompts.ids[i] for i in samples.prompt_index], samples.tokens, tok.pad_id, dist.device)
             with reference_model(policy, start) as reference:
                 ref = response_logprobs(reference, packed, cfg.raft.temperature, cfg.raft.generation_batch_size)
         kl = [float((lp - ref[j, :len(lp)].cpu()).sum()) for j, lp in enumerate(samples.logprobs)]
+        clock.lap("forward")
         kept_rows = set(kept)
         stats = iteration_stats(gather_objects([
             {"first": j % k == 0, "reward": float(rewards[j]), "kept": j in kept_rows, "reason": reasons[j],
@@ -103,8 +109,9 @@ def raft(cfg: RaftTrainConfig) -> list[dict]:
                              tokens=sum(int(m["loss_mask"].sum()) for m in micro),
                              ids=[i for m in micro for i in m["ids"]])
                 step += 1
+        clock.lap("update")
         # 5. log, export, checkpoint
-        history.append({"iteration": it + 1, **held_out, **stats})
+        history.append({"iteration": it + 1, **held_out, **stats, **clock.times})
         run.end_iteration(trainer, policy, iteration=it, step=step, history=history, extra_state={},
                           plot_panels={"reward": ["reward_first", "reward_kept", "held_out_reward", "held_out_gold"],
                                        "proxy and gold reward against the KL to the start": ["reward_first",

@@ -318,12 +318,15 @@ class CausalLM(_Pretrained):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids, attention_mask=None, *, position_ids=None, attn_mask=None, cache_slots=None,
-                keep_last: int | None = None, seq_lens: tuple[int, ...] | None = None):
-        """Logits (B, T, vocab); with keep_last, those of the last keep_last positions only (the head over a long
-        prompt is wasted work when only the response's tokens are scored). seq_lens: one packed row of several
-        sequences (Transformer.forward)."""
+                keep_last: int | None = None, logits_at: torch.Tensor | None = None,
+                seq_lens: tuple[int, ...] | None = None):
+        """Logits (B, T, vocab); with keep_last, those of the last keep_last positions only; with logits_at (B, T)
+        bool, those of the positions it marks, (n, vocab) in row-major order: the head (vocab x dim per token) over
+        positions nobody reads is wasted work. seq_lens: one packed row of several sequences (Transformer.forward)."""
         h = self.model(input_ids, attention_mask, position_ids=position_ids, attn_mask=attn_mask,
                        cache_slots=cache_slots, seq_lens=seq_lens)
+        if logits_at is not None:
+            return self.lm_head(h[logits_at])
         return self.lm_head(h if keep_last is None else h[:, -keep_last:])
 
 

@@ -16,6 +16,7 @@ import json
 import math
 import random
 import shutil
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,14 +110,15 @@ class AlignRun:
         """Equal shares of an iteration's prompts: every rank runs the same forwards."""
         return math.ceil(self.section.prompts_per_iter / self.dist.world_size)
 
-    def build_policy(self):
+    def build_policy(self, *, with_reference: bool = True):
         """(policy, reference): the policy to train (run.init_from) and the KL reference it starts from. With LoRA
         the reference is the policy itself with its adapters off (no second copy of the weights), so it is None
-        here; otherwise a frozen copy. Read reference log-probs through `reference_model`."""
+        here; otherwise a frozen copy (None when with_reference is False: nothing reads it). Read reference
+        log-probs through `reference_model`."""
         cfg = self.cfg
         policy = build_model(CausalLM, self.dist, init_from=cfg.run.init_from, bf16=cfg.run.bf16, seed=cfg.run.seed,
                              activation_checkpointing=cfg.model.activation_checkpointing, lora=cfg.model.lora)
-        if cfg.model.lora.enabled:
+        if cfg.model.lora.enabled or not with_reference:
             return policy, None
         reference = build_model(CausalLM, self.dist, init_from=cfg.run.init_from, bf16=cfg.run.bf16, seed=cfg.run.seed)
         return policy, frozen(reference)
@@ -181,33 +183,58 @@ class AlignRun:
     def end_iteration(self, trainer: Trainer, policy, *, iteration: int, step: int, history: list[dict],
                       extra_state: dict, plot_panels: dict[str, list[str]], plot_against: dict[str, str]):
         """Refuse a broken policy (Trainer.check_exportable), measure the held-out reward after the last update
-        (held_out_reward_final), log the iteration's figures (history[-1]) under `name/`, export the policy,
-        checkpoint (with `extra_state`, the loop's own), write name_history.json and a plot of `plot_panels`
-        ({title: [keys]}, against the iteration or the key plot_against names for a title), and halt when asked
-        (halt_after_iteration)."""
+        (held_out_reward_final), log the iteration's figures (history[-1]) under `name/`, export the policy every
+        export_every iterations, checkpoint (with `extra_state`, the loop's own) every save_every iterations (the
+        last iteration always), log the seconds that took (time/save), write name_history.json and a plot of
+        `plot_panels` ({title: [keys]}, against the iteration or the key plot_against names for a title), and halt
+        when asked (halt_after_iteration)."""
         cfg, section, name, out, stats = self.cfg, self.section, self.name, Path(self.cfg.run.out_dir), history[-1]
+        trainer.ckpt.poll()  # a background checkpoint of an earlier iteration becomes resumable once written
         trainer.check_exportable(policy, f"the policy after {name} iteration {iteration + 1}")
         if isinstance(self.reward, EnsembleReward):  # the members' std over the iteration's samples, all ranks
             total, count = all_reduce_sum(self.disagreement, self.dist.device)
             stats["reward_disagreement"] = total / max(count, 1)
-        if iteration + 1 == section.iterations:
+        done, last = iteration + 1, section.iterations
+        if done == last:
             stats.update({f"{k}_final": v for k, v in self.held_out_reward(policy, iteration=iteration).items()})
         trainer.log.log(step, {k if "/" in k else f"{name}/{k}": v for k, v in stats.items()}, advance=False)
         trainer.log.print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
-        export_pretrained(policy, out / "iterations" / f"iteration_{iteration + 1:04d}", self.dist,
-                          tokenizer=self.tokenizer, extra_config=run_record(cfg), base=cfg.run.init_from,
-                          lora=cfg.model.lora)
-        trainer.save(step, {"iteration": iteration + 1, "history": history, **extra_state})
+        t0 = time.perf_counter()
+        if done % section.export_every == 0 or done == last:
+            export_pretrained(policy, out / "iterations" / f"iteration_{done:04d}", self.dist,
+                              tokenizer=self.tokenizer, extra_config=run_record(cfg), base=cfg.run.init_from,
+                              lora=cfg.model.lora)
+        if done % section.save_every == 0 or done == last:
+            trainer.save(step, {"iteration": done, "history": history, **extra_state},
+                         background=section.save_in_background and done < last)
+        # logged after the checkpoint that holds the history, so a resumed run's history lacks it for that iteration
+        stats["time/save"] = time.perf_counter() - t0
+        trainer.log.log(step, {"time/save": stats["time/save"]}, advance=False)
         if self.dist.is_main:
             for old in sorted((out / "iterations").glob("iteration_*"))[:-section.keep_exports]:
                 shutil.rmtree(old, ignore_errors=True)
             (out / f"{name}_history.json").write_text(json.dumps(history, indent=2) + "\n")
             plot_history(history, plot_panels, out / f"{name}_history.png", against=plot_against)
-        last = section.iterations
-        if section.halt_after_iteration is not None and section.halt_after_iteration <= iteration + 1 < last:
-            trainer.log.print(f"halting after iteration {iteration + 1} ({name}.halt_after_iteration)")
+        if section.halt_after_iteration is not None and section.halt_after_iteration <= done < last:
+            trainer.log.print(f"halting after iteration {done} ({name}.halt_after_iteration)")
+            trainer.ckpt.wait()
             trainer.log.close()
             raise SystemExit(0)
+
+
+class Clock:
+    """Seconds spent in each phase of an iteration, as the log's time/<phase>: lap(phase) ends the phase running
+    since the last lap (or the clock's start)."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str):
+        now = time.perf_counter()
+        key = f"time/{phase}"
+        self.times[key] = self.times.get(key, 0.0) + now - self.last
+        self.last = now
 
 
 @contextmanager

@@ -149,10 +149,17 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, devi
 
 
 def response_logits(model, batch: Packed) -> torch.Tensor:
-    """(B, T, vocab): the logits that predicted each response token (the head runs on those positions only)."""
-    T = batch.response_mask.shape[1]
-    return model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                 keep_last=T + 1)[:, :-1]
+    """(n, vocab): the logits that predicted each real response token, row by row (response_mask's order); the
+    head runs on those positions only, not on the prompt's or the padding's."""
+    at = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
+    at[:, batch.prompt_width - 1:-1] = batch.response_mask.bool()
+    return model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, logits_at=at)
+
+
+def at_responses(values: torch.Tensor, batch: Packed) -> torch.Tensor:
+    """(B, T) holding values (n,), one per real response token in response_mask's order, and 0 on padding."""
+    real = batch.response_mask.bool()
+    return torch.zeros(real.shape, dtype=values.dtype, device=values.device).masked_scatter(real, values)
 
 
 def response_values(critic, batch: Packed) -> torch.Tensor:
@@ -178,8 +185,8 @@ def score_in_chunks(model, batch: Packed, batch_size: int, per_token) -> torch.T
 
 def response_logprobs(model, batch: Packed, temperature: float, batch_size: int) -> torch.Tensor:
     """(B, T) log-probs (logits / temperature) of the response tokens as one forward pass scores them."""
-    return score_in_chunks(model, batch, batch_size,
-                           lambda m, b: token_logprobs(response_logits(m, b), b.responses, temperature))
+    return score_in_chunks(model, batch, batch_size, lambda m, b: at_responses(
+        token_logprobs(response_logits(m, b), b.responses[b.response_mask.bool()], temperature), b))
 
 
 def response_values_of(critic, batch: Packed, batch_size: int) -> torch.Tensor:

@@ -182,13 +182,20 @@ class AlignConfig:
     generation_batch_size: int = 16     # rows sampled at once per rank
     eval_prompts: int = 16              # prompts of data.eval answered greedily before each iteration's update and
                                         # after the last one (held_out_reward, held_out_reward_final); 0 = none
+    save_every: int = 1                 # iterations between checkpoints (a killed run resumes from the last one);
+                                        # the last iteration is always checkpointed
+    export_every: int = 1               # iterations between policy exports (out_dir/iterations/); the last one
+                                        # is always exported (out_dir/export)
+    save_in_background: bool = False    # write checkpoints while the next iteration runs (DCP's async_save): the
+                                        # iteration waits only for the copy of the state; costs that copy's memory
     keep_exports: int = 2               # per-iteration policy exports kept on disk
     halt_after_iteration: int | None = None  # stop as if killed after this iteration (resume tests)
 
     def check(self, source: str, name: str) -> None:
         """name: the section's name, raft or ppo."""
         check_at_least(self, 1, ("iterations", "prompts_per_iter", "k", "max_prompt_tokens", "max_new_tokens",
-                                 "generation_batch_size", "keep_exports"), prefix=name, source=source)
+                                 "generation_batch_size", "keep_exports", "save_every", "export_every"), prefix=name,
+                       source=source)
         check_at_least(self, 0, ("top_k", "eval_prompts"), prefix=name, source=source)
         if not self.temperature > 0:
             raise ConfigError(f"{source}: {name}.temperature={self.temperature}: the loop samples from the policy; "
@@ -216,12 +223,13 @@ class AlignConfig:
 
 def check_alignment_run(cfg: TrainConfig, section: AlignConfig, source: str, name: str) -> None:
     """What raft.py and ppo.py need of the rest of the config: a policy to start from, and no step-based saving
-    (they checkpoint after every iteration)."""
+    (they checkpoint after iterations: raft.save_every, ppo.save_every)."""
     section.check(source, name)
     if cfg.run.init_from is None:
         raise ConfigError(f"run.init_from is not set: {name} starts from a policy (an SFT export)")
     if cfg.run.save_every:
-        raise ConfigError(f"run.save_every does not apply to {name}.py: it checkpoints after every iteration")
+        raise ConfigError(f"run.save_every does not apply to {name}.py: it checkpoints after iterations; set "
+                          f"{name}.save_every (iterations between checkpoints)")
 
 
 @dataclasses.dataclass

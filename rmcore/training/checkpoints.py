@@ -41,8 +41,8 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 
 # Keys that do not change what a run computes: how often it evaluates, saves or logs, where its directory is.
 NOT_IDENTITY = ("run.out_dir", "run.resume", "run.halt_at_step", "run.eval_every", "run.save_every", "run.keep",
-                "run.export", "run.device", "logging.", "raft.halt_after_iteration", "raft.keep_exports",
-                "ppo.halt_after_iteration", "ppo.keep_exports")
+                "run.export", "run.device", "logging.", *(f"{loop}.{key}" for loop in ("raft", "ppo") for key in (
+                    "halt_after_iteration", "keep_exports", "save_every", "export_every", "save_in_background")))
 
 
 # ------------------------------------------------------------------------------------------------ identity
@@ -91,12 +91,16 @@ class Checkpointer:
     `trainer.json`, so a crash or a full disk mid-save leaves a `.partial` directory that is never resumed.
     Holds the model and optimizer (sharded), the step, the data-loader position, each rank's RNG states and the
     run's identity. Loading checks every model tensor's presence and shape against the checkpoint's metadata.
+    A background save (the alignment loops' save_in_background) copies the state at once and writes it while
+    training goes on; until it is finished (poll, wait) it is a `.partial` too.
     """
 
     def __init__(self, out_dir: str | Path, dist: Dist, keep: int = 2):
         self.root = Path(out_dir) / "checkpoints"
         self.dist = dist
         self.keep = keep
+        self.pending = None  # a background checkpoint being written: (future, partial, final, trainer_json)
+        self.group = None    # the process group of background writes (made on first use, under torchrun)
 
     def complete(self) -> list[Path]:
         return sorted(p for p in self.root.glob("step_*") if not p.name.endswith(".partial")
@@ -118,7 +122,11 @@ class Checkpointer:
             raise ConfigError(f"run.resume={resume}: not a complete rmcore checkpoint (no trainer.json)")
         return [path]
 
-    def save(self, model, optimizer, step: int, trainer_state: dict):
+    def save(self, model, optimizer, step: int, trainer_state: dict, *, background: bool = False):
+        """Write step_N. background: DCP's async_save copies the state now and writes it in a thread, so the caller
+        goes on; the checkpoint becomes step_N (renamed, trainer.json written) at the first `poll` after the write
+        ends, or at `wait`. Returns the final path."""
+        self.wait()  # one checkpoint in flight at a time, finished in order
         check_finite(model, self.dist, f"checkpoint at step {step}")
         final = self.root / f"step_{step:07d}"
         partial = final.with_name(final.name + ".partial")
@@ -127,17 +135,47 @@ class Checkpointer:
             partial.mkdir(parents=True)
         barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
         torch.save(rng_state(), partial / f"rng_rank{self.dist.rank}.pt")
+        trainer_json = json.dumps({"step": step, **trainer_state})  # as it is now: the caller goes on changing it
+        if background:
+            if self.group is None and torch.distributed.is_initialized():
+                # the writer thread's collectives run beside the training's: they get a process group of their own
+                self.group = torch.distributed.new_group(backend="gloo")
+            future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial),
+                                    process_group=self.group)
+            self.pending = (future, partial, final, trainer_json)
+        else:
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
+            self.finish(partial, final, trainer_json)
+        return final
+
+    def poll(self):
+        """Finish a background checkpoint whose writing has ended on every rank (a collective: call it at the same
+        point on every rank); one still being written is left alone."""
+        if self.pending is not None and all_reduce_sum([not self.pending[0].done()], self.dist.device)[0] == 0:
+            self.wait()
+
+    def wait(self):
+        """Wait for a background checkpoint's writing to end, then finish it."""
+        if self.pending is None:
+            return
+        future, partial, final, trainer_json = self.pending
+        self.pending = None
+        result = future.result()
+        if hasattr(result, "upload_completion"):  # newer torch returns an AsyncSaveResponse
+            result.upload_completion.result()
+        self.finish(partial, final, trainer_json)
+
+    def finish(self, partial: Path, final: Path, trainer_json: str):
+        """Every rank's shards are written: trainer.json, then the atomic rename that makes step_N resumable."""
         barrier()
         if self.dist.is_main:
-            (partial / "trainer.json").write_text(json.dumps({"step": step, **trainer_state}))
+            (partial / "trainer.json").write_text(trainer_json)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
             for old in self.complete()[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()
-        return final
 
     def load(self, path: Path, model, optimizer, identity: dict | None = None) -> dict:
         """Restore model, optimizer and RNG in place; return trainer.json (step, loader state, ...). With

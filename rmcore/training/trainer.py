@@ -200,13 +200,14 @@ class Trainer:
             raise SystemExit(0)
         return record
 
-    def save(self, step: int, extra_state: dict | None = None):
+    def save(self, step: int, extra_state: dict | None = None, *, background: bool = False):
         """An atomic checkpoint: model, optimizer, RNG, counters, and the sampler's position or the loop's own
-        `extra_state` (RAFT's and PPO's iteration, history, ...)."""
+        `extra_state` (RAFT's and PPO's iteration, history, ...); background: written while the caller goes on
+        (Checkpointer.save)."""
         position = {"sampler": self.sampler.state_dict()} if self.sampler is not None else {}
         self.last_ckpt = self.ckpt.save(self.model, self.optimizer, step,
                                         {**position, **(extra_state or {}), "skipped": self.skipped,
-                                         "empty": self.empty, "identity": self.identity})
+                                         "empty": self.empty, "identity": self.identity}, background=background)
 
     def check_exportable(self, model, what: str):
         """Stop (one line, nothing written) rather than save a model that skipped more than
@@ -240,8 +241,9 @@ class Trainer:
         return final
 
     def export_and_close(self, tokenizer, model=None):
-        """The end of every run: `model` (default: the trained module) exported to out_dir/export (run.export),
-        what was skipped said, the log closed."""
+        """The end of every run: a background checkpoint finished, `model` (default: the trained module) exported
+        to out_dir/export (run.export), what was skipped said, the log closed."""
+        self.ckpt.wait()
         if self.cfg.run.export:
             self.check_exportable(model or self.model, f"export to {self.out / 'export'}")
             export_pretrained(model or self.model, self.out / "export", self.dist, tokenizer=tokenizer,

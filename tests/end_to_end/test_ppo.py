@@ -7,14 +7,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rmcore.align.iteration import AlignRun
 from rmcore.align.rollouts import pack, response_logprobs
 from rmcore.data.tokenizer_training import train_tokenizer
 from rmcore.errors import ConfigError
 from rmcore.interop.hf_checkpoint import load_pretrained
 from rmcore.model import CausalLM
+from rmcore.rl import shape_scores
 
 import ppo
-from helpers.runs import conflicting_keys, ppo_args, records, torchrun
+from helpers.runs import conflicting_keys, history, ppo_args, records, torchrun
 
 
 def test_logprobs_of_a_left_padded_batch_equal_each_sequence_alone(policy_dir):
@@ -71,8 +73,76 @@ def test_ppo_resumes_exactly_after_a_kill(tmp_path, hh_file, policy_dir, rm_dir)
     ppo.main(ppo_args(cut, hh_file, policy_dir, rm_dir, *common))
     a, b = load_file(whole / "export" / "model.safetensors"), load_file(cut / "export" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ha, hb = (json.loads((p / "ppo_history.json").read_text()) for p in (whole, cut))
+    ha, hb = history(whole, "ppo"), history(cut, "ppo")
     assert ha == hb and len({h["beta"] for h in ha}) == 3
+
+
+def test_ppo_with_save_every_3_killed_in_iteration_5_resumes_from_iteration_3_and_ends_identical(
+        tmp_path, hh_file, policy_dir, rm_dir, monkeypatch, capsys):
+    """Checkpoints every 3 iterations (the killed run's written in the background), exports every 2; a kill while
+    iteration 5 scores its samples loses iterations 4-5, which the resumed run redoes exactly."""
+    common = ("ppo.iterations=6", "ppo.save_every=3", "ppo.export_every=2")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    ppo.main(ppo_args(whole, hh_file, policy_dir, rm_dir, *common))
+    calls = []
+
+    def killed_in_iteration_5(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("killed in iteration 5")
+        return shape_scores(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ppo, "shape_scores", killed_in_iteration_5)
+        with pytest.raises(KeyboardInterrupt):
+            ppo.main(ppo_args(cut, hh_file, policy_dir, rm_dir, *common, "ppo.save_in_background=true"))
+    # 16 samples, minibatches of 8, 2 epochs: 4 steps an iteration; iteration 3 ends at step 12
+    assert [p.name for p in (cut / "checkpoints").iterdir()] == ["step_0000012"]
+    assert sorted(p.name for p in (cut / "iterations").iterdir()) == ["iteration_0002", "iteration_0004"]
+    capsys.readouterr()
+    ppo.main(ppo_args(cut, hh_file, policy_dir, rm_dir, *common))
+    assert f"resumed from {cut / 'checkpoints' / 'step_0000012'}" in capsys.readouterr().out
+    a, b = load_file(whole / "export" / "model.safetensors"), load_file(cut / "export" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert history(whole, "ppo") == history(cut, "ppo")
+    assert sorted(p.name for p in (cut / "iterations").iterdir()) == ["iteration_0004", "iteration_0006"]
+    timed = json.loads((whole / "ppo_history.json").read_text())
+    assert all(h["time/save"] > 0 and h["time/sample"] > 0 and h["time/update"] > 0 for h in timed)
+
+
+def test_beta_zero_builds_no_reference_and_makes_the_same_update(tmp_path, hh_file, policy_dir, rm_dir, monkeypatch):
+    common = ("ppo.iterations=2", "ppo.beta=0", "ppo.advantage=grpo", "ppo.k=4", "ppo.prompts_per_iter=8")
+    built, build_policy = [], AlignRun.build_policy
+    monkeypatch.setattr(AlignRun, "build_policy", lambda self, *, with_reference=True: built.append(with_reference)
+                        or build_policy(self, with_reference=with_reference))
+    without = ppo.main(ppo_args(tmp_path / "without", hh_file, policy_dir, rm_dir, *common))
+    monkeypatch.setattr(ppo, "needs_reference", lambda ppo_cfg: True)
+    with_reference = ppo.main(ppo_args(tmp_path / "with", hh_file, policy_dir, rm_dir, *common))
+    assert built == [False, True]
+    a, b = (load_file(tmp_path / p / "export" / "model.safetensors") for p in ("without", "with"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # beta * KL = 0 * KL: the reference changes nothing
+    assert "objective/kl" not in without[0] and with_reference[0]["objective/kl"] == 0
+
+
+def test_old_logprobs_from_the_update_equal_a_separate_forward(tmp_path, hh_file, policy_dir, rm_dir, monkeypatch):
+    """GRPO with one optimizer step per rollout (32 samples, one minibatch of 32, 1 epoch): the old log-probs taken
+    from the update's forward give the update and the figures a separate forward pass gives."""
+    common = ("ppo.iterations=2", "ppo.advantage=grpo", "ppo.k=4", "ppo.prompts_per_iter=8", "optim.epochs=1",
+              "optim.micro_batch_size=8", "optim.grad_accum=4")
+    forwards = []
+    monkeypatch.setattr(ppo, "response_logprobs", lambda *a, **k: forwards.append(1) or response_logprobs(*a, **k))
+    reused = ppo.main(ppo_args(tmp_path / "reused", hh_file, policy_dir, rm_dir, *common))
+    assert len(forwards) == 2  # the reference's, one per iteration
+    monkeypatch.setattr(ppo, "old_logprobs_from_update", lambda *a, **k: False)
+    separate = ppo.main(ppo_args(tmp_path / "separate", hh_file, policy_dir, rm_dir, *common))
+    assert len(forwards) == 2 + 4  # and the policy's
+    a, b = (load_file(tmp_path / p / "export" / "model.safetensors") for p in ("reused", "separate"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    for x, y in zip(reused, separate):
+        assert x["objective/kl"] == pytest.approx(y["objective/kl"], abs=1e-5)
+        assert x["objective/entropy"] == pytest.approx(y["objective/entropy"], abs=1e-4)
+        assert x["objective/scores"] == y["objective/scores"]
+    assert reused[1]["objective/kl"] != 0  # the policy moved in iteration 1, and the KL says so
 
 
 def test_ppo_under_torchrun_completes_and_resumes_exactly(tmp_path, hh_file, policy_dir, rm_dir):
@@ -86,7 +156,7 @@ def test_ppo_under_torchrun_completes_and_resumes_exactly(tmp_path, hh_file, pol
     run(tmp_path / "whole")
     run(tmp_path / "cut", "ppo.halt_after_iteration=1")
     run(tmp_path / "cut")
-    ha, hb = (json.loads((tmp_path / p / "ppo_history.json").read_text()) for p in ("whole", "cut"))
+    ha, hb = (history(tmp_path / p, "ppo") for p in ("whole", "cut"))
     assert ha == hb and [h["samples"] for h in ha] == [16, 16]
     a, b = (load_file(tmp_path / p / "export" / "model.safetensors") for p in ("whole", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -14,7 +14,7 @@ from rmcore.interop.hf_checkpoint import save_pretrained
 
 import raft
 import train
-from helpers.runs import REPO, args, conflicting_keys, raft_args, records, torchrun
+from helpers.runs import REPO, args, conflicting_keys, history, raft_args, records, torchrun
 
 
 # ------------------------------------------------------------------------------------------------ pure pieces
@@ -149,9 +149,7 @@ def test_raft_resumes_exactly_after_a_kill(tmp_path, hh_file, policy_dir):
     raft.main(raft_args(cut, hh_file, policy_dir, "raft.iterations=3"))
     a, b = load_file(whole / "export" / "model.safetensors"), load_file(cut / "export" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ha = json.loads((whole / "raft_history.json").read_text())
-    hb = json.loads((cut / "raft_history.json").read_text())
-    assert ha == hb
+    assert history(whole, "raft") == history(cut, "raft")
 
 
 def test_raft_under_torchrun(tmp_path, hh_file, policy_dir):

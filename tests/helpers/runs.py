@@ -54,6 +54,13 @@ def records(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def history(out, name):
+    """A run's name_history.json (name: raft or ppo) without the seconds each phase took (time/*): what a resumed
+    run must reproduce exactly."""
+    rows = json.loads((Path(out) / f"{name}_history.json").read_text())
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+
+
 def conflicting_keys(out):
     """(step, key, values) for each key that metrics.jsonl holds more than once at one step with different values
     (W&B would keep one of them)."""
