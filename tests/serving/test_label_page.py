@@ -58,7 +58,10 @@ def test_label_by_mouse_and_keyboard_reload_and_resume(tmp_path, browser):
         act("right", lambda: page.keyboard.press("2"))
         page.reload()  # the name is remembered; the page resumes at the first unjudged item
         act("tie", lambda: page.keyboard.press("3"))
-        page.fill("#comment", "both fine 1 2 3")  # keys typed into the comment are text, not choices
+        # the next item clears the comment box when it shows: type once it is shown (keys typed into the comment
+        # are text, not choices)
+        page.wait_for_function("document.getElementById('progress').textContent.startsWith('3 of 5')")
+        page.fill("#comment", "both fine 1 2 3")
         act("right", lambda: page.click("#choose-right"))
         act("skip", lambda: page.keyboard.press(" "))
         page.wait_for_selector("#done", state="visible")
