@@ -52,8 +52,17 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(logits.softmax(-1), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row, index i with probability probs[i] (rows need not sum to 1): the inverse CDF at one
+    uniform number per row. torch.multinomial draws one exponential number per vocabulary entry instead, a tenth
+    of a decoding step's time at batch 16-64 on a CPU."""
+    cdf = probs.float().cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    # right=True: the first index whose cumulative mass exceeds u, so a zero-probability index is never drawn
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -157,7 +166,7 @@ def rollout(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, e
 
 
 def _check_finite(logits: torch.Tensor, live: torch.Tensor, t: int, device):
-    """NonFiniteOutputs on every rank when any rank's live rows have NaN or inf logits (torch.multinomial would
+    """NonFiniteOutputs on every rank when any rank's live rows have NaN or inf logits (sampling would
     fail on one rank only, with a traceback, and leave the others waiting in the next collective)."""
     bad = int((~torch.isfinite(logits).all(-1) & live).sum())
     if torch_dist.is_initialized():

@@ -194,13 +194,27 @@ class Attention(nn.Module):
             if attn_mask is not None:  # attend over the columns the mask covers (those filled so far), not all
                 k, v = k[:, :, :attn_mask.shape[-1]], v[:, :, :attn_mask.shape[-1]]
         gqa = self.n_kv_heads != self.n_heads
-        if seq_lens is not None:  # packed sequences: causal attention within each one, none across (varlen)
+        if T == 1 and self.kv_cache is not None and x.device.type == "cpu" and q.dtype == torch.bfloat16:
+            y = one_query_attention(q, k, v, attn_mask)
+        elif seq_lens is not None:  # packed sequences: causal attention within each one, none across (varlen)
             y = torch.cat([F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa) for qs, ks, vs
                            in zip(q.split(seq_lens, 2), k.split(seq_lens, 2), v.split(seq_lens, 2))], 2)
         else:  # attn_mask None means "plain causal, no padding": SDPA then picks its fused causal kernel
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                                enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def one_query_attention(q, k, v, attn_mask=None):
+    """softmax(q k^T / sqrt(d), masked) v for one query per row (a decoding step), query heads grouped over their
+    key head by a reshape, scores and softmax in fp32, probabilities in v's dtype as HF's eager attention. On a CPU
+    in bf16, torch's SDPA takes 3-4x as long for one query (bench/README.md, generation)."""
+    B, H, _, D = q.shape
+    kv_heads, S = k.shape[1], k.shape[2]
+    scores = (q.reshape(B, kv_heads, H // kv_heads, D) @ k.transpose(-1, -2)).float() * D ** -0.5
+    if attn_mask is not None:  # (B, 1, 1, S) True = may attend
+        scores = scores.masked_fill(~attn_mask.view(B, 1, 1, S), float("-inf"))
+    return (scores.softmax(-1).to(v.dtype) @ v).reshape(B, H, 1, D)
 
 
 class MLP(nn.Module):

@@ -9,9 +9,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 from rmcore import CausalLM, ModelConfig, RewardModel
 from rmcore.data.batching import pad
 from rmcore.errors import CheckpointError
-from rmcore.generate import generate, sample_next
+from rmcore.generate import draw, generate, sample_next
 from rmcore.interop.hf_checkpoint import load_pretrained, save_pretrained
-from rmcore.model import last_real_index
+from rmcore.model import last_real_index, one_query_attention
 
 PAD, BOS, EOS, VOCAB = 0, 1, 2, 128
 
@@ -292,6 +292,22 @@ def test_sampling_filters():
     assert draws == keep
 
 
+def test_draw_follows_the_probabilities_and_never_draws_a_zero():
+    """200,000 draws per row against the probabilities (a chi-square test against the binomial counts, each cell
+    within 5 standard deviations); zero-probability entries, even between others and at the ends, never come."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.3, 0.0], [0.1, 0.0, 0.0, 0.0, 0.0, 0.9],
+                          [1e-3, 0.25, 0.25, 0.25, 0.249, 0.0]]) * torch.tensor([[1.0], [3.0], [0.5]])  # unnormalised
+    n = 200_000
+    counts = torch.stack([torch.bincount(draw(row.expand(n, -1), g), minlength=6) for row in probs])
+    p = probs / probs.sum(-1, keepdim=True)
+    assert (counts[p == 0] == 0).all()
+    expected, sd = n * p, (n * p * (1 - p)).sqrt()
+    assert ((counts - expected).abs() <= 5 * sd + 1e-9).all(), (counts, expected)
+    chi2 = ((counts - expected) ** 2 / expected.clamp(min=1e-12))[p > 0].sum()
+    assert chi2 < 40  # 8 degrees of freedom: p(chi2 > 40) < 1e-5
+
+
 def small_reward_model() -> RewardModel:
     torch.manual_seed(0)
     model = RewardModel(ModelConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96))
@@ -345,3 +361,18 @@ def test_packed_pairs_equal_the_padded_path():
     assert_same_rewards_loss_grads(
         model, lambda: model(padded["input_ids"], attention_mask=padded["attention_mask"]),
         lambda: model(packed["input_ids"], position_ids=packed["position_ids"], seq_lens=packed["seq_lens"]))
+
+
+def test_one_query_attention_equals_sdpa_with_grouped_heads_and_padding():
+    """The decoding step's attention (rmcore.model.one_query_attention, used on CPU in bf16) against torch's SDPA,
+    in fp32: 9 query heads over 3 key heads, rows with left padding masked out."""
+    g = torch.Generator().manual_seed(0)
+    B, H, kv_heads, S, D = 4, 9, 3, 11, 16
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((H, 1), (kv_heads, S), (kv_heads, S)))
+    mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    mask[1, ..., :4] = False
+    mask[3, ..., :10] = False
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert torch.allclose(one_query_attention(q, k, v, mask), want, atol=1e-6, rtol=0)
+    no_mask = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert torch.allclose(one_query_attention(q, k, v), no_mask, atol=1e-6, rtol=0)
