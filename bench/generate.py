@@ -51,7 +51,7 @@ def prompts(tok: Tokenizer, n: int, max_tokens: int = 64) -> list[list[int]]:
 def weight_pass_time(model, rows: int, dtype: torch.dtype, repeats: int = 3) -> float:
     """Seconds of one pass of `rows` activation rows through every weight matrix of the model (best of repeats)."""
     weights = list({id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}.values())
-    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=dtype) for w in weights}
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=dtype, device=w.device) for w in weights}
 
     @torch.no_grad()
     def one_pass():
@@ -65,10 +65,17 @@ def best_time(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def main():
@@ -77,18 +84,22 @@ def main():
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--precision", nargs="+", default=None, choices=["fp32", "bf16"],
                    help="default: fp32, and bf16 too when the CPU has native bf16")
     a = p.parse_args()
     from transformers import LlamaForCausalLM
 
-    native_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    device = torch.device(a.device)
+    native_bf16 = (device.type == "cuda" or torch.cpu._is_amx_tile_supported()
+                   or torch.cpu._is_avx512_bf16_supported())
     name = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "?")
     print(f"CPU: {name}, {torch.get_num_threads()} threads; AMX {torch.cpu._is_amx_tile_supported()}, AVX512-BF16 "
-          f"{torch.cpu._is_avx512_bf16_supported()}; torch {torch.__version__}")
+          f"{torch.cpu._is_avx512_bf16_supported()}; torch {torch.__version__}"
+          + (f"; GPU: {torch.cuda.get_device_name()}" if device.type == "cuda" else ""))
     tok = Tokenizer.from_pretrained(a.model)
-    ours = load_pretrained(CausalLM, a.model).eval()
-    theirs = LlamaForCausalLM.from_pretrained(a.model, torch_dtype=torch.float32).eval()
+    ours = load_pretrained(CausalLM, a.model).eval().to(device)
+    theirs = LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval().to(device)
     all_prompts = prompts(tok, max(a.batch))
 
     def run_ours(batch, temperature=1.0):
@@ -99,8 +110,8 @@ def main():
     def run_theirs(batch, do_sample=True):
         rows = all_prompts[:batch]
         width = max(map(len, rows))
-        ids = torch.tensor([[tok.pad_id] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        ids = torch.tensor([[tok.pad_id] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
         out = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=a.new_tokens,
                               min_new_tokens=a.new_tokens, do_sample=do_sample, temperature=1.0 if do_sample else None,
                               top_k=0 if do_sample else None, top_p=1.0 if do_sample else None,

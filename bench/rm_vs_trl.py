@@ -3,6 +3,7 @@
     pip install -e '.[bench]'          # TRL 1.16 (never imported by rmcore)
     python bench/rm_vs_trl.py                          # 1,000 pairs, 3 alternations A B A B A B
     python bench/rm_vs_trl.py --pairs 300 --repeats 1  # a quick look
+    python bench/rm_vs_trl.py --size 135m --pairs 200  # SmolLM2-135M-Instruct's weights (models/, as the README)
 
 Both sides train the same weights (a random-initialised 5.3M-parameter LLaMA reward model saved by transformers,
 with a byte-level BPE tokenizer trained here) on the same first N pairs of the shipped HH file, batch 8, max length
@@ -11,6 +12,11 @@ each run in its own process, both reading the raw HH text (rmcore's template set
 run: real (non-padding) tokens/s over the training loop, padding fraction, peak RSS of the process, final training
 loss (mean of the last 10 steps), held-out accuracy (records [1932:]); then the rmcore/TRL ratio of each pair of
 runs and its median.
+
+--size 135m: the trunk is SmolLM2-135M-Instruct's (the HF directory `python -m rmcore.interop.gguf convert --gguf
+smollm2` writes) with its tokenizer, and a fresh value head drawn once (seed 0) and saved with it, so both sides start
+from the same directory; the held-out set is the first --held-out pairs of records [1932:]. Utilisation = 6 x N x
+real tokens/s / the fp32 matmul rate (2048^3, measured before the runs), N = the reward model's parameters.
 """
 from __future__ import annotations
 
@@ -18,10 +24,10 @@ import argparse
 import gzip
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 # the file the repository ships, or under $RMCORE_DATA (as rmcore.data.files.data_root)
 DATA = Path(os.environ.get("RMCORE_DATA") or REPO / "data") / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 HELD_OUT = "[1932:]"
+DEVICE = os.environ.get("RMCORE_BENCH_DEVICE", "cpu")  # cuda: both sides on the GPU (children read it too)
 
 
 def cpu_line() -> str:
@@ -41,6 +48,41 @@ def cpu_line() -> str:
 def native_bf16() -> bool:
     import torch
     return torch.cuda.is_available() or torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+def build_135m(out: Path, source: Path) -> tuple[Path, int]:
+    """SmolLM2-135M-Instruct's trunk and tokenizer with a fresh value head (seed 0), saved by transformers; and N."""
+    import shutil
+
+    import torch
+    from transformers import LlamaForSequenceClassification
+    model_dir = out / "model_135m"
+    if not (source / "config.json").is_file():
+        raise SystemExit(f"{source}: not found; convert it first: python -m rmcore.interop.gguf convert --gguf smollm2 "
+                         f"--out {source}")
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification.from_pretrained(source, num_labels=1, dtype=torch.float32)
+    n = sum(p.numel() for p in model.parameters())
+    if not (model_dir / "config.json").is_file():
+        model.save_pretrained(model_dir)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (source / name).is_file():
+                shutil.copy(source / name, model_dir / name)
+    print(f"model: {n / 1e6:.1f}M parameters (SmolLM2-135M-Instruct's trunk, a fresh value head)")
+    return model_dir, n
+
+
+def matmul_rate() -> float:
+    """fp32 GFLOP/s of a 2048 x 2048 torch.matmul, the best of 5 after a warm-up."""
+    import torch
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 2048 ** 3 / best / 1e9
 
 
 def build(out: Path, pairs: int) -> Path:
@@ -69,23 +111,28 @@ def build(out: Path, pairs: int) -> Path:
 
 
 def timed(cmd: list[str], env: dict | None = None) -> tuple[str, float]:
-    """(stdout, peak RSS in GB) of a child process, measured by /usr/bin/time."""
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, **(env or {})})
+    """(stdout, peak RSS in GB) of a child process: its own maximum resident set size, from wait4's rusage (Linux
+    reports it in kB)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=REPO, env={**os.environ, **(env or {})})
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{proc.stderr[-3000:]}")
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    return proc.stdout, rss_kb / 1e6
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{stdout[-2000:]}\n{stderr[-3000:]}")
+    return stdout, usage.ru_maxrss / 1e6
 
 
-def run_rmcore(model_dir: Path, out: Path, pairs: int, precision: str) -> dict:
+def run_rmcore(model_dir: Path, out: Path, pairs: int, precision: str, held_out: str, lr: float,
+               extra: list[str]) -> dict:
     run_dir = out / f"rmcore_{precision}_{time.time_ns()}"
     cmd = [sys.executable, "train.py", "run.stage=rm", f"run.init_from={model_dir}", f"run.out_dir={run_dir}",
-           f"run.precision={precision}", "run.device=cpu", "run.export=false", "logging.progress=false",
-           f"data.train=['{DATA}[:{pairs}]']", f"data.eval=['{DATA}{HELD_OUT}']", "data.max_length=512",
-           "optim.lr=3e-4", "optim.schedule=linear", "optim.epochs=1", "optim.micro_batch_size=8",
+           f"run.precision={precision}", f"run.device={DEVICE}", "run.export=false", "logging.progress=false",
+           f"data.train=['{DATA}[:{pairs}]']", f"data.eval=['{DATA}{held_out}']", "data.max_length=512",
+           f"optim.lr={lr}", "optim.schedule=linear", "optim.epochs=1", "optim.micro_batch_size=8",
            # the raw HH text, as TRL reads it: both sides tokenize identical strings
-           r'data.human_tag="\n\nHuman:"', r'data.assistant_tag="\n\nAssistant:"', 'data.tag_separator=""']
+           r'data.human_tag="\n\nHuman:"', r'data.assistant_tag="\n\nAssistant:"', 'data.tag_separator=""', *extra]
     _, rss = timed(cmd)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r and "tokens_per_s" in r]
@@ -94,13 +141,13 @@ def run_rmcore(model_dir: Path, out: Path, pairs: int, precision: str) -> dict:
             "rss_gb": rss, "loss": statistics.mean(r["loss"] for r in steps[-10:]), "acc": final_eval["eval_acc"]}
 
 
-def run_trl(model_dir: Path, out: Path, pairs: int, precision: str) -> dict:
+def run_trl(model_dir: Path, out: Path, pairs: int, precision: str, held_out: str, lr: float) -> dict:
     stdout, rss = timed([sys.executable, __file__, "--trl-child", str(model_dir), str(out / f"trl_{time.time_ns()}"),
-                         str(pairs), precision])
+                         str(pairs), precision, held_out, str(lr)])
     return {**json.loads(stdout.strip().splitlines()[-1]), "rss_gb": rss}
 
 
-def trl_child(model_dir: str, out: str, pairs: int, precision: str):
+def trl_child(model_dir: str, out: str, pairs: int, precision: str, held_out: str, lr: float):
     """TRL's RewardTrainer with its defaults, the shared settings set; prints one JSON line."""
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -113,12 +160,13 @@ def trl_child(model_dir: str, out: str, pairs: int, precision: str):
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    args = RewardConfig(output_dir=out, per_device_train_batch_size=8, per_device_eval_batch_size=8, learning_rate=3e-4,
+    args = RewardConfig(output_dir=out, per_device_train_batch_size=8, per_device_eval_batch_size=8, learning_rate=lr,
                         lr_scheduler_type="linear", num_train_epochs=1, max_length=512, report_to=[],
-                        save_strategy="no", eval_strategy="no", logging_steps=10, use_cpu=True,
+                        save_strategy="no", eval_strategy="no", logging_steps=10, use_cpu=DEVICE == "cpu",
                         bf16=precision == "bf16", seed=0, disable_tqdm=True)
     trainer = RewardTrainer(model=model, args=args, train_dataset=records(slice(0, pairs)),
-                            eval_dataset=records(slice(1932, None)), processing_class=tokenizer)
+                            eval_dataset=records(slice(*(int(x) if x else None for x in held_out[1:-1].split(":")))),
+                            processing_class=tokenizer)
     t0 = time.perf_counter()
     trainer.train()
     elapsed = time.perf_counter() - t0
@@ -133,29 +181,51 @@ def trl_child(model_dir: str, out: str, pairs: int, precision: str):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pairs", type=int, default=1000)
+    p.add_argument("--size", choices=["tiny", "135m"], default="tiny")
+    p.add_argument("--pairs", type=int, default=None, help="training pairs (default: 1000 tiny, 200 135m)")
+    p.add_argument("--held-out", type=int, default=None, help="held-out pairs from record 1932 (default: all 380)")
+    p.add_argument("--lr", type=float, default=None, help="default: 3e-4 tiny, 1e-5 135m")
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=None,
+                   help="default: fp32, and bf16 too when the CPU has native bf16")
+    p.add_argument("--model", default=str(REPO / "models" / "smollm2-135m-instruct"), help="--size 135m's source")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="runs/bench/rm_vs_trl")
-    p.add_argument("--trl-child", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--rmcore-args", nargs="*", default=[], help="extra train.py overrides (ablations)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
+    p.add_argument("--trl-child", nargs=6, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if not a.trl_child:
+        global DEVICE
+        DEVICE = os.environ["RMCORE_BENCH_DEVICE"] = a.device  # the TRL child reads it back
     if a.trl_child:
-        model_dir, out, pairs, precision = a.trl_child
-        return trl_child(model_dir, out, int(pairs), precision)
+        model_dir, out, pairs, precision, held_out, lr = a.trl_child
+        return trl_child(model_dir, out, int(pairs), precision, held_out, float(lr))
     print(cpu_line())
     out = Path(a.out)
-    model_dir = build(out, a.pairs)
-    for precision in ["fp32"] + (["bf16"] if native_bf16() else []):
+    pairs = a.pairs or (200 if a.size == "135m" else 1000)
+    lr = a.lr or (1e-5 if a.size == "135m" else 3e-4)
+    held_out = f"[1932:{1932 + a.held_out}]" if a.held_out else HELD_OUT
+    if a.size == "135m":
+        model_dir, n_params = build_135m(out, Path(a.model))
+    else:
+        model_dir, n_params = build(out, pairs), None
+    rate = matmul_rate()
+    print(f"fp32 matmul rate (2048^3): {rate:.1f} GFLOP/s")
+    for precision in a.precision or ["fp32"] + (["bf16"] if native_bf16() else []):
         rows, ratios = [], []
         for i in range(a.repeats):
-            mine, theirs = run_rmcore(model_dir, out, a.pairs, precision), run_trl(model_dir, out, a.pairs, precision)
+            mine = run_rmcore(model_dir, out, pairs, precision, held_out, lr, a.rmcore_args)
+            theirs = run_trl(model_dir, out, pairs, precision, held_out, lr)
             rows += [("rmcore", i + 1, mine), ("TRL", i + 1, theirs)]
             ratios.append(mine["tokens_per_s"] / theirs["tokens_per_s"])
-        print(f"\n{precision}, {a.pairs} pairs, batch 8, max length 512, lr 3e-4 linear, 1 epoch")
-        print("| side | run | real tokens/s | padding | peak RSS (GB) | final loss | held-out acc |")
-        print("|---|---|---|---|---|---|---|")
+        print(f"\n{precision}, {pairs} pairs, batch 8, max length 512, lr {lr:g} linear, 1 epoch, held-out "
+              f"{held_out}{', rmcore ' + ' '.join(a.rmcore_args) if a.rmcore_args else ''}")
+        print("| side | run | real tokens/s | padding | peak RSS (GB) | final loss | held-out acc | utilisation |")
+        print("|---|---|---|---|---|---|---|---|")
         for side, i, r in rows:
+            used = f"{6 * n_params * r['tokens_per_s'] / (rate * 1e9):.0%}" if n_params and precision == "fp32" else "-"
             print(f"| {side} | {i} | {r['tokens_per_s']:.0f} | {r['padding']:.1%} | {r['rss_gb']:.2f} | "
-                  f"{r['loss']:.4f} | {r['acc']:.2%} |")
+                  f"{r['loss']:.4f} | {r['acc']:.2%} | {used} |")
         print(f"rmcore/TRL real tokens/s: {', '.join(f'{x:.2f}' for x in ratios)}; "
               f"median {statistics.median(ratios):.2f}")
 
