@@ -62,67 +62,6 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
-    # ---- HF LLaMA config.json <-> ModelConfig
-    @classmethod
-    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
-        if hf.get("model_type", "llama") != "llama":
-            raise ValueError(f"{source}: model_type {hf.get('model_type')!r}, expected 'llama'")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"{source}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported, "
-                             "only the default (unscaled) RoPE")
-        head_dim = hf.get("head_dim")
-        if head_dim is not None and head_dim != hf["hidden_size"] // hf["num_attention_heads"]:
-            raise ValueError(f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads")
-        for flag in ("attention_bias", "mlp_bias"):
-            if hf.get(flag):
-                raise ValueError(f"{source}: {flag}=true is not supported")
-        pad = hf.get("pad_token_id")
-        eos = hf.get("eos_token_id", 2)
-        return cls(
-            vocab_size=hf["vocab_size"],
-            dim=hf["hidden_size"],
-            n_layers=hf["num_hidden_layers"],
-            n_heads=hf["num_attention_heads"],
-            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            ffn_dim=hf["intermediate_size"],
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-            max_seq_len=hf.get("max_position_embeddings", 2048),
-            tie_embeddings=hf.get("tie_word_embeddings", False),
-            bos_id=hf.get("bos_token_id", 1),
-            eos_id=eos[0] if isinstance(eos, list) else eos,
-            # OpenLLaMA ships no pad token; unk (0) is its HF pad and is distinct from EOS
-            pad_id=0 if pad is None else pad,
-            # HF keeps a classifier's label count as id2label; a causal LM's labels mean nothing
-            reward_heads=(len(hf.get("id2label") or {0: ""})
-                          if RewardModel.hf_architecture in hf.get("architectures", []) else 1),
-        )
-
-    def to_hf(self, architecture: str) -> dict:
-        return {
-            "architectures": [architecture],
-            "model_type": "llama",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.dim,
-            "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim,
-            "intermediate_size": self.ffn_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
-            "max_position_embeddings": self.max_seq_len,
-            "tie_word_embeddings": self.tie_embeddings,
-            "attention_bias": False,
-            "mlp_bias": False,
-            "bos_token_id": self.bos_id,
-            "eos_token_id": self.eos_id,
-            "pad_token_id": self.pad_id,
-        }
-
 
 # ---------------------------------------------------------------------------------------------------- layers
 class RMSNorm(nn.Module):

@@ -39,6 +39,68 @@ def rmcore_to_hf_key(key: str) -> str:
     return key
 
 
+def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+    """The architecture an HF LLaMA config.json describes; what rmcore cannot run is an error naming source."""
+    if hf.get("model_type", "llama") != "llama":
+        raise ValueError(f"{source}: model_type {hf.get('model_type')!r}, expected 'llama'")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"{source}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported, "
+                         "only the default (unscaled) RoPE")
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim != hf["hidden_size"] // hf["num_attention_heads"]:
+        raise ValueError(f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise ValueError(f"{source}: {flag}=true is not supported")
+    pad = hf.get("pad_token_id")
+    eos = hf.get("eos_token_id", 2)
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        dim=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        ffn_dim=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        bos_id=hf.get("bos_token_id", 1),
+        eos_id=eos[0] if isinstance(eos, list) else eos,
+        # OpenLLaMA ships no pad token; unk (0) is its HF pad and is distinct from EOS
+        pad_id=0 if pad is None else pad,
+        # HF keeps a classifier's label count as id2label; a causal LM's labels mean nothing
+        reward_heads=(len(hf.get("id2label") or {0: ""})
+                      if RewardModel.hf_architecture in hf.get("architectures", []) else 1),
+    )
+
+def config_to_hf(cfg: ModelConfig, architecture: str) -> dict:
+    """The HF LLaMA config.json of an architecture, for `architecture` (LlamaForCausalLM, ...)."""
+    return {
+        "architectures": [architecture],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.ffn_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "max_position_embeddings": cfg.max_seq_len,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": cfg.bos_id,
+        "eos_token_id": cfg.eos_id,
+        "pad_token_id": cfg.pad_id,
+    }
+
+
 def read_hf_config(path: Path) -> dict:
     """config.json of an HF-format directory; every reader of a model's config comes here, so a folder without one
     is reported the same way everywhere."""
@@ -130,7 +192,7 @@ def load_pretrained(cls, path, *, dtype: torch.dtype | None = None, device="cpu"
             raise CheckpointError(f"{e} (base model {path})") from None
         model.load_state_dict({k: v.to(device) for k, v in merged.items()}, strict=True)
         return model
-    cfg = with_reward_heads(ModelConfig.from_hf(read_hf_config(path), source=str(path / "config.json")), cls,
+    cfg = with_reward_heads(config_from_hf(read_hf_config(path), source=str(path / "config.json")), cls,
                             reward_heads, new_head=new_head, source=str(path))
     dtype = dtype or torch.float32
     with torch.device("meta"):
@@ -243,7 +305,7 @@ def save_pretrained(model, path, *, state_dict: dict | None = None, max_shard_by
 
 
 def hf_config(model, dtype: torch.dtype, extra_config: dict | None = None) -> dict:
-    hf = model.cfg.to_hf(model.hf_architecture)
+    hf = config_to_hf(model.cfg, model.hf_architecture)
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     if isinstance(model, RewardModel):
         # HF's default name for one label; a length-disentangled model's heads by name

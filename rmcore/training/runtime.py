@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from rmcore.interop.hf_checkpoint import load_pretrained, read_hf_config, with_reward_heads
+from rmcore.interop.hf_checkpoint import config_from_hf, load_pretrained, read_hf_config, with_reward_heads
 from rmcore.interop.hub import resolve_model
 from rmcore.lora import LoraConfig, adapters_disabled, apply_lora
 from rmcore.model import ModelConfig
@@ -86,7 +86,7 @@ def build_model(cls, dist: Dist, *, init_from: str | None = None, architecture: 
     if not dist.enabled:
         model = full_model().to(dist.device)
     else:
-        cfg = (with_reward_heads(ModelConfig.from_hf(read_hf_config(resolve_model(init_from))), cls, reward_heads,
+        cfg = (with_reward_heads(config_from_hf(read_hf_config(resolve_model(init_from))), cls, reward_heads,
                                  new_head=new_head, source=init_from) if init_from else architecture)
         with torch.device("meta"):
             model = cls(cfg)
