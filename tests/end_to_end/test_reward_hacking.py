@@ -20,13 +20,14 @@ import ppo
 import raft
 import train
 from helpers import rewards as helper_rewards
-from helpers.runs import args, assert_same_weights, ppo_args, raft_args, records, torchrun, weights
+from helpers.runs import args, assert_same_weights, ppo_args, raft_args, records, torchrun, weights, without_times
 
 GOLD_KEYS = ("gold_first", "gold_all", "gold_kept", "objective/gold_scores", "held_out_gold")
 
 
 def without_gold(history):
-    return [{k: v for k, v in h.items() if k not in GOLD_KEYS} for h in history]
+    """A history without the gold judge's figures and the seconds each phase took."""
+    return [{k: v for k, v in h.items() if k not in GOLD_KEYS} for h in without_times(history)]
 
 
 @pytest.mark.parametrize("script", ["raft", "ppo"])

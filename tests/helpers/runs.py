@@ -54,11 +54,14 @@ def records(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-def history(out, name):
-    """A run's name_history.json (name: raft or ppo) without the seconds each phase took (time/*): what a resumed
-    run must reproduce exactly."""
-    rows = json.loads((Path(out) / f"{name}_history.json").read_text())
+def without_times(rows):
+    """History rows without the seconds each phase took (time/*): what a second run must reproduce exactly."""
     return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+
+
+def history(out, name):
+    """A run's name_history.json (name: raft or ppo) without_times."""
+    return without_times(json.loads((Path(out) / f"{name}_history.json").read_text()))
 
 
 def conflicting_keys(out):
