@@ -62,27 +62,35 @@ def build_135m(out: Path, source: Path) -> tuple[Path, int]:
                          f"--out {source}")
     torch.manual_seed(0)
     model = LlamaForSequenceClassification.from_pretrained(source, num_labels=1, dtype=torch.float32)
-    n = sum(p.numel() for p in model.parameters())
+    # the embedding is a lookup, not a matmul: N counts the rest (the reward model has no LM head)
+    n = sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()
     if not (model_dir / "config.json").is_file():
         model.save_pretrained(model_dir)
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (source / name).is_file():
                 shutil.copy(source / name, model_dir / name)
-    print(f"model: {n / 1e6:.1f}M parameters (SmolLM2-135M-Instruct's trunk, a fresh value head)")
+    print(f"model: N = {n / 1e6:.1f}M matmul parameters (SmolLM2-135M-Instruct's trunk without its embedding, a "
+          f"fresh value head)")
     return model_dir, n
 
 
 def matmul_rate() -> float:
-    """fp32 GFLOP/s of a 2048 x 2048 torch.matmul, the best of 5 after a warm-up."""
+    """fp32 GFLOP/s of an n x n torch.matmul on DEVICE (n = 2048 on a CPU, 8192 on a GPU), the best of 5 after a
+    warm-up."""
     import torch
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    n = 8192 if DEVICE == "cuda" else 2048
+    a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
     a @ b
     best = float("inf")
     for _ in range(5):
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         a @ b
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
-    return 2 * 2048 ** 3 / best / 1e9
+    return 2 * n ** 3 / best / 1e9
 
 
 def build(out: Path, pairs: int) -> Path:
@@ -176,7 +184,8 @@ def trl_child(model_dir: str, out: str, pairs: int, precision: str, held_out: st
         slots += batch["attention_mask"].numel()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     acc = trainer.evaluate()["eval_accuracy"]
-    print(json.dumps({"tokens_per_s": real / elapsed, "padding": 1 - real / slots, "loss": losses[-1], "acc": acc}))
+    print(json.dumps({"tokens_per_s": real / elapsed, "padding": 1 - real / slots, "loss": losses[-1] if losses else float("nan"),
+                      "acc": acc}))
 
 
 def main():
@@ -210,7 +219,7 @@ def main():
     else:
         model_dir, n_params = build(out, pairs), None
     rate = matmul_rate()
-    print(f"fp32 matmul rate (2048^3): {rate:.1f} GFLOP/s")
+    print(f"fp32 matmul rate ({DEVICE}): {rate:.1f} GFLOP/s")
     for precision in a.precision or ["fp32"] + (["bf16"] if native_bf16() else []):
         rows, ratios = [], []
         for i in range(a.repeats):
