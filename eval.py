@@ -12,6 +12,8 @@
     python eval.py serve --model DIR [--port 8000] [--normalize]  # the reward over HTTP: raft.reward=http://host:8000
     python eval.py label --input runs/compare/compare.json --out runs/label   # blind A/B judgments by people
     python eval.py label --out runs/label --report [--judge RM_DIR]          # their win rates, agreement
+    python eval.py toxicity --policy SFT --policy RLHF --prompts FILE --scorer profanity --out runs/toxicity
+                                  # RealToxicityPrompts' figures: K = 25 continuations of <= 20 tokens, top-p 0.9
     python eval.py ... --head sum          # a length-disentangled reward model (ODIN): quality (default), length, sum
     torchrun --nproc_per_node=N eval.py ...                     # each rank scores a share of the batches
 
@@ -29,6 +31,13 @@ from pathlib import Path
 
 from rmcore.align.compare import compare_markdown, compare_policies
 from rmcore.align.rewards import checked_rewards, load_reward
+from rmcore.align.toxicity import (
+    ToxicitySettings,
+    evaluate_toxicity,
+    plot_toxicity,
+    read_toxicity_prompts,
+    toxicity_markdown,
+)
 from rmcore.data.datasets import tokenize_pairs
 from rmcore.data.files import iter_records
 from rmcore.data.formats import read_examples, require_data
@@ -40,6 +49,7 @@ from rmcore.eval.plots import plot_report
 from rmcore.eval.ranked_report import evaluate_ranked_file, ranked_line
 from rmcore.eval.report import evaluate_pairs, markdown_report
 from rmcore.eval.scorer import READ_HEADS, ImplicitRewardScorer, RewardScorer, write_normalization
+from rmcore.interop.hub import is_hub_id
 from rmcore.serving.json_http import serve_until_interrupted, start
 from rmcore.serving.label_server import label_handler
 from rmcore.serving.reward_server import RewardService, reward_handler
@@ -103,11 +113,36 @@ def evaluate(args, dist) -> dict:
 
 
 def score(args, dist):
+    if not (Path(args.model).is_dir() or is_hub_id(args.model)):  # any other reward spec: a classifier, a function
+        return score_with_reward(args, dist)
     scorer = RewardScorer(args.model, batch_size=args.batch_size, max_length=args.max_length, truncate=args.truncate,
                           dist=dist, head=args.head)
+    rewards = scorer.score(read_score_input(args.input), normalize=args.normalize, progress=True)
+    if dist.is_main:
+        write_scores(args.output, rewards)
+        used = f"normalised with {scorer.normalization()}" if args.normalize else "raw (not normalised)"
+        print(f"scored {len(rewards)} texts -> {args.output}; rewards {used}; template {scorer.template.to_dict()} "
+              f"({scorer.template_source}); {scorer.truncated} truncated from the left")
+    return rewards
+
+
+def score_with_reward(args, dist) -> list[float]:
+    """score's input scored by a reward spec that is not a reward model (classifier:..., profanity, module:function,
+    http://...): a `text` line is scored as a response to an empty prompt."""
+    reward = load_reward(args.model, dist.device, normalize=args.normalize, head=args.head)
+    items = [("", item) if isinstance(item, str) else item for item in read_score_input(args.input)]
+    rewards = checked_rewards(reward, [p for p, _ in items], [r for _, r in items], source=args.model)
+    if dist.is_main:
+        write_scores(args.output, rewards)
+        print(f"scored {len(rewards)} texts with {args.model} -> {args.output}")
+    return rewards
+
+
+def read_score_input(path: str) -> list:
+    """score's input lines, each a `text` string or a (`prompt`, `response`) pair."""
     items = []
     # output i is input line i: a blank or unscorable line is an error, never skipped
-    for where, record in iter_records(args.input, blank_lines="error"):
+    for where, record in iter_records(path, blank_lines="error"):
         if isinstance(record, DataError):
             raise record
         if isinstance(record, dict) and isinstance(record.get("text"), str):
@@ -120,15 +155,13 @@ def score(args, dist):
             items.append((record["prompt"], record["response"]))
         else:
             raise DataError(f"{where}: expected a `text` string, or `prompt` and `response` strings")
-    rewards = scorer.score(items, normalize=args.normalize, progress=True)
-    if dist.is_main:
-        with open(args.output, "w") as f:
-            for i, r in enumerate(rewards):
-                f.write(json.dumps({"index": i, "reward": r}) + "\n")
-        used = f"normalised with {scorer.normalization()}" if args.normalize else "raw (not normalised)"
-        print(f"scored {len(rewards)} texts -> {args.output}; rewards {used}; template {scorer.template.to_dict()} "
-              f"({scorer.template_source}); {scorer.truncated} truncated from the left")
-    return rewards
+    return items
+
+
+def write_scores(path: str, rewards: list[float]) -> None:
+    with open(path, "w") as f:
+        for i, r in enumerate(rewards):
+            f.write(json.dumps({"index": i, "reward": r}) + "\n")
 
 
 def normalize(args, dist):
@@ -170,6 +203,29 @@ def compare(args, dist) -> dict:
         (out / "compare.md").write_text(compare_markdown(r, args.show) + "\n")
         print(compare_markdown(r, 0))
         print(f"wrote {out / 'compare.json'} and {out / 'compare.md'}")
+    return r
+
+
+def toxicity(args, dist) -> dict:
+    """RealToxicityPrompts' figures for each policy (rmcore/align/toxicity.py), written once all are measured."""
+    settings = ToxicitySettings(k=args.k, max_new_tokens=args.max_new_tokens, top_p=args.top_p,
+                                temperature=args.temperature, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
+                                batch_size=args.generation_batch_size, resamples=args.resamples)
+    settings.check()  # before anything is read
+    prompts = read_toxicity_prompts(args.prompts, sample_size=args.sample, seed=args.seed,
+                                    challenging=args.challenging, min_prompt_toxicity=args.min_prompt_toxicity)
+    say(dist, prompts.report.summary())
+    r = evaluate_toxicity(args.policy, prompts, scorer=args.scorer, settings=settings, judge=args.judge,
+                          device=dist.device)
+    if dist.is_main:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "toxicity.json").write_text(json.dumps(r, indent=1) + "\n")
+        (out / "toxicity.md").write_text(toxicity_markdown(r, args.show) + "\n")
+        plot = plot_toxicity(r, out / "toxicity.png")
+        print(toxicity_markdown(r, 0))
+        print(f"wrote {out / 'toxicity.json'}, {out / 'toxicity.md'}" + (f", {plot}" if plot else
+                                                                          " (no plot: matplotlib not installed)"))
     return r
 
 
@@ -216,7 +272,8 @@ def model_name(path: str) -> str:
 
 
 def parse(argv):
-    command = argv[0] if argv and argv[0] in ("score", "normalize", "compare", "serve", "label") else "evaluate"
+    command = argv[0] if argv and argv[0] in ("score", "normalize", "compare", "serve", "label",
+                                                 "toxicity") else "evaluate"
     argv = argv[1:] if command != "evaluate" else argv
     p = argparse.ArgumentParser(prog=f"eval.py{'' if command == 'evaluate' else ' ' + command}")
     if command == "evaluate":
@@ -237,7 +294,9 @@ def parse(argv):
         p.add_argument("--wandb", choices=["disabled", "offline", "online"], default="disabled")
         p.add_argument("--project", default="rmcore")
     elif command == "score":
-        p.add_argument("--model", required=True)
+        p.add_argument("--model", required=True,
+                       help="a reward model (directory or hub id), or any reward spec: classifier:<model>[:<label>], "
+                            "profanity, module:function, http://host:port")
         p.add_argument("--input", required=True)
         p.add_argument("--output", required=True)
         p.add_argument("--normalize", action="store_true", help="apply the statistics stored by `eval.py normalize`")
@@ -259,6 +318,30 @@ def parse(argv):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--tie-epsilon", type=float, default=0.0, help="a reward difference within this is a tie")
         p.add_argument("--show", type=int, default=20, help="side-by-side samples in compare.md")
+    elif command == "toxicity":
+        p.add_argument("--policy", action="append", required=True,
+                       help="a policy directory or hub id (repeatable: the first is the baseline of the paired "
+                            "comparisons)")
+        p.add_argument("--prompts", action="append", required=True,
+                       help="RealToxicityPrompts rows (hf://datasets/allenai/real-toxicity-prompts/prompts.jsonl, "
+                            "continued as plain text) or an rmcore prompt file (chat template), optionally sliced")
+        p.add_argument("--scorer", default="profanity",
+                       help="profanity (offline) or classifier:<model>[:<label>], e.g. classifier:unitary/toxic-bert")
+        p.add_argument("--sample", type=int, help="a seeded random sample of this many prompts (default: all)")
+        p.add_argument("--challenging", action="store_true", help="RealToxicityPrompts' challenging subset only")
+        p.add_argument("--min-prompt-toxicity", type=float,
+                       help="RealToxicityPrompts rows whose prompt.toxicity is above this only")
+        p.add_argument("--k", type=int, default=25, help="continuations per prompt")
+        p.add_argument("--max-new-tokens", type=int, default=20)
+        p.add_argument("--top-p", type=float, default=0.9)
+        p.add_argument("--temperature", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=0, help="the sample of prompts, the sampling and the bootstrap")
+        p.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are dropped and counted")
+        p.add_argument("--generation-batch-size", type=int, default=64, help="rows sampled at once")
+        p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the prompts")
+        p.add_argument("--judge", help="a reward model: its mean reward of the continuations, reported beside")
+        p.add_argument("--show", type=int, default=5, help="most toxic continuations listed per policy")
+        p.add_argument("--out", default="runs/toxicity")
     elif command == "serve":
         p.add_argument("--model", required=True)
         p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to answer other machines (no authentication)")
@@ -281,7 +364,7 @@ def parse(argv):
     else:
         p.add_argument("--model", required=True)
         p.add_argument("--data", action="append", help="reference file(s); default: the model's training data")
-    if command not in ("score", "compare", "serve", "label"):
+    if command not in ("score", "compare", "serve", "label", "toxicity"):
         p.add_argument("--format", default="auto")
         p.add_argument("--skip-bad-lines", action="store_true")
     p.add_argument("--batch-size", type=int, default=16)
@@ -308,7 +391,7 @@ def main(argv):
     command, args = parse(argv)
     dist = init_distributed(args.device)
     return {"evaluate": evaluate, "score": score, "normalize": normalize, "compare": compare,
-            "serve": serve, "label": label}[command](args, dist)
+            "serve": serve, "label": label, "toxicity": toxicity}[command](args, dist)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ Prompts are in HH form ("\\n\\nHuman: ...\\n\\nAssistant:"), responses are plain
   - "module:function": any Python callable with that signature (rule-based or verifiable rewards, test rewards);
   - "http://host:port": a reward model served by `eval.py serve` (rmcore/serving/reward_client.py), with a timeout
     and retries;
+  - "classifier:<model>[:<label>]" and "profanity": a text classifier's probability of toxicity
+    (rmcore/align/classifiers.py);
+any of them negated or scaled ("-profanity", "0.5*classifier:unitary/toxic-bert": minimise toxicity in one line);
 and several of them as one ensemble (EnsembleReward: mean, min, or mean - lam * std of the members).
 Under torchrun each rank scores its own samples: no collective is involved.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -22,6 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from rmcore.align.classifiers import ProfanityReward, classifier_from_spec
 from rmcore.errors import ConfigError, RewardError
 from rmcore.eval.scorer import RewardScorer
 from rmcore.interop.hub import is_hub_id
@@ -47,11 +52,37 @@ class ModelReward:
         return self.scorer.score(list(zip(prompts, responses)), normalize=self.normalize)
 
 
+class ScaledReward:
+    """scale * another reward ("-SPEC": scale -1), the inner reward checked as any reward is."""
+
+    def __init__(self, inner: RewardFn, scale: float, spec: str):
+        self.inner, self.scale, self.spec = inner, scale, spec
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return [self.scale * r for r in checked_rewards(self.inner, prompts, responses, source=self.spec)]
+
+
+# "-SPEC", "SCALE*SPEC" or "-SCALE*SPEC" around any other spec
+SCALED = re.compile(r"(?P<sign>-)?(?:(?P<scale>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\*)?(?P<inner>.+)")
+
+
 def load_reward(spec: str, device="cpu", *, dtype: torch.dtype | None = None, normalize: bool = False,
                 head: str = "quality", timeout: float = 60.0, retries: int = 3) -> RewardFn:
     """A reward model directory or hub id (head: what a length-disentangled one's reward is), a reward server's URL
-    (timeout in seconds per request, retries after the first try), or "module:function" naming a callable
-    (prompts, responses) -> rewards."""
+    (timeout in seconds per request, retries after the first try), a text classifier (classifier:<model>[:<label>],
+    profanity), or "module:function" naming a callable (prompts, responses) -> rewards; "-" or "SCALE*" in front
+    scales any of them."""
+    scaled = SCALED.fullmatch(spec)
+    if (scaled["sign"] or scaled["scale"]) and not Path(spec).exists():
+        scale = (-1.0 if scaled["sign"] else 1.0) * float(scaled["scale"] or 1.0)
+        inner = load_reward(scaled["inner"], device, dtype=dtype, normalize=normalize, head=head, timeout=timeout,
+                            retries=retries)
+        return ScaledReward(inner, scale, spec)
+    if spec == "profanity" or spec.startswith("classifier:"):
+        if normalize:
+            raise ConfigError(f"reward {spec!r}: normalize applies to a reward model's stored statistics, not to a "
+                              f"classifier's probability")
+        return ProfanityReward() if spec == "profanity" else classifier_from_spec(spec, device)
     if is_url(spec):
         return HTTPReward(spec, timeout=timeout, retries=retries, head=head, normalize=normalize)
     if Path(spec).is_dir() or is_hub_id(spec):
@@ -59,7 +90,7 @@ def load_reward(spec: str, device="cpu", *, dtype: torch.dtype | None = None, no
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
         raise ConfigError(f"reward {spec!r}: expected a reward model directory, a hub id (org/name), a reward "
-                          f"server's http://host:port or module:function")
+                          f"server's http://host:port, classifier:<model>[:<label>], profanity or module:function")
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:

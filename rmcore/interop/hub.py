@@ -43,6 +43,10 @@ MODEL_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "
                "pytorch_model.bin.index.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
 
+# What transformers reads of a text classifier (rmcore/align/classifiers.py): the tokenizers of BERT, RoBERTa and
+# sentencepiece models besides rmcore's own files
+CLASSIFIER_FILES = MODEL_FILES + ["vocab.txt", "vocab.json", "merges.txt", "*.model", "added_tokens.json"]
+
 _resolved: dict[str, str] = {}  # id as written -> commit hash, for every id resolved in this process
 _folders: dict[tuple, Path] = {}  # (repo, revision, kind, patterns) -> snapshot folder: one resolution per process
 
@@ -52,16 +56,17 @@ def is_hub_id(spec) -> bool:
     return HUB_ID.fullmatch(str(spec)) is not None
 
 
-def resolve_model(spec) -> Path:
-    """A local path (directory or file) as it is; otherwise a hub id, downloaded (the files rmcore reads) into the HF
-    cache, whose snapshot folder is returned. Anything else is returned as a path, for the caller to report."""
+def resolve_model(spec, files: list[str] = MODEL_FILES) -> Path:
+    """A local path (directory or file) as it is; otherwise a hub id, downloaded (`files`: by default those rmcore
+    reads) into the HF cache, whose snapshot folder is returned. Anything else is returned as a path, for the caller
+    to report."""
     path = Path(spec)
     if path.exists():
         return path
     match = HUB_ID.fullmatch(str(spec))
     if match is None:
         return path
-    return _snapshot(str(spec), match["repo"], match["revision"], "model", MODEL_FILES)
+    return _snapshot(str(spec), match["repo"], match["revision"], "model", files)
 
 
 def resolve_data(spec: str) -> list[tuple[str, Path]]:
