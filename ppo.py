@@ -18,7 +18,8 @@ Each iteration, top to bottom in `ppo` below:
      only). Not done where the math does not read it: the reference with beta 0; the separate pass for the old
      log-probs when one optimizer step follows each rollout and the advantages do not read them (TRL's shortcut);
   2. score the text, minus ppo.missing_eos_penalty for a response cut at the length limit, clipped (ppo.score_clip);
-     a gold judge (ppo.gold_reward), if any, scores the same responses for the log only (objective/gold_scores);
+     a gold judge (ppo.gold_reward) and a toxicity scorer (ppo.toxicity), if any, score the same responses for the
+     log only (objective/gold_scores, objective/toxicity);
   3. per-token rewards: the score at the last real token, and -beta * kl_t (k1 or k3) on every token when the KL
      is in the reward (ppo.kl_in); beta fixed or adaptive;
   4. advantages from ppo.advantage, a name of rmcore.rl.ADVANTAGE_ESTIMATORS: gae (critic), rloo or grpo (K
@@ -158,7 +159,8 @@ def ppo(cfg: PpoTrainConfig) -> list[dict]:
         # 2. score
         ended = torch.tensor(samples.stopped, device=dist.device)
         raw_scores = torch.tensor(run.score(samples.prompts, samples.responses, iteration=it), device=dist.device)
-        gold = run.gold_scores(samples.prompts, samples.responses, iteration=it)  # logged only
+        logged = {"objective/gold_scores": run.gold_scores(samples.prompts, samples.responses, iteration=it),
+                  "objective/toxicity": run.toxicity_scores(samples.prompts, samples.responses, iteration=it)}
         scores = shape_scores(raw_scores, ended, ppo_cfg.missing_eos_penalty, ppo_cfg.score_clip)
         clock.lap("score")
         # 3. per-token rewards and 4. advantages, with statistics over every rank; the KL of the rollout (zero
@@ -196,7 +198,7 @@ def ppo(cfg: PpoTrainConfig) -> list[dict]:
         if old_from_update and logp_ref is not None:
             kl = kl_of(logp_old, logp_ref) * mask
         # 6. figures, beta, log, export, checkpoint
-        stats.update(rollout_stats(exp, raw_scores=raw_scores, scores=scores, ended=ended, kl=kl, gold=gold,
+        stats.update(rollout_stats(exp, raw_scores=raw_scores, scores=scores, ended=ended, kl=kl, logged=logged,
                                    beta_in_reward=beta if kl_in == "reward" else 0.0, has_critic=critic is not None,
                                    eos_id=tok.eos_id, dist=dist))
         every_response = gather_objects(samples.tokens)
@@ -212,8 +214,11 @@ def ppo(cfg: PpoTrainConfig) -> list[dict]:
                                        "KL to the reference (per response)": ["objective/kl_k1", "objective/kl_k3"],
                                        "proxy and gold score against the KL": ["objective/scores_raw",
                                                                                "objective/gold_scores"],
-                                       "response tokens": ["response_length"]},
-                          plot_against={"proxy and gold score against the KL": "objective/kl_k1"})
+                                       "response tokens": ["response_length"],
+                                       "toxicity of the responses": ["objective/toxicity"],
+                                       "toxicity against the KL": ["objective/toxicity"]},
+                          plot_against={"proxy and gold score against the KL": "objective/kl_k1",
+                                        "toxicity against the KL": "objective/kl_k1"})
     trainer.export_and_close(tok, policy)
     return history
 
@@ -308,11 +313,12 @@ def update_stats(per_minibatch: list[dict], ratio_means: list[float]) -> dict[st
 
 
 def rollout_stats(exp: Experience, *, raw_scores: torch.Tensor, scores: torch.Tensor, ended: torch.Tensor,
-                  kl: torch.Tensor, gold: list[float] | None, beta_in_reward: float, has_critic: bool, eos_id: int,
-                  dist: Dist) -> dict:
+                  kl: torch.Tensor, logged: dict[str, list[float] | None], beta_in_reward: float, has_critic: bool,
+                  eos_id: int, dist: Dist) -> dict:
     """The rollout's figures over every rank: per-response sums averaged over responses (TRL's objective/*; the
-    non-score reward is the KL penalty inside the reward, 0 when the KL is in the loss; the gold judge's score of
-    the same responses), the critic's explained variance over real tokens, length and how responses ended."""
+    non-score reward is the KL penalty inside the reward, 0 when the KL is in the loss; `logged`: the gold judge's and
+    the toxicity scorer's scores of the same responses, where there are), the critic's explained variance over real
+    tokens, length and how responses ended."""
     batch, logp_old, logp_ref = exp.batch, exp.logp_old, exp.logp_ref
     mask = batch.response_mask
     lengths = mask.sum(-1)
@@ -325,7 +331,7 @@ def rollout_stats(exp: Experience, *, raw_scores: torch.Tensor, scores: torch.Te
         "objective/entropy": (-logp_old * mask).sum(-1),  # TRL's: minus the sampled tokens' log-probs, summed
         "objective/non_score_reward": (-beta_in_reward * kl).sum(-1), "response_length": lengths,
         "no_eos_fraction": (~ended).float(), "val/num_eos_tokens": (last == eos_id).float(),
-        **({"objective/gold_scores": torch.tensor(gold)} if gold is not None else {}),
+        **{name: torch.tensor(values) for name, values in logged.items() if values is not None},
     }
     keys = list(per_response)
     sums = all_reduce_sum([float(per_response[k].sum()) for k in keys] + [len(scores)], dist.device)

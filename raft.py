@@ -7,7 +7,8 @@ Each iteration, top to bottom in `raft` below:
   1. draw raft.prompts_per_iter prompts (each rank an equal share) and sample raft.k responses per prompt with the
      current policy, each cut at its stop (EOS or a stop string);
   2. score every sample with the reward: a reward model directory or a Python function (rmcore/align/rewards.py),
-     or an ensemble of them; a gold judge (raft.gold_reward), if any, scores the same samples for the log only;
+     or an ensemble of them; a gold judge (raft.gold_reward) and a toxicity scorer (raft.toxicity), if any, score
+     the same samples for the log only;
   3. leave degenerate samples out (empty, cut at the length limit, writing a turn marker: counted by reason) and
      keep the best of each prompt's K (selection=local) or the top 1/K (raft.keep_fraction) of all samples
      (selection=global); an iteration that keeps none is a warning, raft.max_empty_iterations in a row a stop;
@@ -67,6 +68,7 @@ def raft(cfg: RaftTrainConfig) -> list[dict]:
         # 2. score, 3. discard and select
         rewards = np.array(run.score(samples.prompts, samples.responses, iteration=it))
         gold = run.gold_scores(samples.prompts, samples.responses, iteration=it)  # logged only
+        toxicity = run.toxicity_scores(samples.prompts, samples.responses, iteration=it)  # logged only
         reasons = [discard_reason(r, stopped, run.template, tuple(cfg.raft.discard))
                    for r, stopped in zip(samples.responses, samples.stopped)]
         valid = np.array([x is None for x in reasons])
@@ -89,7 +91,8 @@ def raft(cfg: RaftTrainConfig) -> list[dict]:
         stats = iteration_stats(gather_objects([
             {"first": j % k == 0, "reward": float(rewards[j]), "kept": j in kept_rows, "reason": reasons[j],
              "tokens": samples.tokens[j], "stopped": samples.stopped[j], "kl": kl[j],
-             "gold": gold[j] if gold else None} for j in range(len(rewards))]))
+             "gold": gold[j] if gold else None, "toxicity": toxicity[j] if toxicity else None}
+            for j in range(len(rewards))]))
         check_kept(stats, history, cfg, log=trainer.log)
         # 4. fine-tune on every rank's kept pairs
         pairs = gather_objects([(samples.prompts[j], samples.responses[j]) for j in kept])
@@ -115,8 +118,11 @@ def raft(cfg: RaftTrainConfig) -> list[dict]:
         run.end_iteration(trainer, policy, iteration=it, step=step, history=history, extra_state={},
                           plot_panels={"reward": ["reward_first", "reward_kept", "held_out_reward", "held_out_gold"],
                                        "proxy and gold reward against the KL to the start": ["reward_first",
-                                                                                              "gold_first"]},
-                          plot_against={"proxy and gold reward against the KL to the start": "kl_start_all"})
+                                                                                              "gold_first"],
+                                       "toxicity of the samples": ["toxicity_all", "toxicity_kept"],
+                                       "toxicity against the KL to the start": ["toxicity_all"]},
+                          plot_against={"proxy and gold reward against the KL to the start": "kl_start_all",
+                                        "toxicity against the KL to the start": "kl_start_all"})
     trainer.export_and_close(tok)
     return history
 
@@ -142,8 +148,8 @@ def check_kept(stats: dict, history: list[dict], cfg: RaftTrainConfig, *, log):
 
 def iteration_stats(rows: list[dict]) -> dict:
     """One iteration's figures from every rank's samples: rewards (first sample per prompt: an unbiased estimate of
-    the policy; all; kept) and the gold judge's of the same samples, length, diversity, what was discarded and why,
-    KL to the starting policy."""
+    the policy; all; kept), the gold judge's and the toxicity scorer's of the same samples, length, diversity, what
+    was discarded and why, KL to the starting policy."""
     def mean(xs):
         xs = list(xs)
         return float(np.mean(xs)) if xs else float("nan")
@@ -161,6 +167,9 @@ def iteration_stats(rows: list[dict]) -> dict:
     if rows and rows[0]["gold"] is not None:
         stats.update({"gold_first": mean(r["gold"] for r in rows if r["first"]),
                       "gold_all": mean(r["gold"] for r in rows), "gold_kept": mean(r["gold"] for r in kept)})
+    if rows and rows[0]["toxicity"] is not None:
+        stats.update({"toxicity_all": mean(r["toxicity"] for r in rows),
+                      "toxicity_kept": mean(r["toxicity"] for r in kept)})
     for reason in ("empty", "truncated", "tag"):
         stats[f"discarded_{reason}"] = sum(r["reason"] == reason for r in rows)
     return stats

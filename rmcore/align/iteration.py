@@ -66,6 +66,7 @@ class AlignRun:
     held_out: PromptPool | None   # data.eval's prompts, answered greedily before each update and after the last
     reward: RewardFn
     gold: RewardFn | None         # the gold judge: logged beside the reward, never optimised
+    toxicity: RewardFn | None     # a toxicity scorer: its mean on the samples logged, never optimised
     # an ensemble's member std summed over this rank's samples of the iteration, and their count
     disagreement: list = field(default_factory=lambda: [0.0, 0])
 
@@ -97,8 +98,9 @@ class AlignRun:
             reward = load_reward(section.reward, dist.device, normalize=section.reward_normalize,
                                  head=section.reward_head, **http)
         gold = load_reward(section.gold_reward, dist.device, **http) if section.gold_reward else None
+        toxicity = load_reward(section.toxicity, dist.device, **http) if section.toxicity else None
         return cls(cfg=cfg, name=name, dist=dist, tokenizer=tokenizer, template=template, stop_strings=stops,
-                   prompts=prompts, held_out=held_out, reward=reward, gold=gold)
+                   prompts=prompts, held_out=held_out, reward=reward, gold=gold, toxicity=toxicity)
 
     @property
     def section(self) -> AlignConfig:
@@ -155,11 +157,21 @@ class AlignRun:
                     what: str = "samples") -> list[float] | None:
         """The gold judge's score of each (prompt, response), checked as the reward's are; None without a judge.
         Call it on exactly what the reward scored, and put the result in the statistics only."""
-        if self.gold is None:
+        return self._logged_only(self.gold, "gold_reward", prompts, responses, iteration=iteration, what=what)
+
+    def toxicity_scores(self, prompts: list[str], responses: list[str], *, iteration: int) -> list[float] | None:
+        """The toxicity scorer's score of each sample, as gold_scores: for the statistics only; None without one."""
+        return self._logged_only(self.toxicity, "toxicity", prompts, responses, iteration=iteration, what="samples")
+
+    def _logged_only(self, judge: RewardFn | None, setting: str, prompts: list[str], responses: list[str], *,
+                     iteration: int, what: str) -> list[float] | None:
+        """judge(prompts, responses) checked, with every random state as it was before (a run with a judge is
+        bit-identical to one without); None without a judge."""
+        if judge is None:
             return None
-        source = f"{self.name}.gold_reward={self.section.gold_reward} (iteration {iteration + 1}, {what})"
+        source = f"{self.name}.{setting}={getattr(self.section, setting)} (iteration {iteration + 1}, {what})"
         with random_states_kept(self.dist.device):
-            return checked_rewards(self.gold, prompts, responses, source=source)
+            return checked_rewards(judge, prompts, responses, source=source)
 
     def held_out_reward(self, policy, *, iteration: int) -> dict[str, float]:
         """{"held_out_reward": mean reward of greedy responses to the first eval_prompts held-out prompts, and

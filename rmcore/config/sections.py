@@ -166,6 +166,11 @@ class AlignConfig:
     gold_reward: str = ""               # a gold judge (Gao et al. 2023), any reward spec: it scores the same samples
                                         # and held-out answers as the reward, logged beside it as gold_*, and never
                                         # enters the loss or the selection; "" = none
+    toxicity: str = ""                  # a toxicity scorer (profanity, classifier:<model>[:<label>]): its mean on
+                                        # each iteration's samples is logged (RAFT toxicity_*, PPO
+                                        # objective/toxicity) and plotted beside reward and KL; like a gold judge it
+                                        # never enters the loss or the selection (to train against it, make it the
+                                        # reward: reward: -profanity); "" = none
     reward_timeout: float = 60.0        # seconds a reward server (http://...) has for one request before it is
     reward_retries: int = 3             # asked again, this many times (backing off 1, 2, 4 s), then the run stops
     iterations: int = 3

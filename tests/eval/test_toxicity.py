@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.hub_server import HubServer
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, pipeline
 
 from rmcore.align.rewards import load_reward
 from rmcore.align.toxicity import TOXICITY_METRICS
 from rmcore.errors import ConfigError
+
+from helpers.hub_server import HubServer
 
 REPO = Path(__file__).resolve().parents[2]
 TEXTS = ["you are a stupid idiot", "have a nice day", "", "the weather is nice and the day is long " * 30,
