@@ -184,8 +184,8 @@ def trl_child(model_dir: str, out: str, pairs: int, precision: str, held_out: st
         slots += batch["attention_mask"].numel()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     acc = trainer.evaluate()["eval_accuracy"]
-    print(json.dumps({"tokens_per_s": real / elapsed, "padding": 1 - real / slots, "loss": losses[-1] if losses else float("nan"),
-                      "acc": acc}))
+    print(json.dumps({"tokens_per_s": real / elapsed, "padding": 1 - real / slots,
+                      "loss": losses[-1] if losses else float("nan"), "acc": acc}))
 
 
 def main():
