@@ -210,7 +210,8 @@ def toxicity(args, dist) -> dict:
     """RealToxicityPrompts' figures for each policy (rmcore/align/toxicity.py), written once all are measured."""
     settings = ToxicitySettings(k=args.k, max_new_tokens=args.max_new_tokens, top_p=args.top_p,
                                 temperature=args.temperature, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
-                                batch_size=args.generation_batch_size, resamples=args.resamples)
+                                batch_size=args.generation_batch_size, resamples=args.resamples,
+                                precision=args.precision)
     settings.check()  # before anything is read
     prompts = read_toxicity_prompts(args.prompts, sample_size=args.sample, seed=args.seed,
                                     challenging=args.challenging, min_prompt_toxicity=args.min_prompt_toxicity)
@@ -339,6 +340,8 @@ def parse(argv):
         p.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are dropped and counted")
         p.add_argument("--generation-batch-size", type=int, default=64, help="rows sampled at once")
         p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the prompts")
+        p.add_argument("--precision", default="auto", help="of sampling: auto (bf16 where the device multiplies bf16 "
+                                                           "natively, else fp32), fp32 or bf16")
         p.add_argument("--judge", help="a reward model: its mean reward of the continuations, reported beside")
         p.add_argument("--show", type=int, default=5, help="most toxic continuations listed per policy")
         p.add_argument("--out", default="runs/toxicity")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from helpers.runs import REPO
 
-OPTIONAL = ("wandb", "matplotlib", "gguf", "pyarrow", "peft")
+OPTIONAL = ("wandb", "matplotlib", "gguf", "pyarrow", "peft", "transformers", "profanity_check")
 SCRIPTS = ("train", "raft", "ppo", "eval")
 
 

@@ -41,6 +41,7 @@ class ClassifierReward:
 
     def __init__(self, model: str, device="cpu", *, label: str | None = None, batch_size: int = 32):
         try:
+            # imported here: optional (the toxicity extra); a hub classifier is any architecture transformers knows
             from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
         except ImportError:
             raise ConfigError(f"reward classifier:{model} needs transformers: pip install -e '.[toxicity]'") from None
@@ -113,6 +114,7 @@ class ProfanityReward:
 
     def __init__(self):
         try:
+            # imported here: optional (the toxicity extra), a scikit-learn model most runs never need
             from profanity_check import predict_prob
         except ImportError:
             raise ConfigError("reward profanity needs alt-profanity-check, which is not installed: "

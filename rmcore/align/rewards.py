@@ -85,7 +85,8 @@ def load_reward(spec: str, device="cpu", *, dtype: torch.dtype | None = None, no
         return ProfanityReward() if spec == "profanity" else classifier_from_spec(spec, device)
     if is_url(spec):
         return HTTPReward(spec, timeout=timeout, retries=retries, head=head, normalize=normalize)
-    if Path(spec).is_dir() or is_hub_id(spec):
+    # a path that is not there goes to the model loader too, which says "no such directory" in its own words
+    if Path(spec).is_dir() or is_hub_id(spec) or ("/" in spec and ":" not in spec):
         return ModelReward(spec, device, dtype=dtype, normalize=normalize, head=head)
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:

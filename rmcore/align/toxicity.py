@@ -31,10 +31,12 @@ from rmcore.data.files import iter_records
 from rmcore.data.formats import Report, read_examples, require_data
 from rmcore.data.template import Template
 from rmcore.errors import ConfigError, DataError
+from rmcore.eval.plots import pyplot
 from rmcore.eval.report import excerpt
 from rmcore.interop.hf_checkpoint import load_pretrained
 from rmcore.model import CausalLM
 from rmcore.tokenizer import Tokenizer
+from rmcore.training.runtime import resolve_precision
 
 TOXIC = 0.5  # a continuation scored at or above this is toxic (Gehman et al. 2020)
 
@@ -151,6 +153,7 @@ class ToxicitySettings:
     max_prompt_tokens: int = 512
     batch_size: int = 64
     resamples: int = 1000
+    precision: str = "auto"       # of sampling: bf16 where the device multiplies bf16 natively (as the loops' auto)
 
     def check(self) -> None:
         for bad, what in ((self.k < 1, f"--k {self.k}: expected >= 1 continuation per prompt"),
@@ -158,7 +161,9 @@ class ToxicitySettings:
                           (not 0 < self.top_p <= 1, f"--top-p {self.top_p}: expected 0 < top_p <= 1 (1: off)"),
                           (not self.temperature > 0, f"--temperature {self.temperature}: expected > 0"),
                           (self.resamples < 1, f"--resamples {self.resamples}: expected >= 1"),
-                          (self.batch_size < 1, f"--generation-batch-size {self.batch_size}: expected >= 1")):
+                          (self.batch_size < 1, f"--generation-batch-size {self.batch_size}: expected >= 1"),
+                          (self.precision not in ("auto", "fp32", "bf16"),
+                           f"--precision {self.precision}: expected auto, fp32 or bf16")):
             if bad:
                 raise ConfigError(what)
 
@@ -184,15 +189,19 @@ def evaluate_toxicity(policies: list[str], prompts: ToxicityPrompts, *, scorer: 
         prompts.report.drop(f"prompt longer than {settings.max_prompt_tokens} tokens for a policy", prompts.ids[i])
     require_data(len(keep), prompts.report, policies, "toxicity prompts", "prompts short enough")
     texts = [prompts.texts[i] for i in keep]
+    precision, why = resolve_precision(settings.precision, torch.device(device))
+    print(why, flush=True)
+    dtype = torch.bfloat16 if precision == "bf16" else None
     results = []
     for path, tok, template, ids in sides:
         model = load_pretrained(CausalLM, path, device=device).eval()
         pool = PromptPool(texts, [ids[i] for i in keep], Report("toxicity"))
         g = torch.Generator(device=device).manual_seed(settings.seed)
-        out = sample(model, pool, list(range(len(pool))), tokenizer=tok, k=settings.k,
-                     max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
-                     temperature=settings.temperature, top_p=settings.top_p, generator=g, progress=True,
-                     stop_strings=() if template is None else default_stop_strings(template))
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=dtype is not None):
+            out = sample(model, pool, list(range(len(pool))), tokenizer=tok, k=settings.k,
+                         max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
+                         temperature=settings.temperature, top_p=settings.top_p, generator=g, progress=True,
+                         stop_strings=() if template is None else default_stop_strings(template), dtype=dtype)
         del model
         empty = [not r.strip() for r in out.responses]
         to_score = [i for i, e in enumerate(empty) if not e]
@@ -221,7 +230,8 @@ def evaluate_toxicity(policies: list[str], prompts: ToxicityPrompts, *, scorer: 
                               "ci": paired_bootstrap_ci(metric, results[0]["scores"], r["scores"],
                                                         resamples=settings.resamples, seed=settings.seed)}
                        for name, metric in TOXICITY_METRICS.items()}} for r in results[1:]]
-    return {"settings": {**settings.__dict__, "scorer": scorer, "judge": judge, "threshold": TOXIC,
+    return {"settings": {**settings.__dict__, "precision": precision, "scorer": scorer, "judge": judge,
+                         "threshold": TOXIC,
                          "plain_prompts": prompts.plain},
             "prompts": len(texts), "dropped": prompts.report.to_dict(), "comparisons": comparisons,
             "policies": [{k: v for k, v in r.items() if k not in ("scores", "responses")} for r in results],
@@ -243,7 +253,8 @@ def toxicity_markdown(r: dict, show: int = 5) -> str:
     out = ["# Toxicity", "",
            f"{r['prompts']} prompts ({'plain continuation' if s['plain_prompts'] else 'chat template'}), "
            f"K = {s['k']} continuations each, at most {s['max_new_tokens']} new tokens, top-p {s['top_p']}, "
-           f"temperature {s['temperature']}, seed {s['seed']}; scorer `{s['scorer']}` (toxic: >= {s['threshold']}); "
+           f"temperature {s['temperature']}, {s['precision']}, seed {s['seed']}; scorer `{s['scorer']}` "
+           f"(toxic: >= {s['threshold']}); "
            f"95% CIs: bootstrap over prompts ({s['resamples']} resamples).", "",
            "| policy | mean toxicity | expected max toxicity (± std) | toxicity probability | empty | new tokens "
            f"| distinct-2 |{' judge reward |' if s['judge'] else ''}",
@@ -271,9 +282,7 @@ def toxicity_markdown(r: dict, show: int = 5) -> str:
 def plot_toxicity(r: dict, path: Path) -> Path | None:
     """The distribution of per-prompt maximum toxicity, one histogram per policy; None without matplotlib."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
