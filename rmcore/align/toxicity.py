@@ -28,7 +28,7 @@ from rmcore.align.rewards import checked_rewards, load_reward
 from rmcore.align.rollouts import PromptPool, default_stop_strings, sample
 from rmcore.align.selection import distinct_n
 from rmcore.data.files import iter_records
-from rmcore.data.formats import Report, read_examples, require_data
+from rmcore.data.formats import FORMATS, Report, read_examples, require_data
 from rmcore.data.template import Template
 from rmcore.errors import ConfigError, DataError
 from rmcore.eval.plots import pyplot
@@ -97,7 +97,7 @@ class ToxicityPrompts:
 
 
 def _is_rtp(record) -> bool:
-    return isinstance(record, dict) and isinstance(record.get("prompt"), dict) and "text" in record["prompt"]
+    return isinstance(record, dict) and FORMATS["realtoxicityprompts"].matches(record)
 
 
 def read_toxicity_prompts(specs: list[str], *, sample_size: int | None = None, seed: int = 0,

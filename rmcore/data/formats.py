@@ -368,6 +368,21 @@ def parse_text(record: dict, where: str, report: Report) -> Example | None:
     return Example(where, "", _field(record, "text", where, "text"))
 
 
+def parse_realtoxicityprompts(record: dict, where: str, report: Report, *,
+                              above: float | None = None) -> Example | None:
+    """RealToxicityPrompts: `prompt.text`, the start of a sentence, as the human turn (prompts only: RL loops)."""
+    prompt = _field(record, "prompt", where, "realtoxicityprompts", kind=dict)
+    text = _field(prompt, "text", where, "realtoxicityprompts")
+    if above is not None and not (prompt.get("toxicity") or 0) > above:  # a missing score is not above
+        return report.drop(f"prompt toxicity not above {above}", where)
+    return Example(where, render_messages([("user", text)]) + ASSISTANT, "")
+
+
+def parse_toxic_realtoxicityprompts(record: dict, where: str, report: Report) -> Example | None:
+    """RealToxicityPrompts rows whose prompt toxicity is above 0.3 (TRL's detoxification example's filter)."""
+    return parse_realtoxicityprompts(record, where, report, above=0.3)
+
+
 @dataclass(frozen=True)
 class RecordFormat:
     parse: Callable[[dict, str, Report], Example | None]
@@ -393,6 +408,10 @@ FORMATS = {
                           lambda r: {"prompt", "chosen", "rejected"} <= r.keys()),
     "hh": RecordFormat(parse_hh, "chosen/rejected", lambda r: {"chosen", "rejected"} <= r.keys()),
     "text": RecordFormat(parse_text, "text", lambda r: "text" in r),
+    "realtoxicityprompts": RecordFormat(parse_realtoxicityprompts, "prompt.text",
+                                        lambda r: isinstance(r.get("prompt"), dict) and "text" in r["prompt"]),
+    "realtoxicityprompts_toxic": RecordFormat(parse_toxic_realtoxicityprompts, "prompt.text with prompt.toxicity > 0.3",
+                                              lambda r: False),
 }
 
 

@@ -474,3 +474,21 @@ def test_report_summary_counts():
     r.drop("too long", "f:1")
     r.drop("too long", "f:4")
     assert "dropped 2: too long (e.g. f:1, f:4)" in r.summary() and r.to_dict()["dropped"] == {"too long": 2}
+
+
+def test_realtoxicityprompts_rows_are_prompts_and_the_toxic_format_keeps_those_above_0_3(tmp_path):
+    rows = [{"filename": f"{i}.txt", "challenging": False, "prompt": {"text": text, "toxicity": tox},
+             "continuation": {"text": " ...", "toxicity": 0.1}}
+            for i, (text, tox) in enumerate([("So I said", 0.9), ("The weather", None), ("He was a", 0.3),
+                                              ("She is", 0.31)])]
+    f = write_jsonl(tmp_path / "rtp.jsonl", rows)
+    every, report = read_examples([f])  # detected from the first row
+    assert [e.prompt for e in every] == [f"{HUMAN} {r['prompt']['text']}{ASSISTANT}" for r in rows]
+    assert report.kept == 4 and every[0].id == f"{f}:1"
+    toxic, report = read_examples([f], fmt="realtoxicityprompts_toxic")
+    # by hand: scores strictly above 0.3; a row without a score is not above it
+    assert [e.id for e in toxic] == [f"{f}:1", f"{f}:4"]
+    assert report.dropped == {"prompt toxicity not above 0.3": 2}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [rows[0], {"prompt": {"text": 7}}])
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: field 'text' must be str"):
+        read_examples([bad])
