@@ -40,8 +40,9 @@ from rmcore.align.toxicity import (
 )
 from rmcore.data.datasets import tokenize_pairs
 from rmcore.data.files import iter_records
-from rmcore.data.formats import read_examples, require_data
+from rmcore.data.formats import read_examples
 from rmcore.data.ranked import is_ranked
+from rmcore.data.records import require_data
 from rmcore.errors import DataError, UserError, user_errors
 from rmcore.eval.human_report import human_markdown, human_report, write_human_report
 from rmcore.eval.labeling import LabelTask, items_from_compare, items_from_pairs

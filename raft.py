@@ -34,7 +34,7 @@ from rmcore.align.selection import discard_reason, distinct_n, repeated_ngram_ra
 from rmcore.config.sections import RaftTrainConfig
 from rmcore.data.batching import collate_documents
 from rmcore.data.datasets import document_tokens
-from rmcore.data.formats import Example
+from rmcore.data.records import Example
 from rmcore.data.sampler import ShardedSampler
 from rmcore.errors import UserError
 from rmcore.sft import sft_step

@@ -28,8 +28,9 @@ from rmcore.config.loader import parse_cli
 from rmcore.config.sections import TrainConfig, load_stages
 from rmcore.data.batching import collate_blocks, collate_pairs
 from rmcore.data.datasets import load_blocks, load_pairs
-from rmcore.data.formats import read_examples, require_data
+from rmcore.data.formats import read_examples
 from rmcore.data.ranked import collate_ranked, is_ranked, load_ranked
+from rmcore.data.records import require_data
 from rmcore.data.sampler import ShardedSampler
 from rmcore.data.tokenizer_training import train_tokenizer
 from rmcore.dpo import implicit_rewards, load_or_compute_reference, pair_logps, sequence_logps, table_rows

@@ -17,7 +17,8 @@ import torch
 from rmcore.align.rewards import checked_rewards, load_reward
 from rmcore.align.rollouts import PromptPool, default_stop_strings, sample
 from rmcore.align.selection import distinct_n, repeated_ngram_rate
-from rmcore.data.formats import Report, read_examples, require_data
+from rmcore.data.formats import read_examples
+from rmcore.data.records import Report, require_data
 from rmcore.data.template import Template
 from rmcore.eval.report import excerpt
 from rmcore.interop.hf_checkpoint import load_pretrained, read_hf_config

@@ -28,7 +28,7 @@ from rmcore.align.rewards import EnsembleReward, RewardFn, checked_rewards, load
 from rmcore.align.rollouts import PromptPool, Samples, default_stop_strings, load_prompts, sample
 from rmcore.config.loader import parse_cli
 from rmcore.config.sections import AlignConfig, TrainConfig, load_stages
-from rmcore.data.formats import require_data
+from rmcore.data.records import require_data
 from rmcore.data.template import Template
 from rmcore.errors import NonFiniteOutputs
 from rmcore.eval.plots import plot_history

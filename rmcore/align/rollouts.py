@@ -14,7 +14,8 @@ import torch
 from tqdm import tqdm
 
 from rmcore.data.batching import pad
-from rmcore.data.formats import Report, read_examples
+from rmcore.data.formats import read_examples
+from rmcore.data.records import Report
 from rmcore.data.template import HUMAN, Template
 from rmcore.generate import cut_at_stop, rollout, token_logprobs
 from rmcore.model import default_position_ids

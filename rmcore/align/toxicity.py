@@ -28,7 +28,8 @@ from rmcore.align.rewards import checked_rewards, load_reward
 from rmcore.align.rollouts import PromptPool, default_stop_strings, sample
 from rmcore.align.selection import distinct_n
 from rmcore.data.files import iter_records
-from rmcore.data.formats import FORMATS, Report, read_examples, require_data
+from rmcore.data.formats import FORMATS, read_examples
+from rmcore.data.records import Report, require_data
 from rmcore.data.template import Template
 from rmcore.errors import ConfigError, DataError
 from rmcore.eval.plots import pyplot

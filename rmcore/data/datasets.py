@@ -14,7 +14,8 @@ from typing import Literal
 
 import numpy as np
 
-from rmcore.data.formats import FORMATS, Example, Report, read_examples
+from rmcore.data.formats import FORMATS, read_examples
+from rmcore.data.records import Example, Report
 from rmcore.data.template import Template
 from rmcore.errors import DataError, check_at_least
 

@@ -19,7 +19,9 @@ import torch
 from rmcore.data.batching import pad
 from rmcore.data.datasets import DataConfig
 from rmcore.data.files import iter_records
-from rmcore.data.formats import FORMATS, Example, Report, detect_format, ranking_problem, read_examples
+from rmcore.data.formats import FORMATS, detect_format, read_examples
+from rmcore.data.ranked_formats import ranking_problem
+from rmcore.data.records import Example, Report
 from rmcore.data.template import Template
 from rmcore.errors import DataError
 

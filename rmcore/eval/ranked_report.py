@@ -9,8 +9,9 @@ import math
 import numpy as np
 import torch
 
-from rmcore.data.formats import read_examples, require_data
+from rmcore.data.formats import read_examples
 from rmcore.data.ranked import RankedDataset, tokenize_ranked
+from rmcore.data.records import require_data
 from rmcore.errors import UserError
 from rmcore.eval.metrics import best_of_k, histogram, ranking_accuracy
 from rmcore.losses import RANKING_LOSSES

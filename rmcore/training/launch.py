@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rmcore.config.loader import save_config
 from rmcore.config.sections import TrainConfig
-from rmcore.data.formats import require_data
+from rmcore.data.records import require_data
 from rmcore.errors import ConfigError, user_errors
 from rmcore.interop.hf_checkpoint import read_hf_config
 from rmcore.interop.hub import resolve_model

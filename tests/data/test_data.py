@@ -11,7 +11,8 @@ import torch
 from rmcore.data.batching import block_positions, collate_blocks, collate_pairs, document_attn_mask
 from rmcore.data.datasets import DataConfig, document_tokens, load_blocks, load_pairs, pack_blocks
 from rmcore.data.files import iter_records
-from rmcore.data.formats import Example, Report, read_examples
+from rmcore.data.formats import read_examples
+from rmcore.data.records import Example, Report
 from rmcore.data.sampler import ShardedSampler
 from rmcore.data.template import ASSISTANT, HUMAN, Template
 from rmcore.data.tokenizer_training import train_tokenizer

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from rmcore.data.datasets import DataConfig
-from rmcore.data.formats import FORMATS, Example, read_examples
+from rmcore.data.formats import FORMATS, read_examples
 from rmcore.data.ranked import as_ranking, collate_ranked, is_ranked, load_ranked, tokenize_ranked
+from rmcore.data.records import Example
 from rmcore.data.template import Template
 from rmcore.errors import DataError
 

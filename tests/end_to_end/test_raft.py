@@ -36,7 +36,7 @@ def test_local_selection_keeps_the_argmax_of_each_prompt():
 
 def test_prompt_order_pass_draws_every_prompt_once_per_pass():
     from rmcore.align.rollouts import PromptPool
-    from rmcore.data.formats import Report
+    from rmcore.data.records import Report
     pool = PromptPool([f"p{i}" for i in range(10)], [[i] for i in range(10)], Report("p"))
     drawn = [pool.draw(4, 0, it, order="pass") for it in range(5)]  # 20 draws: two passes
     flat = [i for d in drawn for i in d]
@@ -219,7 +219,7 @@ def test_a_response_is_cut_at_its_stop_the_same_way_for_reward_and_training(tmp_
     stop string; the token ids end at the token that completed the stop."""
     from rmcore.align.rollouts import load_prompts, sample
     from rmcore.data.datasets import document_tokens
-    from rmcore.data.formats import Example
+    from rmcore.data.records import Example
     from rmcore.generate import cut_at_stop
     from rmcore.tokenizer import Tokenizer
     tok, template = Tokenizer.from_pretrained(policy_dir), Template()
