@@ -210,12 +210,13 @@ def compare(args, dist) -> dict:
 def toxicity(args, dist) -> dict:
     """RealToxicityPrompts' figures for each policy (rmcore/align/toxicity.py), written once all are measured."""
     settings = ToxicitySettings(k=args.k, max_new_tokens=args.max_new_tokens, top_p=args.top_p,
-                                temperature=args.temperature, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
+                                temperature=args.temperature, seed=args.seed, sample=args.sample,
+                                max_prompt_tokens=args.max_prompt_tokens,
                                 batch_size=args.generation_batch_size, resamples=args.resamples,
                                 precision=args.precision)
     settings.check()  # before anything is read
-    prompts = read_toxicity_prompts(args.prompts, sample_size=args.sample, seed=args.seed,
-                                    challenging=args.challenging, min_prompt_toxicity=args.min_prompt_toxicity)
+    prompts = read_toxicity_prompts(args.prompts, challenging=args.challenging,
+                                    min_prompt_toxicity=args.min_prompt_toxicity)
     say(dist, prompts.report.summary())
     r = evaluate_toxicity(args.policy, prompts, scorer=args.scorer, settings=settings, judge=args.judge,
                           device=dist.device)
@@ -329,7 +330,8 @@ def parse(argv):
                             "continued as plain text) or an rmcore prompt file (chat template), optionally sliced")
         p.add_argument("--scorer", default="profanity",
                        help="profanity (offline) or classifier:<model>[:<label>], e.g. classifier:unitary/toxic-bert")
-        p.add_argument("--sample", type=int, help="a seeded random sample of this many prompts (default: all)")
+        p.add_argument("--sample", type=int, help="a seeded random sample of this many prompts of at most "
+                       "--max-prompt-tokens (default: all)")
         p.add_argument("--challenging", action="store_true", help="RealToxicityPrompts' challenging subset only")
         p.add_argument("--min-prompt-toxicity", type=float,
                        help="RealToxicityPrompts rows whose prompt.toxicity is above this only")

@@ -12,7 +12,9 @@ on the same prompts (the difference, and its CI from resampling the same prompts
 
 Prompts: RealToxicityPrompts rows (`prompt.text`, read as a plain text to continue, no chat template; the
 `challenging` subset, a minimum prompt toxicity), or any rmcore prompt file, rendered in each policy's chat template
-as the loops render it. A seeded random sample of N prompts; the same prompts for every policy.
+as the loops render it. A seeded random sample of N of the prompts that fit every policy's `max_prompt_tokens`
+(prompts are drawn in a seeded order and a longer one is skipped and counted, so N prompts are measured whenever
+that many fit); the same prompts for every policy.
 """
 from __future__ import annotations
 
@@ -101,10 +103,9 @@ def _is_rtp(record) -> bool:
     return isinstance(record, dict) and FORMATS["realtoxicityprompts"].matches(record)
 
 
-def read_toxicity_prompts(specs: list[str], *, sample_size: int | None = None, seed: int = 0,
-                          challenging: bool = False, min_prompt_toxicity: float | None = None) -> ToxicityPrompts:
-    """The prompt set: RealToxicityPrompts rows or an rmcore prompt file (see the module docstring), filtered, then
-    a seeded random sample of sample_size of them (all if None or larger)."""
+def read_toxicity_prompts(specs: list[str], *, challenging: bool = False,
+                          min_prompt_toxicity: float | None = None) -> ToxicityPrompts:
+    """The prompt set: RealToxicityPrompts rows or an rmcore prompt file (see the module docstring), filtered."""
     first = next((record for spec in specs for _, record in iter_records(spec)), None)
     report = Report("toxicity prompts")
     if _is_rtp(first):
@@ -134,14 +135,44 @@ def read_toxicity_prompts(specs: list[str], *, sample_size: int | None = None, s
         examples, report = read_examples(specs, name="toxicity prompts")
         ids, texts, plain = [e.id for e in examples], [e.prompt for e in examples], False
     require_data(len(texts), report, specs, "--prompts (toxicity)", "prompts")
-    if sample_size is not None and sample_size < len(texts):
-        chosen = sorted(np.random.default_rng(seed).choice(len(texts), sample_size, replace=False).tolist())
-        ids, texts = [ids[i] for i in chosen], [texts[i] for i in chosen]
     return ToxicityPrompts(ids, texts, plain, report)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The evaluation
+
+
+def _fitting_sample(prompts: ToxicityPrompts, sides: list, settings: ToxicitySettings) -> list[int]:
+    """The indices of the prompts measured, ascending: all, or settings.sample of them drawn in a seeded order, each
+    of at most max_prompt_tokens for every policy (a longer one met on the way is skipped for all and counted).
+    Each side's dict is filled with the token ids of the prompts kept."""
+    n = len(prompts.texts)
+    order = np.random.default_rng(settings.seed).permutation(n) if settings.sample else np.arange(n)
+    want = min(settings.sample or n, n)
+    keep, too_long = [], 0
+    for i in order.tolist():
+        encoded = [tok.encode(prompts.texts[i], bos=True) if template is None else
+                   tok.encode(template.render(prompts.texts[i]), bos=True, specials=template.special_tokens)
+                   for _, tok, template, _ in sides]
+        if any(len(e) > settings.max_prompt_tokens for e in encoded):
+            prompts.report.drop(f"prompt longer than {settings.max_prompt_tokens} tokens for a policy",
+                                prompts.ids[i])
+            too_long += 1
+            continue
+        keep.append(i)
+        for (*_, ids), e in zip(sides, encoded):
+            ids[i] = e
+        if len(keep) == want:
+            break
+    prompts.report.kept = len(keep)
+    if settings.sample:
+        prompts.report.notes.append(f"a seeded random sample (seed {settings.seed}) of {len(keep):,} of the {n:,} "
+                                    f"prompts read; {too_long:,} longer prompts met on the way were skipped")
+    if too_long:
+        print(f"toxicity prompts: {too_long:,} longer than {settings.max_prompt_tokens} tokens for a policy, skipped "
+              f"(counted in toxicity.json's dropped); {len(keep):,} measured", flush=True)
+    require_data(len(keep), prompts.report, [s[0] for s in sides], "toxicity prompts", "prompts short enough")
+    return sorted(keep)
 
 
 @dataclass
@@ -151,6 +182,7 @@ class ToxicitySettings:
     top_p: float = 0.9
     temperature: float = 1.0
     seed: int = 0
+    sample: int | None = None     # a seeded random sample of this many prompts (None: all that fit)
     max_prompt_tokens: int = 512
     batch_size: int = 64
     resamples: int = 1000
@@ -162,6 +194,7 @@ class ToxicitySettings:
                           (not 0 < self.top_p <= 1, f"--top-p {self.top_p}: expected 0 < top_p <= 1 (1: off)"),
                           (not self.temperature > 0, f"--temperature {self.temperature}: expected > 0"),
                           (self.resamples < 1, f"--resamples {self.resamples}: expected >= 1"),
+                          (self.sample is not None and self.sample < 1, f"--sample {self.sample}: expected >= 1"),
                           (self.batch_size < 1, f"--generation-batch-size {self.batch_size}: expected >= 1"),
                           (self.precision not in ("auto", "fp32", "bf16"),
                            f"--precision {self.precision}: expected auto, fp32 or bf16")):
@@ -181,20 +214,14 @@ def evaluate_toxicity(policies: list[str], prompts: ToxicityPrompts, *, scorer: 
     for path in policies:
         tok = Tokenizer.from_pretrained(path)
         template = None if prompts.plain else (recorded_template(path) or Template()).check(tok)
-        ids = [tok.encode(t, bos=True) if template is None else
-               tok.encode(template.render(t), bos=True, specials=template.special_tokens) for t in prompts.texts]
-        sides.append((path, tok, template, ids))
-    # a prompt too long for any policy is dropped for all, and counted
-    keep = [i for i in range(len(prompts.texts)) if all(len(s[3][i]) <= settings.max_prompt_tokens for s in sides)]
-    for i in sorted(set(range(len(prompts.texts))) - set(keep)):
-        prompts.report.drop(f"prompt longer than {settings.max_prompt_tokens} tokens for a policy", prompts.ids[i])
-    require_data(len(keep), prompts.report, policies, "toxicity prompts", "prompts short enough")
+        sides.append((path, tok, template, {}))
+    keep = _fitting_sample(prompts, sides, settings)
     texts = [prompts.texts[i] for i in keep]
     precision, why = resolve_precision(settings.precision, torch.device(device))
     print(why, flush=True)
     dtype = torch.bfloat16 if precision == "bf16" else None
     results = []
-    for path, tok, template, ids in sides:
+    for path, tok, template, ids in sides:  # ids: prompt index -> token ids, for the prompts kept
         model = load_pretrained(CausalLM, path, device=device).eval()
         pool = PromptPool(texts, [ids[i] for i in keep], Report("toxicity"))
         g = torch.Generator(device=device).manual_seed(settings.seed)
@@ -247,6 +274,12 @@ def per_prompt_max(r: dict, j: int) -> list[float]:
     return [max(c["toxicity"] for c in s[f"policy_{j}"]) for s in r["samples"]]
 
 
+def _prompts_line(report: dict) -> str:
+    """Where the prompts measured came from: records read, each reason some were dropped, the sample."""
+    dropped = "".join(f"; dropped {n:,}: {reason}" for reason, n in report["dropped"].items())
+    return f"Prompts: read {report['read']:,} records{dropped}" + "".join(f"; {note}" for note in report["notes"]) + "."
+
+
 def toxicity_markdown(r: dict, show: int = 5) -> str:
     """The table, the paired comparisons, and each policy's most toxic continuations (marked as such)."""
     s = r["settings"]
@@ -257,6 +290,7 @@ def toxicity_markdown(r: dict, show: int = 5) -> str:
            f"temperature {s['temperature']}, {s['precision']}, seed {s['seed']}; scorer `{s['scorer']}` "
            f"(toxic: >= {s['threshold']}); "
            f"95% CIs: bootstrap over prompts ({s['resamples']} resamples).", "",
+           _prompts_line(r["dropped"]), "",
            "| policy | mean toxicity | expected max toxicity (± std) | toxicity probability | empty | new tokens "
            f"| distinct-2 |{' judge reward |' if s['judge'] else ''}",
            f"|---|---|---|---|---|---|---|{'---|' if s['judge'] else ''}"]

@@ -177,6 +177,32 @@ def test_eval_toxicity_reports_the_figures_of_the_samples_it_wrote_and_repeats_t
     assert not json.loads((tmp_path / "d" / "toxicity.json").read_text())["settings"]["plain_prompts"]
 
 
+def test_a_sample_of_n_prompts_is_n_prompts_that_fit_with_the_longer_ones_met_skipped_and_counted(
+        policy_dir, hh_file, tmp_path):
+    from rmcore.align.compare import recorded_template
+    from rmcore.data.formats import read_examples
+    from rmcore.data.template import Template
+    from rmcore.tokenizer import Tokenizer
+    examples, _ = read_examples([f"{hh_file}[:12]"])
+    tok = Tokenizer.from_pretrained(policy_dir)
+    template = (recorded_template(policy_dir) or Template()).check(tok)
+    lengths = {e.id: len(tok.encode(template.render(e.prompt), bos=True, specials=template.special_tokens))
+               for e in examples}
+    limit = sorted(lengths.values())[len(lengths) // 2]  # about half of the prompts fit
+    fitting = {i for i, n in lengths.items() if n <= limit}
+    assert 3 <= len(fitting) < len(lengths)
+    proc = toxicity(["--policy", policy_dir, "--prompts", f"{hh_file}[:12]", "--k", 1, "--max-new-tokens", 2,
+                     "--resamples", 10, "--sample", 3, "--max-prompt-tokens", limit, "--out", tmp_path])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "toxicity.json").read_text())
+    ids = [s["id"] for s in r["samples"]]
+    assert r["prompts"] == 3 and set(ids) <= fitting and ids == sorted(ids, key=list(lengths).index)
+    skipped = r["dropped"]["dropped"].get(f"prompt longer than {limit} tokens for a policy", 0)
+    assert skipped <= len(lengths) - len(fitting) and r["dropped"]["kept"] == 3
+    assert f"a seeded random sample (seed 0) of 3 of the {len(lengths)} prompts read" in \
+        (tmp_path / "toxicity.md").read_text()
+
+
 def assert_one_line_failure(proc, out: Path, *phrases):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -190,6 +216,7 @@ def test_bad_toxicity_input_is_one_line_and_writes_nothing(policy_dir, rtp_file,
     out = tmp_path / "out"
     base = ["--policy", policy_dir, "--prompts", rtp_file, "--out", out, "--max-new-tokens", 2]
     assert_one_line_failure(toxicity([*base, "--k", 0]), out, "--k 0: expected >= 1")
+    assert_one_line_failure(toxicity([*base, "--sample", 0]), out, "--sample 0: expected >= 1")
     assert_one_line_failure(toxicity([*base, "--k", 1, "--scorer", f"classifier:{classifiers['softmax']}:toxic"]),
                             out, "no label 'toxic'", "nothate, hate")
     assert_one_line_failure(toxicity([*base, "--k", 1, "--scorer", f"classifier:{policy_dir}"]), out,
