@@ -167,7 +167,8 @@ def test_one_micro_batch_of_4_prompts_equals_two_of_2(name):
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     one, two = grads([[0, 1, 2, 3]]), grads([[0, 1], [2, 3]])
-    assert all(torch.allclose(one[n], two[n], atol=1e-6, rtol=0) for n in one)
+    # different packed shapes sum in a different order: fp32 rounding, not a different gradient
+    assert all(torch.allclose(one[n], two[n], atol=1e-6, rtol=1e-4) for n in one)
     assert max(g.abs().max().item() for g in one.values()) > 1e-3  # a real gradient, not two zeros
 
 
