@@ -142,26 +142,25 @@ def read_toxicity_prompts(specs: list[str], *, challenging: bool = False,
 # The evaluation
 
 
-def _fitting_sample(prompts: ToxicityPrompts, sides: list, settings: ToxicitySettings) -> list[int]:
+def _fitting_sample(prompts: ToxicityPrompts, sides: list, settings: ToxicitySettings) -> tuple[list[int], list]:
     """The indices of the prompts measured, ascending: all, or settings.sample of them drawn in a seeded order, each
-    of at most max_prompt_tokens for every policy (a longer one met on the way is skipped for all and counted).
-    Each side's dict is filled with the token ids of the prompts kept."""
+    of at most max_prompt_tokens for every policy (a longer one met on the way is skipped for all and counted); and
+    per side (path, tokenizer, template), the token ids of those prompts in that order."""
     n = len(prompts.texts)
     order = np.random.default_rng(settings.seed).permutation(n) if settings.sample else np.arange(n)
     want = min(settings.sample or n, n)
-    keep, too_long = [], 0
+    keep, too_long, encoded_of = [], 0, {}
     for i in order.tolist():
         encoded = [tok.encode(prompts.texts[i], bos=True) if template is None else
                    tok.encode(template.render(prompts.texts[i]), bos=True, specials=template.special_tokens)
-                   for _, tok, template, _ in sides]
+                   for _, tok, template in sides]
         if any(len(e) > settings.max_prompt_tokens for e in encoded):
             prompts.report.drop(f"prompt longer than {settings.max_prompt_tokens} tokens for a policy",
                                 prompts.ids[i])
             too_long += 1
             continue
         keep.append(i)
-        for (*_, ids), e in zip(sides, encoded):
-            ids[i] = e
+        encoded_of[i] = encoded
         if len(keep) == want:
             break
     prompts.report.kept = len(keep)
@@ -172,7 +171,8 @@ def _fitting_sample(prompts: ToxicityPrompts, sides: list, settings: ToxicitySet
         print(f"toxicity prompts: {too_long:,} longer than {settings.max_prompt_tokens} tokens for a policy, skipped "
               f"(counted in toxicity.json's dropped); {len(keep):,} measured", flush=True)
     require_data(len(keep), prompts.report, [s[0] for s in sides], "toxicity prompts", "prompts short enough")
-    return sorted(keep)
+    keep.sort()
+    return keep, [[encoded_of[i][j] for i in keep] for j in range(len(sides))]
 
 
 @dataclass
@@ -214,16 +214,16 @@ def evaluate_toxicity(policies: list[str], prompts: ToxicityPrompts, *, scorer: 
     for path in policies:
         tok = Tokenizer.from_pretrained(path)
         template = None if prompts.plain else (recorded_template(path) or Template()).check(tok)
-        sides.append((path, tok, template, {}))
-    keep = _fitting_sample(prompts, sides, settings)
+        sides.append((path, tok, template))
+    keep, prompt_ids = _fitting_sample(prompts, sides, settings)
     texts = [prompts.texts[i] for i in keep]
     precision, why = resolve_precision(settings.precision, torch.device(device))
     print(why, flush=True)
     dtype = torch.bfloat16 if precision == "bf16" else None
     results = []
-    for path, tok, template, ids in sides:  # ids: prompt index -> token ids, for the prompts kept
+    for (path, tok, template), ids in zip(sides, prompt_ids):
         model = load_pretrained(CausalLM, path, device=device).eval()
-        pool = PromptPool(texts, [ids[i] for i in keep], Report("toxicity"))
+        pool = PromptPool(texts, ids, Report("toxicity"))
         g = torch.Generator(device=device).manual_seed(settings.seed)
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=dtype is not None):
             out = sample(model, pool, list(range(len(pool))), tokenizer=tok, k=settings.k,
