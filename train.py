@@ -152,9 +152,9 @@ def rm(cfg: TrainConfig) -> dict:
         """(r_chosen, r_rejected), each (B,), from one forward pass over the 2B rows, and each head's (2B, heads)
         (chosen rows, then rejected) with loss.length_head, else None."""
         with autocast(dist, cfg.run.bf16):
-            if "seq_lens" in batch:  # packed: one row, no padding
+            if "seq_lens" in batch:  # packed: one row, no padding (with a shared prompt: continues)
                 heads = model(batch["input_ids"].to(dist.device), position_ids=batch["position_ids"].to(dist.device),
-                              seq_lens=batch["seq_lens"], per_head=True)
+                              seq_lens=batch["seq_lens"], continues=batch.get("continues"), per_head=True)
             else:  # collate_pairs pads on the right
                 heads = model(batch["input_ids"].to(dist.device),
                               attention_mask=batch["attention_mask"].to(dist.device), right_padded=True, per_head=True)
@@ -198,7 +198,8 @@ def rm(cfg: TrainConfig) -> dict:
         model.eval()
         sums, loss_sums = dict.fromkeys(PREFERENCE_SUM_KEYS, 0.0), {}
         for idx in ShardedSampler(len(held_out), cfg.optim.micro_batch_size, **shard, shuffle=False):
-            batch = collate_pairs(held_out, idx, tok.pad_id, packed=cfg.data.pack_pairs)
+            batch = collate_pairs(held_out, idx, tok.pad_id, packed=cfg.data.pack_pairs,
+                                  share_prompt=cfg.data.share_prompt)
             r_chosen, r_rejected, heads = rewards(batch)
             for k, v in preference_sums(r_chosen, r_rejected).items():
                 sums[k] += v
@@ -215,7 +216,8 @@ def rm(cfg: TrainConfig) -> dict:
     trainer = Trainer(cfg, dist, model, sampler=sampler, evaluate=evaluate if held_out is not None else None)
     model.train()
     for step, micro_batches in trainer.steps():
-        batches = [collate_pairs(train, idx, tok.pad_id, packed=cfg.data.pack_pairs) for idx in micro_batches]
+        batches = [collate_pairs(train, idx, tok.pad_id, packed=cfg.data.pack_pairs, share_prompt=cfg.data.share_prompt)
+                   for idx in micro_batches]
         n_pairs = trainer.global_count(sum(len(b["ids"]) for b in batches))  # the denominator: pairs in the whole step
         sums = {}  # summed on the device: one host sync per step, after the last backward
         for i, batch in enumerate(batches):
@@ -231,11 +233,12 @@ def rm(cfg: TrainConfig) -> dict:
                 sums[k] = sums.get(k, 0.0) + v.float()
         sums = dict(zip(sums, torch.stack(list(sums.values())).tolist()))
         wins, ties = all_reduce_sum([sums.pop("wins"), sums.pop("ties")], dist.device)
-        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                     for b in batches)
-        padding = 1 - tokens / max(sum(b["input_ids"].numel() for b in batches), 1)  # this rank's share of pad slots
+        tokens = sum(b["tokens"] for b in batches)  # the pairs' sequences' tokens, however many columns ran
+        columns = sum(b["input_ids"].numel() for b in batches)
+        # this rank's share of pad slots, and of sequence tokens a shared prompt saved (not run twice)
+        padding, shared = (max(1 - tokens / max(columns, 1), 0.0), max(1 - columns / max(tokens, 1), 0.0))
         trainer.step(step, losses=sums, count=n_pairs, metrics={"acc": wins / n_pairs, "ties": int(ties),
-                                                                 "padding": padding},
+                                                                 "padding": padding, "shared_prompt": shared},
                      tokens=tokens, ids=[i for b in batches for i in b["ids"]])
     return trainer.finish(tok)
 

@@ -9,14 +9,16 @@ Both sides train the same weights (a random-initialised 5.3M-parameter LLaMA rew
 with a byte-level BPE tokenizer trained here) on the same first N pairs of the shipped HH file, batch 8, max length
 512 (longer pairs dropped on both sides), lr 3e-4 linear, 1 epoch, fp32 (bf16 too when the CPU has native bf16),
 each run in its own process, both reading the raw HH text (rmcore's template set to HH's own tags). Printed per
-run: real (non-padding) tokens/s over the training loop, padding fraction, peak RSS of the process, final training
-loss (mean of the last 10 steps), held-out accuracy (records [1932:]); then the rmcore/TRL ratio of each pair of
-runs and its median.
+run: real (non-padding) tokens/s over the training loop (the tokens of the pairs' sequences; rmcore runs the first
+tokens a pair's two sequences share once, `data.share_prompt`, and the shared-prompt column is the share of tokens
+that saved), padding fraction, peak RSS of the process, final training loss (mean of the last 10 steps), held-out
+accuracy (records [1932:]); then the rmcore/TRL ratio of each pair of runs and its median.
 
 --size 135m: the trunk is SmolLM2-135M-Instruct's (the HF directory `python -m rmcore.interop.gguf convert --gguf
 smollm2` writes) with its tokenizer, and a fresh value head drawn once (seed 0) and saved with it, so both sides start
 from the same directory; the held-out set is the first --held-out pairs of records [1932:]. Utilisation = 6 x N x
-real tokens/s / the fp32 matmul rate (2048^3, measured before the runs), N = the reward model's parameters.
+tokens run per second (real tokens, a shared prompt once) / the fp32 matmul rate (2048^3, measured before the runs),
+N = the reward model's parameters.
 """
 from __future__ import annotations
 
@@ -132,20 +134,26 @@ def timed(cmd: list[str], env: dict | None = None) -> tuple[str, float]:
     return stdout, usage.ru_maxrss / 1e6
 
 
+def rmcore_command(model_dir: Path, run_dir: Path, pairs: int, precision: str, held_out: str, lr: float,
+                   extra: list[str]) -> list[str]:
+    """The train.py command line of the rmcore side."""
+    return [sys.executable, "train.py", "run.stage=rm", f"run.init_from={model_dir}", f"run.out_dir={run_dir}",
+            f"run.precision={precision}", f"run.device={DEVICE}", "run.export=false", "logging.progress=false",
+            f"data.train=['{DATA}[:{pairs}]']", f"data.eval=['{DATA}{held_out}']", "data.max_length=512",
+            f"optim.lr={lr}", "optim.schedule=linear", "optim.epochs=1", "optim.micro_batch_size=8",
+            # the raw HH text, as TRL reads it: both sides tokenize identical strings
+            r'data.human_tag="\n\nHuman:"', r'data.assistant_tag="\n\nAssistant:"', 'data.tag_separator=""', *extra]
+
+
 def run_rmcore(model_dir: Path, out: Path, pairs: int, precision: str, held_out: str, lr: float,
                extra: list[str]) -> dict:
     run_dir = out / f"rmcore_{precision}_{time.time_ns()}"
-    cmd = [sys.executable, "train.py", "run.stage=rm", f"run.init_from={model_dir}", f"run.out_dir={run_dir}",
-           f"run.precision={precision}", f"run.device={DEVICE}", "run.export=false", "logging.progress=false",
-           f"data.train=['{DATA}[:{pairs}]']", f"data.eval=['{DATA}{held_out}']", "data.max_length=512",
-           f"optim.lr={lr}", "optim.schedule=linear", "optim.epochs=1", "optim.micro_batch_size=8",
-           # the raw HH text, as TRL reads it: both sides tokenize identical strings
-           r'data.human_tag="\n\nHuman:"', r'data.assistant_tag="\n\nAssistant:"', 'data.tag_separator=""', *extra]
-    _, rss = timed(cmd)
+    _, rss = timed(rmcore_command(model_dir, run_dir, pairs, precision, held_out, lr, extra))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r and "tokens_per_s" in r]
     final_eval = [r for r in records if "eval_acc" in r][-1]
     return {"tokens_per_s": steps[-1]["tokens_per_s"], "padding": statistics.mean(r["padding"] for r in steps),
+            "shared": statistics.mean(r.get("shared_prompt", 0.0) for r in steps),
             "rss_gb": rss, "loss": statistics.mean(r["loss"] for r in steps[-10:]), "acc": final_eval["eval_acc"]}
 
 
@@ -184,7 +192,7 @@ def trl_child(model_dir: str, out: str, pairs: int, precision: str, held_out: st
         slots += batch["attention_mask"].numel()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     acc = trainer.evaluate()["eval_accuracy"]
-    print(json.dumps({"tokens_per_s": real / elapsed, "padding": 1 - real / slots,
+    print(json.dumps({"tokens_per_s": real / elapsed, "padding": 1 - real / slots, "shared": 0.0,
                       "loss": losses[-1] if losses else float("nan"), "acc": acc}))
 
 
@@ -229,12 +237,15 @@ def main():
             ratios.append(mine["tokens_per_s"] / theirs["tokens_per_s"])
         print(f"\n{precision}, {pairs} pairs, batch 8, max length 512, lr {lr:g} linear, 1 epoch, held-out "
               f"{held_out}{', rmcore ' + ' '.join(a.rmcore_args) if a.rmcore_args else ''}")
-        print("| side | run | real tokens/s | padding | peak RSS (GB) | final loss | held-out acc | utilisation |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| side | run | real tokens/s | padding | shared prompt | peak RSS (GB) | final loss | held-out acc | "
+              "utilisation |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for side, i, r in rows:
-            used = f"{6 * n_params * r['tokens_per_s'] / (rate * 1e9):.0%}" if n_params and precision == "fp32" else "-"
-            print(f"| {side} | {i} | {r['tokens_per_s']:.0f} | {r['padding']:.1%} | {r['rss_gb']:.2f} | "
-                  f"{r['loss']:.4f} | {r['acc']:.2%} | {used} |")
+            # the work done: a shared prompt's tokens run once, so they count once
+            run = r["tokens_per_s"] * (1 - r["shared"])
+            used = f"{6 * n_params * run / (rate * 1e9):.0%}" if n_params and precision == "fp32" else "-"
+            print(f"| {side} | {i} | {r['tokens_per_s']:.0f} | {r['padding']:.1%} | {r['shared']:.1%} | "
+                  f"{r['rss_gb']:.2f} | {r['loss']:.4f} | {r['acc']:.2%} | {used} |")
         print(f"rmcore/TRL real tokens/s: {', '.join(f'{x:.2f}' for x in ratios)}; "
               f"median {statistics.median(ratios):.2f}")
 

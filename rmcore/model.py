@@ -122,7 +122,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, attn_mask, *, cache_slots=None, seq_lens=None):
+    def forward(self, x, cos, sin, attn_mask, *, cache_slots=None, packing=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -135,9 +135,8 @@ class Attention(nn.Module):
         gqa = self.n_kv_heads != self.n_heads
         if T == 1 and self.kv_cache is not None and x.device.type == "cpu" and q.dtype == torch.bfloat16:
             y = one_query_attention(q, k, v, attn_mask)
-        elif seq_lens is not None:  # packed sequences: causal attention within each one, none across (varlen)
-            y = torch.cat([F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa) for qs, ks, vs
-                           in zip(q.split(seq_lens, 2), k.split(seq_lens, 2), v.split(seq_lens, 2))], 2)
+        elif packing is not None:  # packed sequences: causal attention within each one, none across (varlen)
+            y = packed_attention(q, k, v, packing, gqa=gqa)
         else:  # attn_mask None means "plain causal, no padding": SDPA then picks its fused causal kernel
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                                enable_gqa=gqa)
@@ -154,6 +153,60 @@ def one_query_attention(q, k, v, attn_mask=None):
     if attn_mask is not None:  # (B, 1, 1, S) True = may attend
         scores = scores.masked_fill(~attn_mask.view(B, 1, 1, S), float("-inf"))
     return (scores.softmax(-1).to(v.dtype) @ v).reshape(B, H, 1, D)
+
+
+@dataclass(frozen=True)
+class Packing:
+    """One row of segments end to end: segment i holds `spans[i]` = (start, end) columns and continues the segments
+    `prefixes[i]` (their spans, first to last; empty: it starts a sequence). A segment attends causally to itself and
+    fully to its prefixes, so sequences sharing a prompt hold it once. `masks[i]`: the bool mask of a segment with
+    prefixes (queries x prefix and own keys), None for one without."""
+    spans: tuple[tuple[int, int], ...]
+    prefixes: tuple[tuple[tuple[int, int], ...], ...]
+    masks: tuple[torch.Tensor | None, ...]
+
+    @classmethod
+    def build(cls, seq_lens: tuple[int, ...], continues: tuple[int, ...] | None = None, device=None) -> Packing:
+        """seq_lens: each segment's tokens in row order; continues[i]: the segment that segment i continues, or -1
+        (None: every segment starts a sequence)."""
+        ends = torch.tensor(seq_lens, dtype=torch.long).cumsum(0).tolist()
+        spans = tuple((end - n, end) for n, end in zip(seq_lens, ends))
+        continues = continues or (-1,) * len(seq_lens)
+        if len(continues) != len(seq_lens):
+            raise ValueError(f"continues has {len(continues)} entries for {len(seq_lens)} segments")
+        prefixes, masks = [], []
+        for i, n in enumerate(seq_lens):
+            chain, j = [], continues[i]
+            while j != -1:
+                if j == i or len(chain) == len(seq_lens):
+                    raise ValueError(f"continues={continues}: segment {i}'s prefixes form a loop")
+                chain.insert(0, spans[j])
+                j = continues[j]
+            before = sum(end - start for start, end in chain)
+            prefixes.append(tuple(chain))
+            # query t of the segment sees every prefix key and its own keys up to t
+            masks.append(torch.ones(n, before + n, dtype=torch.bool, device=device).tril(before) if chain else None)
+        return cls(spans, tuple(prefixes), tuple(masks))
+
+
+def sequence_ends(seq_lens: tuple[int, ...], continues: tuple[int, ...] | None = None) -> list[int]:
+    """The last column of each sequence in a packed row: that of each segment no other continues, in row order."""
+    continued = set(continues or ())
+    ends = torch.tensor(seq_lens, dtype=torch.long).cumsum(0).tolist()
+    return [end - 1 for i, end in enumerate(ends) if i not in continued]
+
+
+def packed_attention(q, k, v, packing: Packing, *, gqa: bool):
+    """SDPA per segment of a packed row (B = 1): its queries over its prefixes' keys and its own, causal within."""
+    out = []
+    for (start, end), chain, mask in zip(packing.spans, packing.prefixes, packing.masks):
+        keys, values = k[:, :, start:end], v[:, :, start:end]
+        if chain:
+            keys = torch.cat([k[:, :, a:b] for a, b in chain] + [keys], 2)
+            values = torch.cat([v[:, :, a:b] for a, b in chain] + [values], 2)
+        out.append(F.scaled_dot_product_attention(q[:, :, start:end], keys, values, attn_mask=mask,
+                                                  is_causal=mask is None, enable_gqa=gqa))
+    return torch.cat(out, 2)
 
 
 class MLP(nn.Module):
@@ -175,8 +228,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attn_mask, *, cache_slots=None, seq_lens=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache_slots=cache_slots, seq_lens=seq_lens)
+    def forward(self, x, cos, sin, attn_mask, *, cache_slots=None, packing=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache_slots=cache_slots, packing=packing)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -208,10 +261,12 @@ class Transformer(nn.Module):
         self.activation_checkpointing = False  # recompute each block in backward: memory for compute (a way to train)
 
     def forward(self, input_ids, attention_mask=None, *, position_ids=None, attn_mask=None, cache_slots=None,
-                seq_lens=None):
+                seq_lens=None, continues=None):
         """Final hidden states (B, T, dim). With a KV cache, `cache_slots` (T,) are the cache columns written.
         seq_lens: one row holding several sequences end to end (lengths summing to T, position_ids restarting at
-        each): attention stays within each sequence, so no padding and no mask are needed."""
+        each): attention stays within each sequence, so no padding and no mask are needed. continues (one entry per
+        seq_lens entry): segment i continues segment continues[i] (-1: none), whose tokens are its prompt, shared
+        with the other segments that continue it; position_ids then go on from the prompt's (Packing)."""
         if position_ids is None:
             position_ids = (default_position_ids(attention_mask) if attention_mask is not None
                             else torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids))
@@ -219,14 +274,15 @@ class Transformer(nn.Module):
             slots = (cache_slots if cache_slots is not None
                      else torch.arange(input_ids.shape[1], device=input_ids.device))
             attn_mask = padding_attn_mask(attention_mask, slots)
+        packing = Packing.build(seq_lens, continues, device=input_ids.device) if seq_lens is not None else None
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, attn_mask, cache_slots=cache_slots, seq_lens=seq_lens,
+                x = checkpoint(layer, x, cos, sin, attn_mask, cache_slots=cache_slots, packing=packing,
                                use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn_mask, cache_slots=cache_slots, seq_lens=seq_lens)
+                x = layer(x, cos, sin, attn_mask, cache_slots=cache_slots, packing=packing)
         return self.norm(x)
 
     @torch.no_grad()
@@ -316,19 +372,21 @@ class RewardModel(_Pretrained):
         init_linear(self.score, 1.0 / math.sqrt(self.cfg.dim + 1))
 
     def forward(self, input_ids, attention_mask=None, *, position_ids=None, attn_mask=None, every_token: bool = False,
-                right_padded: bool = False, seq_lens: tuple[int, ...] | None = None, per_head: bool = False):
+                right_padded: bool = False, seq_lens: tuple[int, ...] | None = None,
+                continues: tuple[int, ...] | None = None, per_head: bool = False):
         """Rewards (B,), fp32 whatever the trunk's precision: the sum of the heads (one head: its reward); with
         per_head, each head's (B, reward_heads). With every_token, the sum at every position (B, T): the values a PPO
         critic reads. right_padded: the caller's promise that every row is its real tokens then
         padding; the trunk then runs plain causal attention (exact: no real token sees a later position) with no
         (B, 1, T, T) mask, and the last real token is read at sum(mask) - 1 without a host-device sync.
-        seq_lens: one packed row of several sequences (Transformer.forward); one reward per sequence."""
+        seq_lens (and continues): one packed row of several sequences (Transformer.forward); one reward per sequence,
+        read at the last token of each segment that no other continues, in row order."""
         h = self.model(input_ids, None if right_padded else attention_mask, position_ids=position_ids,
-                       attn_mask=attn_mask, seq_lens=seq_lens)
+                       attn_mask=attn_mask, seq_lens=seq_lens, continues=continues)
         if every_token:
             last = h
         elif seq_lens is not None:
-            last = h[0, torch.tensor(seq_lens, device=h.device).cumsum(0) - 1]
+            last = h[0, sequence_ends(seq_lens, continues)]
         elif attention_mask is None:
             last = h[:, -1]
         elif right_padded:

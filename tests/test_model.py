@@ -363,6 +363,34 @@ def test_packed_pairs_equal_the_padded_path():
         lambda: model(packed["input_ids"], position_ids=packed["position_ids"], seq_lens=packed["seq_lens"]))
 
 
+def test_a_shared_prompt_gives_each_sequence_alone_its_reward_and_gradients():
+    """collate_pairs(packed=True, share_prompt=True) runs each pair's common first tokens once; every reward, the
+    pairwise loss and every gradient equal those of the 2B sequences run one by one, unpacked (fp32, 1e-5). The
+    pairs: a long shared prompt, none shared, identical sequences, one a prefix of the other, GQA on."""
+    import numpy as np
+
+    from rmcore.data.batching import collate_pairs
+    from rmcore.data.datasets import PairDataset
+    model = small_reward_model()
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, VOCAB, 13)
+    chosen = [np.concatenate([prompt, rng.integers(3, VOCAB, 4)]), np.array([5, 6, 7, 8]), prompt.copy(),
+              prompt[:6].copy()]
+    rejected = [np.concatenate([prompt, rng.integers(3, VOCAB, 9)]), np.array([9, 6, 7]), prompt.copy(), prompt.copy()]
+    pairs = PairDataset(chosen=chosen, rejected=rejected, margin=np.full(4, np.nan), ids=list("abcd"))
+    batch = collate_pairs(pairs, [0, 1, 2, 3], pad_id=0, packed=True, share_prompt=True)
+    # prompts of pairs a (13 tokens), c (12: all but the last) and d (5), none for b; then 4 chosen, 4 rejected
+    assert batch["seq_lens"] == (13, 12, 5, 4, 4, 1, 1, 9, 3, 1, 8)
+    assert batch["continues"] == (-1, -1, -1, 0, -1, 1, 2, 0, -1, 1, 2)
+    assert batch["input_ids"].numel() == 61 and batch["tokens"] == sum(len(s) for s in chosen + rejected) == 91
+
+    def one_by_one():
+        return torch.cat([model(torch.from_numpy(s.astype(np.int64))[None]) for s in chosen + rejected])
+    assert_same_rewards_loss_grads(
+        model, one_by_one, lambda: model(batch["input_ids"], position_ids=batch["position_ids"],
+                                         seq_lens=batch["seq_lens"], continues=batch["continues"]))
+
+
 def test_one_query_attention_equals_sdpa_with_grouped_heads_and_padding():
     """The decoding step's attention (rmcore.model.one_query_attention, used on CPU in bf16) against torch's SDPA,
     in fp32: 9 query heads over 3 key heads, rows with left padding masked out."""

@@ -27,17 +27,24 @@ def pad(seqs, pad_id: int, *, side: Literal["right", "left"] = "right",
     return input_ids.to(device), attention_mask.to(device)
 
 
-def collate_pairs(data: PairDataset, indices: list[int], pad_id: int, *, packed: bool = False) -> dict:
+def collate_pairs(data: PairDataset, indices: list[int], pad_id: int, *, packed: bool = False,
+                  share_prompt: bool = False) -> dict:
     """2B sequences, chosen[0..B) then rejected[0..B): right-padded rows (input_ids, attention_mask), or with
     packed, one row of them end to end with no padding (input_ids (1, L), position_ids restarting at each,
-    seq_lens); margin (B,) (0 where none); with the dataset's response_starts, response_mask (the rows' shape):
-    the response tokens, EOS included, and response_lengths (2B,): their count per sequence."""
+    seq_lens); margin (B,) (0 where none); tokens: the 2B sequences' token count; with the dataset's
+    response_starts, response_lengths (2B,): the response tokens per sequence, EOS included, and (without
+    share_prompt) response_mask (the rows' shape): those tokens.
+    share_prompt (packed only): the tokens a pair's two sequences begin with in common (its prompt, all but the last
+    token at most) run once, as their own segment, which both responses continue (seq_lens, continues: see
+    rmcore.model.Packing); the row holds the prompts, then the chosen responses, then the rejected ones."""
     seqs = [data.chosen[i] for i in indices] + [data.rejected[i] for i in indices]
     response = None
-    if data.response_starts is not None:  # DPO: which tokens are the responses', in the same 2B order
+    if data.response_starts is not None:  # DPO, ODIN: which tokens are the responses', in the same 2B order
         starts = data.response_starts[indices].T.reshape(-1) if len(indices) else []
         response = [np.arange(len(s)) >= start for s, start in zip(seqs, starts)]
-    if packed and seqs:
+    if packed and share_prompt and seqs:
+        rows = shared_prompt_row(seqs[:len(indices)], seqs[len(indices):])
+    elif packed and seqs:
         lens = tuple(len(x) for x in seqs)
         rows = {"input_ids": torch.from_numpy(np.concatenate(seqs).astype(np.int64))[None],
                 "position_ids": torch.cat([torch.arange(n) for n in lens])[None], "seq_lens": lens}
@@ -45,13 +52,40 @@ def collate_pairs(data: PairDataset, indices: list[int], pad_id: int, *, packed:
         input_ids, attention_mask = pad(seqs, pad_id)
         rows = {"input_ids": input_ids, "attention_mask": attention_mask}
     if response is not None:
-        rows["response_mask"] = (torch.from_numpy(np.concatenate(response))[None] if packed and seqs
-                                 else pad(response, 0)[0].bool())
+        if not share_prompt:
+            rows["response_mask"] = (torch.from_numpy(np.concatenate(response))[None] if packed and seqs
+                                     else pad(response, 0)[0].bool())
         rows["response_lengths"] = torch.tensor([int(r.sum()) for r in response], dtype=torch.float32)
     margin = torch.from_numpy(np.nan_to_num(data.margin[indices], nan=0.0)) if len(indices) else torch.zeros(0)
-    return {**rows, "margin": margin.float(),
+    return {**rows, "margin": margin.float(), "tokens": sum(len(x) for x in seqs),
             "has_margin": bool(len(indices)) and not np.isnan(data.margin[indices]).all(),
             "ids": [data.ids[i] for i in indices]}
+
+
+def common_prefix_length(a, b) -> int:
+    """How many tokens a and b begin with in common, leaving each at least its last token."""
+    n = min(len(a), len(b)) - 1
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if len(differ) else max(n, 0)
+
+
+def shared_prompt_row(chosen: list, rejected: list) -> dict:
+    """One packed row: each pair's common prompt once (pairs with none have no prompt segment), then the chosen
+    responses, then the rejected ones, each continuing its pair's prompt at the positions after it."""
+    shared = [common_prefix_length(c, r) for c, r in zip(chosen, rejected)]
+    prompt_segment = {}  # pair -> index of its prompt segment
+    segments, positions, continues = [], [], []
+    for pair, (c, n) in enumerate(zip(chosen, shared)):
+        if n:
+            prompt_segment[pair] = len(segments)
+            segments.append(c[:n]), positions.append(np.arange(n)), continues.append(-1)
+    for side in (chosen, rejected):
+        for pair, (seq, n) in enumerate(zip(side, shared)):
+            segments.append(seq[n:]), positions.append(np.arange(n, len(seq)))
+            continues.append(prompt_segment.get(pair, -1))
+    return {"input_ids": torch.from_numpy(np.concatenate(segments).astype(np.int64))[None],
+            "position_ids": torch.from_numpy(np.concatenate(positions).astype(np.int64))[None],
+            "seq_lens": tuple(len(s) for s in segments), "continues": tuple(continues)}
 
 
 def block_positions(doc_index: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ class DataConfig:
     document_mask: bool = False            # SFT: attention stops at document boundaries (recipe: runs across them)
     group_by_length: bool = False          # batch pairs of similar length together to cut padding
     pack_pairs: bool = True                # rm: a micro-batch's sequences in one row, no padding (same math, faster)
+    share_prompt: bool = True              # rm, packed: a pair's common first tokens run once (same math, less work)
     skip_bad_lines: bool = False           # skip (and count) malformed records instead of stopping
 
     def check(self, source: str) -> None:
