@@ -54,14 +54,16 @@ def measure(cmd: list[str], run_dir: Path, env: dict) -> dict:
     err = []
     threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
     samples = []  # (step records, eval record seen, RSS): phases are assigned once the run's step count is known
-    while proc.poll() is None:
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # reaps the child itself: its rusage holds the peak
+        if pid:
+            break
         text = metrics.read_text() if metrics.is_file() else ""
         try:
             samples.append((text.count('"tokens_per_s"'), '"eval_acc"' in text, rss_gb(proc.pid)))
-        except (FileNotFoundError, StopIteration, ProcessLookupError):  # the process ended between poll and read
-            break
+        except (FileNotFoundError, StopIteration):  # exiting: /proc no longer shows its memory
+            pass
         time.sleep(0.05)
-    _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"train.py failed:\n{''.join(err)[-3000:]}")
     steps = [json.loads(line) for line in metrics.read_text().splitlines() if '"tokens_per_s"' in line]

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from rmcore.lean_ops import rms_norm, swiglu
+
 # a reward model's heads by count, in column order of `score`: one reward, or ODIN's (Chen et al. 2024) quality and
 # length heads, whose sum is what the pairwise loss trains and whose quality head alone is what alignment reads
 REWARD_HEAD_NAMES = {1: ("reward",), 2: ("quality", "length")}
@@ -71,10 +73,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32 and scale in the input dtype, as HF LLaMA does (bit-level parity in bf16)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # normalise in fp32 and scale in the input dtype, as HF LLaMA does (bit-level parity in bf16); the
+        # backward keeps x and the scale only (rmcore/lean_ops.py)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
@@ -217,7 +218,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # its backward keeps gate and up only
 
 
 class Block(nn.Module):

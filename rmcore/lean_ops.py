@@ -1,0 +1,64 @@
+"""Two layers of the model written as autograd Functions that keep less for the backward than autograd would.
+
+Autograd keeps every intermediate a backward formula reads: RMSNorm its input and its normalised output, SwiGLU the
+gate, its SiLU and the up projection. These keep only what the backward cannot cheaply recompute, and recompute the
+rest from it (elementwise work, no matmul): at SmolLM2-135M's shape that is 2,688 of ~11,700 numbers kept per token
+per layer (bench/README.md, the reward-model stage's memory). The forward computes exactly what the plain formulas
+compute; the backward is the hand-derived gradient, checked against finite differences in tests/test_lean_ops.py.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32, or in its own dtype when that is wider (float64: what a gradient check runs in)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """y = w * (x / sqrt(mean(x^2) + eps)), normalised in fp32, scaled in x's dtype; keeps x and 1/sqrt(...)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        x32 = wide(x)
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, rstd = ctx.saved_tensors
+        normed = wide(x) * rstd
+        grad_normed = wide(grad_y) * wide(weight)
+        # d/dx of x * rstd: rstd * (g - normed * mean(g * normed)), the mean over the normalised dimension
+        grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+        grad_weight = (wide(grad_y) * wide(normed.to(x.dtype))).reshape(-1, weight.shape[-1]).sum(0)
+        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = w * x / sqrt(mean(x^2) + eps) (RMSNormFunction)."""
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """y = silu(gate) * up; keeps gate and up, recomputes silu(gate) in the backward."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        gate, up = ctx.saved_tensors
+        # d/dgate = dy * up * silu'(gate), by the kernel autograd itself uses for silu; d/dup = dy * silu(gate)
+        grad_gate = torch.ops.aten.silu_backward(grad_y * up, gate)
+        return grad_gate, grad_y * F.silu(gate)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """y = silu(gate) * up (SwiGLUFunction)."""
+    return SwiGLUFunction.apply(gate, up)
