@@ -77,7 +77,7 @@ def measure(cmd: list[str], run_dir: Path, env: dict) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="runs/bench/rm_vs_trl_135m/model_135m")
+    p.add_argument("--model", default="runs/bench/rm_vs_trl/model_135m")
     p.add_argument("--pairs", type=int, default=200)
     p.add_argument("--held-out", type=int, default=64)
     p.add_argument("--variant", default="default", help="the name printed for this run")

@@ -136,7 +136,7 @@ class Attention(nn.Module):
         gqa = self.n_kv_heads != self.n_heads
         if T == 1 and self.kv_cache is not None and x.device.type == "cpu" and q.dtype == torch.bfloat16:
             y = one_query_attention(q, k, v, attn_mask)
-        elif packing is not None:  # packed sequences: causal attention within each one, none across (varlen)
+        elif packing is not None:  # packed segments: causal within each, plus its shared prompt's (Packing)
             y = packed_attention(q, k, v, packing, gqa=gqa)
         else:  # attn_mask None means "plain causal, no padding": SDPA then picks its fused causal kernel
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
