@@ -3,6 +3,7 @@ FSDP2 across many, autocast and the compute dtype, and gradient synchronisation 
 """
 from __future__ import annotations
 
+import ctypes
 import random
 import time
 import warnings
@@ -55,6 +56,17 @@ def bf16_slowdown(n: int = 256, reps: int = 3) -> float:
         return min(times)
     best(torch.float32)  # warm-up
     return best(torch.bfloat16) / best(torch.float32)
+
+
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; absent on musl, macOS, Windows
+
+
+def release_freed_memory() -> bool:
+    """Give the C heap's free pages back to the OS (glibc `malloc_trim(0)`); False where there is no such call.
+
+    Why: tensors of ever-new sizes (packed rows) leave freed blocks glibc keeps but cannot reuse for the next,
+    larger row, so without this peak RSS grows by what the allocator holds, not by what the run holds."""
+    return bool(_malloc_trim(0)) if _malloc_trim is not None else False
 
 
 def seed_everything(seed: int):

@@ -22,6 +22,7 @@ from rmcore.training.checkpoints import (
 from rmcore.training.distributed import Dist, all_reduce_sum, gather_objects
 from rmcore.training.logger import Logger
 from rmcore.training.run_dir import trim_metrics
+from rmcore.training.runtime import release_freed_memory
 
 
 def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
@@ -178,6 +179,8 @@ class Trainer:
                 self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
                 self.log.print(f"skipped: {where} ({self.skipped} skipped so far)")
         self.optimizer.zero_grad(set_to_none=True)
+        if cfg.run.release_freed_memory and self.dist.device.type == "cpu":
+            release_freed_memory()
         self.steps_done = step + 1
         position = {"epoch": self.sampler.epoch} if self.sampler is not None else {}
         record = {**means, **metrics, "lr": lr, **grad, "skipped_steps": self.skipped, "empty_steps": self.empty,
