@@ -15,8 +15,9 @@ Each iteration, top to bottom in `ppo` below:
      cut at its stop; prompts left-padded, everything after the stop is padding. The log-probs of the sampled
      tokens under the policy and the reference (logits / temperature), and the critic's values, come from one
      forward pass over the whole sequences, the same pass training takes (the LM head at the response tokens
-     only). Not done where the math does not read it: the reference with beta 0; the separate pass for the old
-     log-probs when one optimizer step follows each rollout and the advantages do not read them (TRL's shortcut);
+     only; on a CPU each micro-batch's samples run end to end in one row, each prompt once). Not done where the
+     math does not read it: the reference with beta 0; the separate pass for the old log-probs when one optimizer
+     step follows each rollout and the advantages do not read them (TRL's shortcut);
   2. score the text, minus ppo.missing_eos_penalty for a response cut at the length limit, clipped (ppo.score_clip);
      a gold judge (ppo.gold_reward) and a toxicity scorer (ppo.toxicity), if any, score the same responses for the
      log only (objective/gold_scores, objective/toxicity);

@@ -15,8 +15,9 @@ KL (k3, beta 0.04) in the loss. Each side runs in its own process (its peak RSS 
 a warm-up, the rest are timed. Printed per timed iteration: samples/s (iteration wall time: sampling, scoring,
 forwards, update, and on rmcore the export and checkpoint after the last iteration, also shown without them), generated
 tokens/s (real generated tokens / generation time), and loop utilisation = work / wall time / fp32 matmul rate, with
-  work = 6 N x (real tokens of every training forward) + 2 N x (real tokens of the no-grad forwards + prompt tokens
-         prefilled + tokens generated), N = the parameters with the tied LM head counted once,
+  work = 6 N x (tokens each training forward runs) + 2 N x (tokens the no-grad forwards run + prompt tokens
+         prefilled + tokens generated), N = the parameters with the tied LM head counted once; a token runs once
+         (padding is not counted, and rmcore's packed rows run a prompt once for all the samples that share it),
   matmul rate = the best of a few 2048x2048 fp32 torch.matmul (2 x 2048^3 FLOP), measured before and after the runs;
 then the rmcore/TRL ratio of samples/s over the pairs of timed iterations (median and range).
 """
@@ -125,15 +126,21 @@ def trl_settings(a) -> dict:
 def rmcore_child(a, run_dir: Path):
     """ppo.py's main as `python ppo.py` runs it, with timers and token counters around the loop's steps."""
     sys.path.insert(0, str(REPO))
+    import torch
+
+    from rmcore.align import rollouts
     from rmcore.align.iteration import AlignRun
     from rmcore.training.launch import run_script
 
     import ppo
     its: list[dict] = []
 
-    def counted(fn, key):  # real (attention-mask) tokens of each forward, into the iteration's count
+    def counted(fn):  # the tokens each forward of the policy or the reference runs, into the iteration's count
         def wrapper(model, batch, *args, **kwargs):
-            its[-1][key] += int(batch.attention_mask.sum())
+            # on a CPU response_logits runs one packed row (each prompt once); elsewhere the padded batch's real tokens
+            run = (sum(rollouts.packed_row(batch).seq_lens) if batch.input_ids.device.type == "cpu"
+                   else int(batch.attention_mask.sum()))
+            its[-1]["trained_tokens" if torch.is_grad_enabled() else "forward_tokens"] += run
             return fn(model, batch, *args, **kwargs)
         return wrapper
 
@@ -153,8 +160,8 @@ def rmcore_child(a, run_dir: Path):
         its[-1].update(end=time.perf_counter(), save=time.perf_counter() - t0)
 
     AlignRun.sample, AlignRun.score, AlignRun.end_iteration = sampled, clocked(AlignRun.score, its, "score"), ended
-    ppo.response_logits = counted(ppo.response_logits, "trained_tokens")  # the update's forwards
-    ppo.response_logprobs = counted(ppo.response_logprobs, "forward_tokens")  # old and reference log-probs
+    # the update's forwards (ppo's name) and the old and reference log-probs' (rollouts' own, which they call)
+    ppo.response_logits = rollouts.response_logits = counted(rollouts.response_logits)
     run_script(ppo.main, ppo_overrides(a, run_dir))
     history = json.loads((run_dir / "ppo_history.json").read_text())
     # the loop's own timings where it logs them (time/*), else the wrappers': sampling, end_iteration, and the
@@ -282,7 +289,8 @@ def main():
           f"{n}, {n // mb} optimizer steps per pass, {a.epochs} passes per generation\n"
           "Not identical: sampling is rmcore's KV-cache rollout vs transformers' generate (dynamic cache); the chat "
           "template is rmcore's Template.chatml vs the tokenizer's Jinja template (ids compared above); both pad "
-          "prompts left and responses right to the iteration's longest (neither packs); loss aggregation: rmcore "
+          "prompts left and responses right for sampling; rmcore's forwards over the rollout then pack each "
+          "micro-batch's samples into one row with each prompt once (CPU), TRL's stay padded; loss aggregation: rmcore "
           "token_mean over each minibatch's real tokens, TRL dapo over the generation's real tokens / "
           "steps_per_generation; minibatch order: rmcore reshuffles every epoch, TRL shuffles once per generation; "
           "AdamW: rmcore foreach, TRL adamw_torch_fused (TrainingArguments' default); TRL's training forward takes "

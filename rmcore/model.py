@@ -329,14 +329,15 @@ class CausalLM(_Pretrained):
 
     def forward(self, input_ids, attention_mask=None, *, position_ids=None, attn_mask=None, cache_slots=None,
                 keep_last: int | None = None, logits_at: torch.Tensor | None = None,
-                seq_lens: tuple[int, ...] | None = None):
-        """Logits (B, T, vocab); with keep_last, those of the last keep_last positions only; with logits_at (B, T)
-        bool, those of the positions it marks, (n, vocab) in row-major order: the head (vocab x dim per token) over
-        positions nobody reads is wasted work. seq_lens: one packed row of several sequences (Transformer.forward)."""
+                seq_lens: tuple[int, ...] | None = None, continues: tuple[int, ...] | None = None):
+        """Logits (B, T, vocab); with keep_last, those of the last keep_last positions only; with logits_at, those of
+        the positions it names, (n, vocab): a (B, T) bool mask (row-major order) or (n,) indices into the flattened
+        B x T positions (repeats allowed). The head (vocab x dim per token) over positions nobody reads is wasted
+        work. seq_lens, continues: one packed row of several sequences (Transformer.forward)."""
         h = self.model(input_ids, attention_mask, position_ids=position_ids, attn_mask=attn_mask,
-                       cache_slots=cache_slots, seq_lens=seq_lens)
+                       cache_slots=cache_slots, seq_lens=seq_lens, continues=continues)
         if logits_at is not None:
-            return self.lm_head(h[logits_at])
+            return self.lm_head(h.flatten(0, 1)[logits_at.flatten()])
         return self.lm_head(h if keep_last is None else h[:, -keep_last:])
 
 

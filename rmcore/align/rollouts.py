@@ -149,9 +149,56 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, devi
                   r_mask.float().to(device), p_ids.shape[1])
 
 
-def response_logits(model, batch: Packed) -> torch.Tensor:
+@dataclass
+class PackedRow:
+    """A Packed batch's samples end to end in one row (B = 1), no padding: each distinct prompt once, then each
+    response continuing its prompt at the positions after it (rmcore.model.Packing), so the K samples of a prompt
+    run it once. predicting (n,): the column whose logits predict each real response token, in response_mask's
+    order; a prompt's last column predicts the first token of every response continuing it."""
+    input_ids: torch.Tensor     # (1, L)
+    position_ids: torch.Tensor  # (1, L)
+    seq_lens: tuple[int, ...]
+    continues: tuple[int, ...]
+    predicting: torch.Tensor    # (n,)
+
+
+def packed_row(batch: Packed) -> PackedRow:
+    """The rows of `batch` as one PackedRow (prompts told apart by their real token ids)."""
+    P = batch.prompt_width
+    ids, prompt_mask = batch.input_ids.tolist(), batch.attention_mask[:, :P].tolist()
+    lengths = batch.response_mask.sum(1).long().tolist()
+    prompt_segment = {}  # prompt ids -> (its segment, its last column)
+    tokens, positions, seq_lens, continues, predicting = [], [], [], [], []
+    for row, n in enumerate(lengths):
+        prompt = tuple(t for t, real in zip(ids[row][:P], prompt_mask[row]) if real)
+        if prompt not in prompt_segment:
+            tokens += prompt
+            positions += range(len(prompt))
+            prompt_segment[prompt] = (len(seq_lens), len(tokens) - 1)
+            seq_lens.append(len(prompt)), continues.append(-1)
+        if n == 0:
+            continue
+        segment, last = prompt_segment[prompt]
+        predicting += [last, *range(len(tokens), len(tokens) + n - 1)]
+        tokens += ids[row][P:P + n]
+        positions += range(len(prompt), len(prompt) + n)
+        seq_lens.append(n), continues.append(segment)
+    device = batch.input_ids.device
+    return PackedRow(torch.tensor([tokens], device=device), torch.tensor([positions], device=device),
+                     tuple(seq_lens), tuple(continues), torch.tensor(predicting, dtype=torch.long, device=device))
+
+
+def response_logits(model, batch: Packed, *, packed: bool | None = None) -> torch.Tensor:
     """(n, vocab): the logits that predicted each real response token, row by row (response_mask's order); the
-    head runs on those positions only, not on the prompt's or the padding's."""
+    head runs on those positions only, not on the prompt's or the padding's. packed: run the rows as one PackedRow
+    (no padding, each prompt once); None = on a CPU, where attention per sequence costs nothing next to the padding
+    it saves, and not on a GPU, where one attention call over the padded batch beats one per sequence."""
+    if packed is None:
+        packed = batch.input_ids.device.type == "cpu"
+    if packed:
+        row = packed_row(batch)
+        return model(row.input_ids, position_ids=row.position_ids, seq_lens=row.seq_lens, continues=row.continues,
+                     logits_at=row.predicting)
     at = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
     at[:, batch.prompt_width - 1:-1] = batch.response_mask.bool()
     return model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, logits_at=at)
