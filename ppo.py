@@ -57,8 +57,8 @@ from rmcore.align.rollouts import (
 from rmcore.align.selection import distinct_n, repeated_ngram_rate
 from rmcore.config.sections import PpoConfig, PpoTrainConfig
 from rmcore.errors import ConfigError
-from rmcore.generate import token_logprobs
 from rmcore.interop.hub import resolve_model
+from rmcore.lean_ops import token_logprobs_and_entropy
 from rmcore.model import CausalLM, RewardModel
 from rmcore.rl import (
     LOSS_AGGREGATIONS,
@@ -69,7 +69,6 @@ from rmcore.rl import (
     kl_k3,
     policy_objective,
     shape_scores,
-    token_entropy,
     value_loss_terms,
 )
 from rmcore.serving.reward_client import is_url
@@ -266,15 +265,16 @@ def ppo_minibatch(model: ActorCritic, exp: Experience, rows: torch.Tensor, *, to
         with autocast(dist, bf16):
             logits = response_logits(model.policy, b)  # (n, vocab): the real response tokens only
             values = response_values(model.critic, b) if model.critic is not None else None
-        logits = logits.float() / ppo_cfg.temperature  # the distribution the samples came from
-        logp = at_responses(token_logprobs(logits, b.responses[real]), b)
+        # under logits / temperature, the distribution the samples came from: rmcore.generate.token_logprobs and
+        # rmcore.rl.token_entropy in one pass over the vocabulary
+        logp, ent = token_logprobs_and_entropy(logits, b.responses[real], ppo_cfg.temperature)
+        logp, ent = at_responses(logp, b), at_responses(ent, b)
         if old_from_update:
             exp.logp_old[r] = logp.detach()
         weights = aggregate(m, tokens=tokens, sequences=sequences, max_len=ppo_cfg.max_new_tokens)
         pg, kl, clipped = policy_objective(logp, exp.logp_old[r], exp.advantages[r], m, weights, clip=ppo_cfg.clip,
                                            sequence_ratio=ppo_cfg.importance_ratio == "sequence",
                                            logp_ref=exp.logp_ref[r] if beta_in_loss is not None else None)
-        ent = at_responses(token_entropy(logits), b)
         loss = pg + (beta_in_loss or 0.0) * kl - ppo_cfg.entropy_coef * ent.sum() / tokens
         vl, vclipped = torch.zeros(()), torch.zeros(())
         if values is not None:

@@ -106,6 +106,8 @@ def ppo_overrides(a, run_dir: Path) -> list[str]:
             # one checkpoint and one export, after the last iteration (counted as saving), as a user who wants
             # the run's result and a resumable end sets it; TRL saves nothing here
             f"ppo.save_every={a.iterations}", f"ppo.export_every={a.iterations}",
+            # glibc keeps freed pages for the next step instead of faulting them in again (README, host memory)
+            "run.host_memory=keep",
             "optim.schedule=constant", f"optim.epochs={a.epochs}", f"optim.micro_batch_size={minibatch(a)}",
             "optim.grad_accum=1"]
 

@@ -1,10 +1,13 @@
-"""Two layers of the model written as autograd Functions that keep less for the backward than autograd would.
+"""Two layers of the model, and the policy loss's per-token log-prob and entropy, written as autograd Functions that
+keep less for the backward than autograd would.
 
 Autograd keeps every intermediate a backward formula reads: RMSNorm its input and its normalised output, SwiGLU the
 gate, its SiLU and the up projection. These keep only what the backward cannot cheaply recompute, and recompute the
 rest from it (elementwise work, no matmul): at SmolLM2-135M's shape 23% fewer numbers kept per token (1.412 -> 1.087
-MB over its 30 layers in fp32; bench/README.md, the reward-model stage's memory). The forward computes exactly what
-the plain formulas compute; the backward is the hand-derived gradient, checked against finite differences in
+MB over its 30 layers in fp32; bench/README.md, the reward-model stage's memory). The log-prob and entropy of a
+49,152-entry vocabulary take one pass over the logits each way instead of autograd's two log-softmaxes, exp, product
+and their backwards (rmcore.rl's token_logprobs and token_entropy are the formulas). The forwards compute what the
+plain formulas compute; the backwards are hand-derived gradients, checked against finite differences in
 tests/test_lean_ops.py.
 """
 from __future__ import annotations
@@ -63,3 +66,35 @@ class SwiGLUFunction(torch.autograd.Function):
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """y = silu(gate) * up (SwiGLUFunction)."""
     return SwiGLUFunction.apply(gate, up)
+
+
+class TokenLogprobEntropyFunction(torch.autograd.Function):
+    """Per row of z = logits / temperature, with log p = z - lse(z): log p_y and H = -sum_v p_v log p_v; keeps the
+    logits, lse and H (two numbers per row), and recomputes log p in the backward."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature: float):
+        z = wide(logits) / temperature
+        lse = torch.logsumexp(z, -1)
+        logp_all = z.sub_(lse[..., None])
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        ctx.save_for_backward(logits, tokens, lse, entropy)
+        ctx.temperature = temperature
+        return logp_all.gather(-1, tokens[..., None]).squeeze(-1), entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, tokens, lse, entropy = ctx.saved_tensors
+        logp_all = (wide(logits) / ctx.temperature).sub_(lse[..., None])
+        p = logp_all.exp()
+        # d log p_y / dz = onehot(y) - p;  dH / dz = -p * (log p + H)
+        grad = logp_all.add_(entropy[..., None]).mul_(grad_entropy[..., None]).add_(grad_logp[..., None]).mul_(p).neg_()
+        grad.scatter_add_(-1, tokens[..., None], grad_logp[..., None])
+        return grad.div_(ctx.temperature).to(logits.dtype), None, None
+
+
+def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
+                               temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log softmax(z)[token], -sum_v p_v log p_v) with z = logits / temperature, in fp32 (TokenLogprobEntropyFunction;
+    temperature 0 means the raw logits, as rmcore.generate.token_logprobs)."""
+    return TokenLogprobEntropyFunction.apply(logits, tokens, temperature if temperature > 0 else 1.0)

@@ -48,9 +48,8 @@ class RunConfig:
                                         # steps were skipped: what it learned is not what was asked for
     halt_at_step: int | None = None     # stop after this step as if killed (resume tests and debugging)
     export: bool = True                 # write out_dir/export (HF format + tokenizer) at the end
-    release_freed_memory: bool = True   # CPU: give the heap's free pages back to the OS after each optimizer step
-                                        # (glibc keeps ~1.8 GB of them at 135M: packed rows of ever-new lengths
-                                        # cannot reuse them; costs ~4% of the speed, bench/README.md)
+    host_memory: Literal["release", "keep", "glibc"] = "release"  # CPU, glibc: what freed memory does
+                                        # (rmcore.training.runtime.HOST_MEMORY_POLICIES; measured in bench/README.md)
 
     @property
     def bf16(self) -> bool:

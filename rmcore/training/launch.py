@@ -14,7 +14,7 @@ from rmcore.interop.hub import resolve_model
 from rmcore.tokenizer import Tokenizer
 from rmcore.training.distributed import Dist, init_distributed, say, shutdown
 from rmcore.training.run_dir import prepare_run_dir
-from rmcore.training.runtime import resolve_precision, seed_everything
+from rmcore.training.runtime import resolve_precision, seed_everything, set_host_memory
 
 
 def run_script(main, argv: list[str]):
@@ -31,8 +31,11 @@ def run_script(main, argv: list[str]):
 
 
 def setup(cfg: TrainConfig) -> tuple[Dist, Tokenizer]:
-    """Process group, seeds, precision, run directory with the resolved config, tokenizer."""
+    """Process group, seeds, precision, host memory policy (CPU), run directory with the resolved config,
+    tokenizer."""
     dist = init_distributed(cfg.run.device)
+    if dist.device.type == "cpu":
+        set_host_memory(cfg.run.host_memory)
     seed_everything(cfg.run.seed)
     cfg.run.precision, why = resolve_precision(cfg.run.precision, dist.device)
     say(dist, why)

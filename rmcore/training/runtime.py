@@ -58,14 +58,37 @@ def bf16_slowdown(n: int = 256, reps: int = 3) -> float:
     return best(torch.bfloat16) / best(torch.float32)
 
 
-_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; absent on musl, macOS, Windows
+_libc = ctypes.CDLL(None)
+_malloc_trim, _mallopt = getattr(_libc, "malloc_trim", None), getattr(_libc, "mallopt", None)  # glibc's
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+# What a CPU run does with the memory its tensors free (run.host_memory). Each optimizer step frees its activations;
+# the next step allocates them again, in blocks of other sizes when rows are packed. Pages the OS hands back anew
+# are zeroed on first touch (a page fault each): ~20% of a GRPO update step at 135M (bench/README.md).
+HOST_MEMORY_POLICIES = {
+    # after each optimizer step the heap's free pages go back to the OS: the lowest peak RSS, every step faults in
+    # its activations again
+    "release": "malloc_trim(0) after each optimizer step",
+    # nothing goes back to the OS and no block is mmapped: the next step reuses the pages without faults; peak RSS
+    # also holds the freed blocks glibc cannot reuse for other sizes
+    "keep": "mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, 2 GiB)",
+    # glibc's own: blocks over a moving threshold mmapped and unmapped on free, the heap trimmed at the top
+    "glibc": "no change",
+}
+
+
+def set_host_memory(policy: str) -> bool:
+    """Apply a HOST_MEMORY_POLICIES entry's allocator settings once at the start of a CPU run; False where libc is
+    not glibc (nothing changes there)."""
+    if _mallopt is None or _malloc_trim is None:
+        return False
+    if policy == "keep":
+        return bool(_mallopt(M_MMAP_MAX, 0)) and bool(_mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    return True
 
 
 def release_freed_memory() -> bool:
-    """Give the C heap's free pages back to the OS (glibc `malloc_trim(0)`); False where there is no such call.
-
-    Why: tensors of ever-new sizes (packed rows) leave freed blocks glibc keeps but cannot reuse for the next,
-    larger row, so without this peak RSS grows by what the allocator holds, not by what the run holds."""
+    """Give the C heap's free pages back to the OS (glibc `malloc_trim(0)`); False where there is no such call."""
     return bool(_malloc_trim(0)) if _malloc_trim is not None else False
 
 

@@ -53,7 +53,7 @@ def make_optimizer(model, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
 
 def clip_grad_norm(model, max_norm: float) -> float:
@@ -179,7 +179,7 @@ class Trainer:
                 self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
                 self.log.print(f"skipped: {where} ({self.skipped} skipped so far)")
         self.optimizer.zero_grad(set_to_none=True)
-        if cfg.run.release_freed_memory and self.dist.device.type == "cpu":
+        if cfg.run.host_memory == "release" and self.dist.device.type == "cpu":
             release_freed_memory()
         self.steps_done = step + 1
         position = {"epoch": self.sampler.epoch} if self.sampler is not None else {}

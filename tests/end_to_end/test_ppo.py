@@ -137,7 +137,11 @@ def test_old_logprobs_from_the_update_equal_a_separate_forward(tmp_path, hh_file
     separate = ppo.main(ppo_args(tmp_path / "separate", hh_file, policy_dir, rm_dir, *common))
     assert len(forwards) == 2 + 4  # and the policy's
     a, b = (load_file(tmp_path / p / "export" / "model.safetensors") for p in ("reused", "separate"))
-    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    # the two take the old log-probs from differently packed rows (each minibatch's vs the rollout's order) and
+    # formulas (the update's fused log-prob and entropy vs log_softmax), equal to ~1e-7; AdamW's normalised steps
+    # (lr 1e-3) carry that into the weights at ~5e-6 after 2 iterations: 1/200 of one step, where taking the old
+    # log-probs from another policy would move them by whole steps
+    assert all(torch.allclose(a[k], b[k], atol=2e-5, rtol=0) for k in a)
     for x, y in zip(reused, separate):
         assert x["objective/kl"] == pytest.approx(y["objective/kl"], abs=1e-5)
         assert x["objective/entropy"] == pytest.approx(y["objective/entropy"], abs=1e-4)

@@ -49,3 +49,27 @@ def test_release_freed_memory_returns_the_heaps_free_pages_to_the_os():
     released, before, after = out.stdout.split()
     assert released == "True"
     assert float(before) - float(after) > 100, out.stdout  # 2048 freed blocks of 64 KB: 128 MB of free pages
+
+
+FREED_BLOCK = """
+import os, sys, torch
+from rmcore.training.runtime import set_host_memory
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+applied = set_host_memory(sys.argv[1])
+before = rss_mb()
+block = torch.ones(64 * 2**20)  # 256 MB: glibc's own policy mmaps a block this size and unmaps it when freed
+del block
+print(applied, rss_mb() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="mallopt is glibc's")
+def test_host_memory_keep_keeps_freed_pages_that_glibcs_own_policy_returns():
+    kept = {}
+    for policy in ("keep", "glibc"):
+        out = subprocess.run([sys.executable, "-c", FREED_BLOCK, policy], capture_output=True, text=True, check=True)
+        applied, kept[policy] = out.stdout.split()
+        assert applied == "True"
+    assert float(kept["keep"]) > 200 and float(kept["glibc"]) < 20, kept
