@@ -17,7 +17,8 @@ Each iteration, top to bottom in `ppo` below:
      forward pass over the whole sequences, the same pass training takes (the LM head at the response tokens
      only; on a CPU each micro-batch's samples run end to end in one row, each prompt once). Not done where the
      math does not read it: the reference with beta 0; the separate pass for the old log-probs when one optimizer
-     step follows each rollout and the advantages do not read them (TRL's shortcut);
+     step follows each rollout and the advantages do not read them (TRL's shortcut), or when the sampler's own
+     log-probs stand in for it (ppo.old_logprobs; by default in fp32, where they equal the pass's to ~1e-5);
   2. score the text, minus ppo.missing_eos_penalty for a response cut at the length limit, clipped (ppo.score_clip);
      a gold judge (ppo.gold_reward) and a toxicity scorer (ppo.toxicity), if any, score the same responses for the
      log only (objective/gold_scores, objective/toxicity);
@@ -128,7 +129,8 @@ def ppo(cfg: PpoTrainConfig) -> list[dict]:
     model = ActorCritic(policy, critic)
     n = run.prompts_per_rank * ppo_cfg.k
     minibatch = optim.micro_batch_size * optim.grad_accum
-    old_from_update = old_logprobs_from_update(cfg, samples_per_rank=n, has_critic=critic is not None)
+    old_source = old_logprobs_source(cfg, samples_per_rank=n, has_critic=critic is not None)
+    old_from_update = old_source == "update"
     trainer = Trainer(cfg, dist, model, total_steps=ppo_cfg.iterations * optim.epochs * math.ceil(n / minibatch))
     resumed = trainer.resumed or {}
     first, history, beta = resumed.get("iteration", 0), resumed.get("history", []), resumed.get("beta", ppo_cfg.beta)
@@ -142,13 +144,17 @@ def ppo(cfg: PpoTrainConfig) -> list[dict]:
         stats = {"iteration": it + 1, **run.held_out_reward(policy, iteration=it)}  # the policy that samples next
         clock.lap("held_out")
         # 1. rollout, and one forward pass of each model over it
-        samples = run.sample(policy, iteration=it, with_logprobs=False)
+        samples = run.sample(policy, iteration=it, with_logprobs=old_source == "sampler")
         clock.lap("sample")
         batch = pack([run.prompts.ids[i] for i in samples.prompt_index], samples.tokens, tok.pad_id, dist.device)
         mask = batch.response_mask
         with autocast(dist, cfg.run.bf16):
-            logp_old = (torch.zeros_like(mask) if old_from_update  # filled in by the update
-                        else response_logprobs(policy, batch, ppo_cfg.temperature, optim.micro_batch_size))
+            if old_source == "update":
+                logp_old = torch.zeros_like(mask)  # filled in by the update
+            elif old_source == "sampler":
+                logp_old = at_responses(torch.cat(samples.logprobs).to(dist.device), batch)
+            else:
+                logp_old = response_logprobs(policy, batch, ppo_cfg.temperature, optim.micro_batch_size)
             logp_ref = None
             if with_reference:
                 with reference_model(policy, reference) as ref:
@@ -229,13 +235,20 @@ def needs_reference(ppo_cfg: PpoConfig) -> bool:
     return ppo_cfg.beta > 0
 
 
-def old_logprobs_from_update(cfg: PpoTrainConfig, *, samples_per_rank: int, has_critic: bool) -> bool:
-    """The old log-probs are the update's own (detached; ratio exactly 1, as TRL's GRPO takes them) when one
-    optimizer step follows each rollout and nothing before the update reads them: no critic (its advantages) and no
-    KL in the reward. Otherwise a separate forward pass over the rollout computes them."""
-    optim = cfg.optim
+def old_logprobs_source(cfg: PpoTrainConfig, *, samples_per_rank: int, has_critic: bool) -> str:
+    """Where the rollout's old log-probs come from. `update`: the update's own (detached; ratio exactly 1, as TRL's
+    GRPO takes them) when one optimizer step follows each rollout and nothing before the update reads them: no
+    critic (its advantages) and no KL in the reward. Otherwise ppo.old_logprobs: `sampler`, the log-probs each token
+    was drawn with (no pass of their own), or `forward`, a forward pass over the rollout (TRL's); auto: the sampler
+    in fp32, where the two agree to ~1e-5 (tests/test_generate.py), the pass in bf16, where decoding one token at
+    a time rounds differently from a whole-sequence forward."""
+    optim, ppo_cfg = cfg.optim, cfg.ppo
     one_step = optim.epochs == 1 and samples_per_rank <= optim.micro_batch_size * optim.grad_accum
-    return one_step and not has_critic and cfg.ppo.kl_placement() != "reward"
+    if one_step and not has_critic and ppo_cfg.kl_placement() != "reward":
+        return "update"
+    if ppo_cfg.old_logprobs == "auto":
+        return "forward" if cfg.run.bf16 else "sampler"
+    return ppo_cfg.old_logprobs
 
 
 LOSS_TERMS = ("loss/policy", "loss/kl", "loss/value")

@@ -150,8 +150,9 @@ def test_two_process_lora_run_matches_one_process_and_resumes_exactly(tmp_path, 
 
 
 def test_ppo_with_lora_reads_its_reference_with_the_adapters_off(tmp_path, hh_file, policy_dir, rm_dir):
+    # the old log-probs from a forward pass, as the reference's, so an unchanged policy's KL is exactly 0
     history = ppo.main(ppo_args(tmp_path / "p", hh_file, policy_dir, rm_dir, "ppo.iterations=2", "optim.lr=3e-3",
-                                "model.lora.enabled=true", "model.lora.export=adapter"))
+                                "model.lora.enabled=true", "model.lora.export=adapter", "ppo.old_logprobs=forward"))
     assert history[0]["objective/kl"] == 0  # B = 0: the policy is its reference, exactly
     assert history[1]["objective/kl"] != 0  # the adapters moved the policy; with them off, the reference did not
     first = next(r for r in records(tmp_path / "p") if "loss/policy" in r)

@@ -313,6 +313,9 @@ class PpoConfig(AlignConfig):
                                         # default), sequence_mean (the GRPO paper's), constant (Dr. GRPO)
     importance_ratio: Literal["token", "sequence"] = "token"  # one ratio per token (PPO), or one per response,
                                         # exp(sum logp - sum logp_old), clipped per response (TRL's RLOO)
+    old_logprobs: Literal["auto", "sampler", "forward"] = "auto"  # the rollout's log-probs for the ratio: the
+                                        # sampler's, or a forward pass's (TRL's); auto: sampler in fp32, forward in
+                                        # bf16 (ppo.old_logprobs_source)
     gamma: float = 1.0                  # TRL's
     lam: float = 0.95                   # TRL's
     clip: float = 0.2                   # policy ratio clip; TRL's

@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 from rmcore.align.iteration import AlignRun
 from rmcore.align.rollouts import pack, response_logprobs
 from rmcore.data.tokenizer_training import train_tokenizer
+from rmcore.config.loader import load_config
+from rmcore.config.sections import PpoTrainConfig
 from rmcore.errors import ConfigError
 from rmcore.interop.hf_checkpoint import load_pretrained
 from rmcore.model import CausalLM
@@ -36,13 +38,21 @@ def test_logprobs_of_a_left_padded_batch_equal_each_sequence_alone(policy_dir):
         assert torch.allclose(alone[0], want, atol=1e-5)
 
 
-def test_first_minibatch_is_at_ratio_one_and_kl_zero(tmp_path, hh_file, policy_dir, rm_dir):
-    history = ppo.main(ppo_args(tmp_path / "p", hh_file, policy_dir, rm_dir, "ppo.iterations=1"))
+@pytest.mark.parametrize("old_logprobs", ["forward", "sampler"])
+def test_first_minibatch_is_at_ratio_one_and_kl_zero(tmp_path, hh_file, policy_dir, rm_dir, old_logprobs):
+    """With the old log-probs from a forward pass, the first minibatch's ratio is 1 and the KL 0 exactly (the same
+    pass scores the policy and its identical reference); from the sampler (decoding, token by token), to ~1e-6."""
+    history = ppo.main(ppo_args(tmp_path / "p", hh_file, policy_dir, rm_dir, "ppo.iterations=1",
+                                f"ppo.old_logprobs={old_logprobs}"))
     first = next(r for r in records(tmp_path / "p") if "loss/policy" in r)
-    assert abs(first["policy/ratio"] - 1) < 1e-6
-    assert first["policy/approxkl"] < 1e-12 and first["policy/clipfrac"] == 0
-    assert history[0]["objective/kl"] == 0 and history[0]["objective/kl_k3"] == 0  # policy = reference exactly
-    assert history[0]["objective/non_score_reward"] == 0
+    exact = old_logprobs == "forward"
+    assert abs(first["policy/ratio"] - 1) < (1e-6 if exact else 1e-5)
+    assert first["policy/approxkl"] < (1e-12 if exact else 1e-10) and first["policy/clipfrac"] == 0
+    if exact:  # policy = reference exactly
+        assert history[0]["objective/kl"] == 0 and history[0]["objective/kl_k3"] == 0
+        assert history[0]["objective/non_score_reward"] == 0
+    else:
+        assert abs(history[0]["objective/kl"]) < 1e-4 and abs(history[0]["objective/kl_k3"]) < 1e-8
     later = [r for r in records(tmp_path / "p") if "loss/policy" in r][1:]
     assert any(abs(r["policy/ratio"] - 1) > 1e-6 for r in later)  # the policy did move after the first step
     trl_names = ["objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
@@ -111,7 +121,9 @@ def test_ppo_with_save_every_3_killed_in_iteration_5_resumes_from_iteration_3_an
 
 
 def test_beta_zero_builds_no_reference_and_makes_the_same_update(tmp_path, hh_file, policy_dir, rm_dir, monkeypatch):
-    common = ("ppo.iterations=2", "ppo.beta=0", "ppo.advantage=grpo", "ppo.k=4", "ppo.prompts_per_iter=8")
+    # the old log-probs from a forward pass, as the reference's: the KL of the unchanged policy is then exactly 0
+    common = ("ppo.iterations=2", "ppo.beta=0", "ppo.advantage=grpo", "ppo.k=4", "ppo.prompts_per_iter=8",
+              "ppo.old_logprobs=forward")
     built, build_policy = [], AlignRun.build_policy
     monkeypatch.setattr(AlignRun, "build_policy", lambda self, *, with_reference=True: built.append(with_reference)
                         or build_policy(self, with_reference=with_reference))
@@ -133,7 +145,7 @@ def test_old_logprobs_from_the_update_equal_a_separate_forward(tmp_path, hh_file
     monkeypatch.setattr(ppo, "response_logprobs", lambda *a, **k: forwards.append(1) or response_logprobs(*a, **k))
     reused = ppo.main(ppo_args(tmp_path / "reused", hh_file, policy_dir, rm_dir, *common))
     assert len(forwards) == 2  # the reference's, one per iteration
-    monkeypatch.setattr(ppo, "old_logprobs_from_update", lambda *a, **k: False)
+    monkeypatch.setattr(ppo, "old_logprobs_source", lambda *a, **k: "forward")
     separate = ppo.main(ppo_args(tmp_path / "separate", hh_file, policy_dir, rm_dir, *common))
     assert len(forwards) == 2 + 4  # and the policy's
     a, b = (load_file(tmp_path / p / "export" / "model.safetensors") for p in ("reused", "separate"))
@@ -147,6 +159,30 @@ def test_old_logprobs_from_the_update_equal_a_separate_forward(tmp_path, hh_file
         assert x["objective/entropy"] == pytest.approx(y["objective/entropy"], abs=1e-4)
         assert x["objective/scores"] == y["objective/scores"]
     assert reused[1]["objective/kl"] != 0  # the policy moved in iteration 1, and the KL says so
+
+
+def test_old_logprobs_from_the_sampler_equal_a_separate_forward(tmp_path, hh_file, policy_dir, rm_dir, monkeypatch):
+    """Two epochs (the update cannot supply them), fp32: the sampler's log-probs as the old ones skip the policy's
+    pass and give the rollout's KL, the update and the exported weights that pass gives."""
+    common = ("ppo.iterations=2", "ppo.advantage=grpo", "ppo.k=4", "ppo.prompts_per_iter=8", "ppo.beta=0.05")
+    forwards = []
+    monkeypatch.setattr(ppo, "response_logprobs", lambda *a, **k: forwards.append(1) or response_logprobs(*a, **k))
+    sampler = ppo.main(ppo_args(tmp_path / "sampler", hh_file, policy_dir, rm_dir, *common))  # auto: fp32
+    assert len(forwards) == 2  # the reference's only
+    forward = ppo.main(ppo_args(tmp_path / "forward", hh_file, policy_dir, rm_dir, *common,
+                                "ppo.old_logprobs=forward"))
+    assert len(forwards) == 2 + 4
+    a, b = (load_file(tmp_path / p / "export" / "model.safetensors") for p in ("sampler", "forward"))
+    # decoding (one token at a time against the cache) and the pass (the whole row) agree to ~1e-6 per log-prob;
+    # 8 AdamW steps at lr 1e-3 carry that into the weights far below one step's size
+    assert all(torch.allclose(a[k], b[k], atol=2e-5, rtol=0) for k in a)
+    assert max((a[k] - b[k]).abs().max() for k in a) > 0  # not the same code path by accident
+    for x, y in zip(sampler, forward):
+        assert x["objective/kl"] == pytest.approx(y["objective/kl"], abs=1e-5)
+        assert x["objective/scores"] == y["objective/scores"]
+    in_bf16 = load_config(PpoTrainConfig, None, ppo_args(tmp_path / "b", hh_file, policy_dir, rm_dir, *common,
+                                                         "run.precision=bf16"))
+    assert ppo.old_logprobs_source(in_bf16, samples_per_rank=32, has_critic=False) == "forward"  # auto in bf16
 
 
 def test_ppo_under_torchrun_completes_and_resumes_exactly(tmp_path, hh_file, policy_dir, rm_dir):
