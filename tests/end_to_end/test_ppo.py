@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 from rmcore.align.iteration import AlignRun
 from rmcore.align.rollouts import pack, response_logprobs
-from rmcore.data.tokenizer_training import train_tokenizer
 from rmcore.config.loader import load_config
 from rmcore.config.sections import PpoTrainConfig
+from rmcore.data.tokenizer_training import train_tokenizer
 from rmcore.errors import ConfigError
 from rmcore.interop.hf_checkpoint import load_pretrained
 from rmcore.model import CausalLM
