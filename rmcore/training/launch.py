@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from rmcore.config.loader import save_config
 from rmcore.config.sections import TrainConfig
 from rmcore.data.records import require_data
@@ -31,11 +33,14 @@ def run_script(main, argv: list[str]):
 
 
 def setup(cfg: TrainConfig) -> tuple[Dist, Tokenizer]:
-    """Process group, seeds, precision, host memory policy (CPU), run directory with the resolved config,
-    tokenizer."""
+    """Process group, seeds, precision, host memory policy (CPU), checkpoint writing, run directory with the
+    resolved config, tokenizer."""
     dist = init_distributed(cfg.run.device)
     if dist.device.type == "cpu":
         set_host_memory(cfg.run.host_memory)
+    # DCP writes every tensor through torch.save, whose CRC32 of each record costs ~1 s per GB of checkpoint on a
+    # CPU, and torch.load never checks it (tests/training/test_trainer.py)
+    torch.serialization.set_crc32_options(False)
     seed_everything(cfg.run.seed)
     cfg.run.precision, why = resolve_precision(cfg.run.precision, dist.device)
     say(dist, why)

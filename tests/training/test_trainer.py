@@ -1,5 +1,6 @@
 """The Trainer's pieces: the schedule against transformers' schedulers, AdamW's groups, checkpoint atomicity."""
 import json
+import struct
 
 import pytest
 import torch
@@ -76,3 +77,32 @@ def test_checkpoint_partial_save_is_never_resumed(tmp_path):
         ckpt.save(model, opt, step, {})
     assert [p.name for p in ckpt.complete()] == ["step_0000004", "step_0000005"]
     assert json.loads((ckpt.latest() / "trainer.json").read_text())["step"] == 5
+
+
+def test_checkpoints_without_crc32_load_exactly_and_torch_load_never_checked_it(tmp_path):
+    """launch.setup turns torch.save's CRC32 off (DCP writes each tensor through it): a checkpoint written so loads
+    the same tensors; and torch.load reads a file whose data changed after its CRC32 was written without a word,
+    so the CRC protected nothing it costs time for."""
+    before = torch.serialization.get_crc32_options()
+    try:
+        torch.serialization.set_crc32_options(True)
+        torch.save(torch.arange(1000, dtype=torch.float32), tmp_path / "t.pt")
+        raw = bytearray((tmp_path / "t.pt").read_bytes())
+        raw[raw.find(struct.pack("<f", 500.0))] ^= 1  # one bit of element 500
+        (tmp_path / "t.pt").write_bytes(raw)
+        assert torch.load(tmp_path / "t.pt")[500] != 500.0
+        torch.serialization.set_crc32_options(False)
+        model = torch.nn.Linear(3, 2)
+        opt = make_optimizer(model, lr=1e-2)
+        model(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        want = model.weight.detach().clone(), opt.state[model.weight]["exp_avg"].clone()
+        ckpt = Checkpointer(tmp_path, Dist())
+        saved = ckpt.save(model, opt, 1, {})
+        with torch.no_grad():
+            model.weight.zero_()
+        opt.state[model.weight]["exp_avg"].zero_()
+        ckpt.load(saved, model, opt)
+        assert torch.equal(model.weight, want[0]) and torch.equal(opt.state[model.weight]["exp_avg"], want[1])
+    finally:
+        torch.serialization.set_crc32_options(before)
