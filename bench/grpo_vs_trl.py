@@ -9,15 +9,16 @@ first --prompts records of the shipped HH file, each a single-turn ChatML prompt
 prompt (rmcore: data.template=chatml; TRL: conversational prompts through the tokenizer's chat template; the token
 ids of one prompt are compared). Every iteration samples --k responses to each of those --prompts prompts at
 temperature 1, no top-k/top-p, up to --new-tokens tokens, stopping at EOS only; scores them with `reward` below (a
-rule-based length target, the same function on both sides); takes one no-grad forward of the policy (old log-probs)
-and of the reference; then --epochs passes of minibatches of 8 samples, one AdamW step each, lr 1e-6 constant, the
+rule-based length target, the same function on both sides); takes the old log-probs (TRL: a no-grad forward of the
+policy; rmcore: the sampler's, ppo.old_logprobs=auto in fp32) and a no-grad forward of the reference; then --epochs
+passes of minibatches of 8 samples, one AdamW step each, lr 1e-6 constant, the
 KL (k3, beta 0.04) in the loss. Each side runs in its own process (its peak RSS from wait4); its first iteration is
 a warm-up, the rest are timed. Printed per timed iteration: samples/s (iteration wall time: sampling, scoring,
 forwards, update, and on rmcore the export and checkpoint after the last iteration, also shown without them), generated
 tokens/s (real generated tokens / generation time), and loop utilisation = work / wall time / fp32 matmul rate, with
   work = 6 N x (tokens each training forward runs) + 2 N x (tokens the no-grad forwards run + prompt tokens
          prefilled + tokens generated), N = the parameters with the tied LM head counted once; a token runs once
-         (padding is not counted, and rmcore's packed rows run a prompt once for all the samples that share it),
+         (padding is not counted; rmcore's packed rows and its prefill run a prompt once for the K samples of it),
   matmul rate = the best of a few 2048x2048 fp32 torch.matmul (2 x 2048^3 FLOP), measured before and after the runs;
 then the rmcore/TRL ratio of samples/s over the pairs of timed iterations (median and range).
 """
@@ -152,7 +153,8 @@ def rmcore_child(a, run_dir: Path):
         its.append(dict(start=time.perf_counter(), trained_tokens=0, forward_tokens=0, score=0.0))
         out = sample(self, policy, **kwargs)
         its[-1].update(gen=time.perf_counter() - its[-1]["start"], samples=len(out.tokens),
-                       prompt_tokens=sum(len(self.prompts.ids[i]) for i in out.prompt_index),
+                       # one generation batch (ppo.generation_batch_size = all samples): each prompt prefilled once
+                       prompt_tokens=sum(len(self.prompts.ids[i]) for i in set(out.prompt_index)),
                        generated_tokens=sum(map(len, out.tokens)))
         return out
 
@@ -295,9 +297,11 @@ def main():
           "micro-batch's samples into one row with each prompt once (CPU), TRL's stay padded; loss aggregation: rmcore "
           "token_mean over each minibatch's real tokens, TRL dapo over the generation's real tokens / "
           "steps_per_generation; minibatch order: rmcore reshuffles every epoch, TRL shuffles once per generation; "
-          "AdamW: rmcore foreach, TRL adamw_torch_fused (TrainingArguments' default); TRL's training forward takes "
-          "log-probs and entropy from its fused LM head; rmcore exports the policy and checkpoints model + AdamW "
-          "after the last iteration (ppo.save_every, ppo.export_every; counted as saving), TRL saves nothing "
+          "AdamW: fused on both sides (TRL: adamw_torch_fused, TrainingArguments' default); TRL's training "
+          "forward takes log-probs and entropy from its fused LM head; the old log-probs: rmcore the sampler's "
+          "(fp32), TRL a forward pass; rmcore prefills each prompt once for its K samples, TRL's generate K times; "
+          "rmcore exports the policy and checkpoints model + AdamW after the last iteration (ppo.save_every, "
+          "ppo.export_every; counted as saving), TRL saves nothing "
           "(save_strategy='no'); "
           "the samples differ (other RNGs), so each side's work is counted from its own tokens", flush=True)
     rate_before = matmul_rate(a.device)

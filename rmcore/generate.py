@@ -127,10 +127,20 @@ def rollout(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, e
     was_training = model.training
     model.eval()
     steps = 0
-    with kv_cache(model, B, P + max_new_tokens, dtype, device):
+    # each distinct prompt is prefilled once: the K samples of a prompt share its cache rows and last logits
+    distinct: dict[tuple[int, ...], int] = {}
+    source = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
+    firsts = torch.tensor([source.tolist().index(d) for d in range(len(distinct))], device=device)
+    with kv_cache(model, len(distinct), P + max_new_tokens, dtype, device):
         # prefill: the whole prompt at slots 0..P-1
-        logits = model(input_ids, attention_mask=mask[:, :P], position_ids=default_position_ids(attention_mask),
+        logits = model(input_ids[firsts], attention_mask=mask[firsts, :P],
+                       position_ids=default_position_ids(attention_mask[firsts]),
                        cache_slots=torch.arange(P, device=device), keep_last=1)[:, -1]
+        if len(distinct) < B:
+            logits = logits[source]
+            for layer in model.model.layers:
+                cache = layer.self_attn.kv_cache
+                cache.k, cache.v = cache.k[source], cache.v[source]
         position = attention_mask.sum(-1)  # next position of each row = its number of real tokens
         for t in range(max_new_tokens):
             _check_finite(logits, ~done, t, device)

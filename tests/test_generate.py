@@ -33,6 +33,30 @@ def test_logprobs_equal_a_forward_pass_over_the_finished_sequences(model):
     assert (r.logprobs[~m] == 0).all()
 
 
+def test_samples_of_one_prompt_share_its_prefill_and_match_a_forward_pass(model):
+    """K samples per prompt, in a group's order (a, a, a, b, b, b, ...): each distinct prompt is prefilled once and
+    its cache rows copied; the sampled tokens' log-probs still equal a forward pass over the finished sequences,
+    and greedy rows equal each prompt decoded alone."""
+    grouped = [p for p in PROMPTS for _ in range(3)]
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    r = rollout(model, grouped, max_new_tokens=12, eos_id=EOS, pad_id=PAD, temperature=0.7,
+                generator=torch.Generator().manual_seed(0), with_logprobs=True)
+    hook.remove()
+    assert shapes[0] == (len(PROMPTS), r.prompt_width) and shapes[1] == (len(grouped), 1)  # prefill, then decoding
+    with torch.no_grad():
+        logits = model(r.sequences, attention_mask=r.attention_mask)
+    P = r.prompt_width
+    again = token_logprobs(logits[:, P - 1:-1], r.sequences[:, P:], temperature=0.7)
+    m = r.response_mask.bool()
+    assert (again[m] - r.logprobs[m]).abs().max() < 1e-5
+    assert len({tuple(x) for x in r.responses()}) > len(PROMPTS)  # the samples of a prompt differ
+    greedy = rollout(model, grouped, max_new_tokens=12, eos_id=EOS, pad_id=PAD, temperature=0).responses()
+    alone = [rollout(model, [p], max_new_tokens=12, eos_id=EOS, pad_id=PAD, temperature=0).responses()[0]
+             for p in PROMPTS]
+    assert greedy == [a for a in alone for _ in range(3)]
+
+
 def test_response_mask_covers_up_to_and_including_the_stop(model):
     free = rollout(model, PROMPTS, max_new_tokens=10, eos_id=-1, pad_id=PAD, temperature=0)
     assert free.response_mask.all() and not free.stopped.any()
