@@ -235,6 +235,9 @@ def main():
             theirs = run_trl(model_dir, out, pairs, precision, held_out, lr)
             rows += [("rmcore", i + 1, mine), ("TRL", i + 1, theirs)]
             ratios.append(mine["tokens_per_s"] / theirs["tokens_per_s"])
+            print(f"{precision} alternation {i + 1}: rmcore {mine['tokens_per_s']:.0f} real tokens/s at "
+                  f"{mine['rss_gb']:.2f} GB, TRL {theirs['tokens_per_s']:.0f} at {theirs['rss_gb']:.2f} GB "
+                  f"(ratio {ratios[-1]:.2f})", flush=True)
         print(f"\n{precision}, {pairs} pairs, batch 8, max length 512, lr {lr:g} linear, 1 epoch, held-out "
               f"{held_out}{', rmcore ' + ' '.join(a.rmcore_args) if a.rmcore_args else ''}")
         print("| side | run | real tokens/s | padding | shared prompt | peak RSS (GB) | final loss | held-out acc | "
