@@ -173,7 +173,7 @@ def test_old_logprobs_from_the_sampler_equal_a_separate_forward(tmp_path, hh_fil
                                 "ppo.old_logprobs=forward"))
     assert len(forwards) == 2 + 4
     a, b = (load_file(tmp_path / p / "export" / "model.safetensors") for p in ("sampler", "forward"))
-    # decoding (one token at a time against the cache) and the pass (the whole row) agree to ~1e-6 per log-prob;
+    # decoding (one token at a time against the cache) and the pass (the whole row) agree to 1e-5 per log-prob;
     # 8 AdamW steps at lr 1e-3 carry that into the weights far below one step's size
     assert all(torch.allclose(a[k], b[k], atol=2e-5, rtol=0) for k in a)
     assert max((a[k] - b[k]).abs().max() for k in a) > 0  # not the same code path by accident
