@@ -128,15 +128,19 @@ def rollout(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, e
     model.eval()
     steps = 0
     # each distinct prompt is prefilled once: the K samples of a prompt share its cache rows and last logits
-    distinct: dict[tuple[int, ...], int] = {}
-    source = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
-    firsts = torch.tensor([source.tolist().index(d) for d in range(len(distinct))], device=device)
-    with kv_cache(model, len(distinct), P + max_new_tokens, dtype, device):
+    index_of, firsts, source = {}, [], []  # distinct prompt -> its index; each one's first row; each row's index
+    for row, p in enumerate(prompts):
+        if tuple(p) not in index_of:
+            index_of[tuple(p)] = len(firsts)
+            firsts.append(row)
+        source.append(index_of[tuple(p)])
+    firsts, source = torch.tensor(firsts, device=device), torch.tensor(source, device=device)
+    with kv_cache(model, len(firsts), P + max_new_tokens, dtype, device):
         # prefill: the whole prompt at slots 0..P-1
         logits = model(input_ids[firsts], attention_mask=mask[firsts, :P],
                        position_ids=default_position_ids(attention_mask[firsts]),
                        cache_slots=torch.arange(P, device=device), keep_last=1)[:, -1]
-        if len(distinct) < B:
+        if len(firsts) < B:
             logits = logits[source]
             for layer in model.model.layers:
                 cache = layer.self_attn.kv_cache

@@ -19,18 +19,24 @@ def model():
 PROMPTS = [[BOS, 5, 9, 33, 4], [BOS, 7], [BOS, 11, 12]]
 
 
-def test_logprobs_equal_a_forward_pass_over_the_finished_sequences(model):
-    g = torch.Generator().manual_seed(0)
-    r = rollout(model, PROMPTS, max_new_tokens=12, eos_id=EOS, pad_id=PAD, temperature=0.7, generator=g,
-                with_logprobs=True)
+def assert_logprobs_equal_a_forward_pass(model, r, *, temperature: float):
+    """The rollout's log-probs of its sampled tokens equal those of one forward pass over the finished sequences
+    (1e-5), and are 0 on padding."""
     with torch.no_grad():
         logits = model(r.sequences, attention_mask=r.attention_mask)
     P = r.prompt_width
     # the token at column P + t was sampled from the logits at column P + t - 1
-    again = token_logprobs(logits[:, P - 1:-1], r.sequences[:, P:], temperature=0.7)
+    again = token_logprobs(logits[:, P - 1:-1], r.sequences[:, P:], temperature=temperature)
     m = r.response_mask.bool()
     assert (again[m] - r.logprobs[m]).abs().max() < 1e-5
     assert (r.logprobs[~m] == 0).all()
+
+
+def test_logprobs_equal_a_forward_pass_over_the_finished_sequences(model):
+    g = torch.Generator().manual_seed(0)
+    r = rollout(model, PROMPTS, max_new_tokens=12, eos_id=EOS, pad_id=PAD, temperature=0.7, generator=g,
+                with_logprobs=True)
+    assert_logprobs_equal_a_forward_pass(model, r, temperature=0.7)
 
 
 def test_samples_of_one_prompt_share_its_prefill_and_match_a_forward_pass(model):
@@ -44,12 +50,7 @@ def test_samples_of_one_prompt_share_its_prefill_and_match_a_forward_pass(model)
                 generator=torch.Generator().manual_seed(0), with_logprobs=True)
     hook.remove()
     assert shapes[0] == (len(PROMPTS), r.prompt_width) and shapes[1] == (len(grouped), 1)  # prefill, then decoding
-    with torch.no_grad():
-        logits = model(r.sequences, attention_mask=r.attention_mask)
-    P = r.prompt_width
-    again = token_logprobs(logits[:, P - 1:-1], r.sequences[:, P:], temperature=0.7)
-    m = r.response_mask.bool()
-    assert (again[m] - r.logprobs[m]).abs().max() < 1e-5
+    assert_logprobs_equal_a_forward_pass(model, r, temperature=0.7)
     assert len({tuple(x) for x in r.responses()}) > len(PROMPTS)  # the samples of a prompt differ
     greedy = rollout(model, grouped, max_new_tokens=12, eos_id=EOS, pad_id=PAD, temperature=0).responses()
     alone = [rollout(model, [p], max_new_tokens=12, eos_id=EOS, pad_id=PAD, temperature=0).responses()[0]
