@@ -4,13 +4,16 @@
     python -m rmcore.interop.gguf convert --gguf smollm2 --out models/smollm2-135m-instruct
     python bench/generate.py                         # SmolLM2-135M, batch 1, 16 and 64, 128 new tokens
     python bench/generate.py --batch 1 --repeats 1   # a quick look
+    python bench/generate.py --no-compile            # without the rows of rmcore's compiled decoding step
 
 Both sides load the same HF directory (rmcore's CausalLM; transformers' LlamaForCausalLM with its defaults, its
 dynamic KV cache), read the same left-padded prompts (the first prompts of the shipped HH file, each cut to its
 last 64 tokens) and sample at temperature 1 with no top-k/top-p filter, exactly max_new_tokens tokens per row (EOS
 ignored on both sides, so the work is identical). tokens/s = rows x new tokens / wall time of the whole call
-(prefill included); the best of --repeats runs after a warm-up. Greedy batch-1 outputs are compared as a check
-that both sides compute the same model.
+(prefill included); the best of --repeats runs after a warm-up. rmcore runs twice: eager, and with its decoding
+step compiled (`rollout(compile_decoding=True)`, torch.compile); the compile happens in the warm-up, whose time is
+printed. Greedy batch-1 outputs are compared as a check that both sides compute the same model (and the compiled
+step's against the eager one's).
 
 The machine's limit, measured in the same run and dtype: the time of the matrix products a call cannot avoid,
 each weight matrix of the model (the tied embedding once) multiplied once by the B x P prompt tokens (prefill) and
@@ -85,6 +88,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--no-compile", action="store_true", help="leave out rmcore's compiled decoding step")
     p.add_argument("--precision", nargs="+", default=None, choices=["fp32", "bf16"],
                    help="default: fp32, and bf16 too when the CPU has native bf16")
     a = p.parse_args()
@@ -102,9 +106,9 @@ def main():
     theirs = LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval().to(device)
     all_prompts = prompts(tok, max(a.batch))
 
-    def run_ours(batch, temperature=1.0):
+    def run_ours(batch, temperature=1.0, compile_decoding=False):
         return rollout(ours, all_prompts[:batch], max_new_tokens=a.new_tokens, eos_id=-1, pad_id=tok.pad_id,
-                       temperature=temperature).responses()
+                       temperature=temperature, compile_decoding=compile_decoding).responses()
 
     @torch.no_grad()
     def run_theirs(batch, do_sample=True):
@@ -118,8 +122,10 @@ def main():
                               pad_token_id=tok.pad_id, eos_token_id=None)
         return out[:, width:].tolist()
 
-    same = run_ours(1, temperature=0) == run_theirs(1, do_sample=False)
-    print(f"greedy batch-1 continuation identical on both sides (fp32): {same}")
+    greedy = run_ours(1, temperature=0)
+    print(f"greedy batch-1 continuation identical on both sides (fp32): {greedy == run_theirs(1, do_sample=False)}")
+    if not a.no_compile:
+        print(f"... and with rmcore's compiled decoding step: {greedy == run_ours(1, 0, compile_decoding=True)}")
     rows = []
     for precision in a.precision or (["fp32", "bf16"] if native_bf16 else ["fp32"]):
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -127,23 +133,32 @@ def main():
         theirs.to(dtype)
         for batch in a.batch:
             t_ours = best_time(lambda: run_ours(batch), a.repeats)
+            t_compiled, first_call = float("nan"), float("nan")
+            if not a.no_compile:
+                t0 = time.perf_counter()
+                run_ours(batch, compile_decoding=True)  # compiles at a new batch size or dtype
+                first_call = time.perf_counter() - t0
+                t_compiled = best_time(lambda: run_ours(batch, compile_decoding=True), a.repeats)
             t_theirs = best_time(lambda: run_theirs(batch), a.repeats)
             prompt_tokens = sum(map(len, all_prompts[:batch]))
             decode = a.new_tokens * weight_pass_time(ours, batch, dtype)
             prefill = weight_pass_time(ours, prompt_tokens, dtype)
             n = batch * a.new_tokens
-            rows.append((precision, batch, n / t_ours, n / t_theirs, n / (prefill + decode), n / decode))
-            print(f"{precision} batch {batch}: rmcore {n / t_ours:.0f} tokens/s, transformers {n / t_theirs:.0f}, "
-                  f"limit {n / (prefill + decode):.0f} (decode only {n / decode:.0f})", flush=True)
+            rows.append((precision, batch, n / t_ours, n / t_compiled, n / t_theirs, n / (prefill + decode),
+                         n / decode))
+            print(f"{precision} batch {batch}: rmcore {n / t_ours:.0f} tokens/s, compiled {n / t_compiled:.0f} (first "
+                  f"call {first_call:.0f} s), transformers {n / t_theirs:.0f}, limit {n / (prefill + decode):.0f} "
+                  f"(decode only {n / decode:.0f})", flush=True)
     n_params = sum(x.numel() for x in ours.parameters())
     print(f"\n{Path(a.model).name} ({n_params / 1e6:.0f}M parameters), {a.new_tokens} new tokens per row, "
           f"temperature 1, best of {a.repeats} after a warm-up")
-    print("| precision | batch | rmcore tokens/s | transformers tokens/s | rmcore/transformers | limit (decode only) "
-          "| rmcore/limit | transformers/limit |")
-    print("|---|---|---|---|---|---|---|---|")
-    for precision, batch, mine, hf, limit, decode_limit in rows:
-        print(f"| {precision} | {batch} | {mine:.0f} | {hf:.0f} | {mine / hf:.2f} | {limit:.0f} ({decode_limit:.0f}) "
-              f"| {mine / limit:.0%} | {hf / limit:.0%} |")
+    print("| precision | batch | rmcore tokens/s | rmcore compiled | transformers | rmcore/transformers | compiled/"
+          "transformers | limit (decode only) | rmcore/limit | compiled/limit | transformers/limit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for precision, batch, mine, compiled, hf, limit, decode_limit in rows:
+        print(f"| {precision} | {batch} | {mine:.0f} | {compiled:.0f} | {hf:.0f} | {mine / hf:.2f} "
+              f"| {compiled / hf:.2f} | {limit:.0f} ({decode_limit:.0f}) | {mine / limit:.0%} "
+              f"| {compiled / limit:.0%} | {hf / limit:.0%} |")
 
 
 if __name__ == "__main__":

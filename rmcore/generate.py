@@ -11,6 +11,7 @@ every rank with one error (NonFiniteOutputs), never a sampler's traceback.
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -106,12 +107,18 @@ class Rollout:
 def rollout(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, pad_id: int,
             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
             generator: torch.Generator | None = None, with_logprobs: bool = False,
-            stop_strings: tuple[str, ...] = (), tokenizer=None, dtype: torch.dtype | None = None) -> Rollout:
+            stop_strings: tuple[str, ...] = (), tokenizer=None, dtype: torch.dtype | None = None,
+            compile_decoding: bool = False) -> Rollout:
     """Sample a response for every prompt (token lists). dtype: the compute dtype, that of the KV cache (default:
     autocast's when autocast is on, else the weights'; under FSDP2 mixed precision pass it, the sharded weights
-    stay fp32). stop_strings need the tokenizer to read the responses."""
+    stay fp32). stop_strings need the tokenizer to read the responses. compile_decoding: run the decoding step through
+    torch.compile (compiled_decode_step), one process only."""
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the responses")
+    if compile_decoding and torch_dist.is_initialized():
+        raise ValueError("a compiled decoding step is not supported under torch.distributed (FSDP2's per-block "
+                         "hooks run inside it and are untested there); sample without compile")
+    step = compiled_decode_step() if compile_decoding else decode_step
     device = model.lm_head.weight.device
     if dtype is None:
         dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
@@ -168,15 +175,37 @@ def rollout(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, e
             steps = t + 1
             if t == max_new_tokens - 1 or _all_ranks_done(bool(done.all()), device):
                 break
-            # the mask up to this token's column: attention reads the filled part of the cache only
-            logits = model(token[:, None], attention_mask=mask[:, :P + t + 1], position_ids=position[:, None],
-                           cache_slots=torch.tensor([P + t], device=device))[:, -1]
+            logits = step(model, token[:, None], mask, position[:, None], torch.tensor([P + t], device=device))
             position = position + 1
     model.train(was_training)
     response_mask = mask[:, P:].clone()
     response_mask[:, steps:] = 0
     return Rollout(sequences=torch.cat([input_ids, out], 1), attention_mask=mask, response_mask=response_mask,
                    logprobs=logprobs, stopped=stopped, prompt_width=P)
+
+
+def decode_step(model: CausalLM, token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor,
+                slot: torch.Tensor) -> torch.Tensor:
+    """Logits (B, vocab) of one new token per row (token, position: (B, 1)) written at cache column slot (1,),
+    attending over the whole cache: the causal mask hides the columns after slot, so `mask` (B, cache length)
+    need not be cut, and every step has the same shapes (one compiled graph serves them all)."""
+    return model(token, attention_mask=mask, position_ids=position, cache_slots=slot)[:, -1]
+
+
+@functools.cache
+def compiled_decode_step():
+    """decode_step through torch.compile, built once per process. It fuses the ~45 small operations per layer
+    (norms, RoPE, cache writes, SiLU, residuals) between the matrix products: bench/README.md, generation, has the
+    speed and the first call's compile time. One graph serves every batch size > 1 and cache length, so a loop
+    whose prompt widths change from batch to batch does not recompile: dynamic=True, and the KV cache (buffers,
+    which dynamo otherwise takes as fixed in shape like the weights) sized per call too."""
+    compiled = torch.compile(decode_step, dynamic=True)
+
+    def step(*args):
+        with torch._dynamo.config.patch(force_parameter_static_shapes=False):
+            return compiled(*args)
+
+    return step
 
 
 def _check_finite(logits: torch.Tensor, live: torch.Tensor, t: int, device):

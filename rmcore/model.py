@@ -131,7 +131,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(cache_slots, k, v)
-            if attn_mask is not None:  # attend over the columns the mask covers (those filled so far), not all
+            if attn_mask is not None:  # attend over the columns the mask covers (a prefill: the prompt's only)
                 k, v = k[:, :, :attn_mask.shape[-1]], v[:, :, :attn_mask.shape[-1]]
         gqa = self.n_kv_heads != self.n_heads
         if T == 1 and self.kv_cache is not None and x.device.type == "cpu" and q.dtype == torch.bfloat16:

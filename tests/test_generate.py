@@ -106,3 +106,20 @@ def test_kv_cache_takes_the_compute_dtype(model):
     finally:
         torch.nn.functional.scaled_dot_product_attention = real
     assert seen and set(seen) == {torch.bfloat16}
+
+
+def test_a_compiled_decoding_step_samples_what_the_eager_one_does_and_compiles_once(model):
+    """compile_decoding: the same tokens as eager decoding from the same generator (fp32), log-probs equal to a
+    forward pass (1e-5); a second call with another batch size and prompt width reuses the compiled graph."""
+    def sampled(prompts, compile_decoding):
+        return rollout(model, prompts, max_new_tokens=12, eos_id=EOS, pad_id=PAD, temperature=0.7,
+                       generator=torch.Generator().manual_seed(0), with_logprobs=True,
+                       compile_decoding=compile_decoding)
+
+    compiled, eager = sampled(PROMPTS, True), sampled(PROMPTS, False)
+    assert compiled.responses() == eager.responses()
+    assert_logprobs_equal_a_forward_pass(model, compiled, temperature=0.7)
+    wider = [[BOS, 3, 4, 5, 6, 7, 8, 9], *PROMPTS, [BOS, 21]]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        again = sampled(wider, True)
+    assert again.responses() == sampled(wider, False).responses()

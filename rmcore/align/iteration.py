@@ -140,7 +140,8 @@ class AlignRun:
                               max_new_tokens=section.max_new_tokens, batch_size=section.generation_batch_size,
                               temperature=section.temperature, top_k=section.top_k, top_p=section.top_p,
                               stop_strings=self.stop_strings, generator=generator, with_logprobs=with_logprobs,
-                              progress=dist.is_main and cfg.logging.progress, dtype=compute_dtype(cfg.run.bf16))
+                              progress=dist.is_main and cfg.logging.progress, dtype=compute_dtype(cfg.run.bf16),
+                              compile_decoding=section.compile_decoding)
         except NonFiniteOutputs as e:
             raise NonFiniteOutputs(f"{self.name} iteration {iteration + 1}, sampling: {e}") from None
 
@@ -185,7 +186,8 @@ class AlignRun:
             with autocast(self.dist, self.cfg.run.bf16):
                 out = sample(policy, self.held_out, indices, tokenizer=self.tokenizer,
                              max_new_tokens=section.max_new_tokens, batch_size=section.generation_batch_size,
-                             temperature=0.0, stop_strings=self.stop_strings, dtype=compute_dtype(self.cfg.run.bf16))
+                             temperature=0.0, stop_strings=self.stop_strings, dtype=compute_dtype(self.cfg.run.bf16),
+                             compile_decoding=section.compile_decoding)
         except NonFiniteOutputs as e:
             raise NonFiniteOutputs(f"{self.name} iteration {iteration + 1}, held-out prompts: {e}") from None
         rewards = self.score(out.prompts, out.responses, iteration=iteration, what="held-out prompts")

@@ -86,10 +86,10 @@ class Samples:
 def sample(model, pool: PromptPool, indices: list[int], *, tokenizer, k: int = 1, max_new_tokens: int,
            batch_size: int, temperature: float, top_k: int = 0, top_p: float = 1.0, stop_strings: tuple[str, ...] = (),
            generator: torch.Generator | None = None, with_logprobs: bool = False, progress: bool = False,
-           dtype: torch.dtype | None = None) -> Samples:
+           dtype: torch.dtype | None = None, compile_decoding: bool = False) -> Samples:
     """K samples for each prompt of the pool at `indices`, batch_size rows at a time (temperature 0: greedy);
     progress: a bar with new tokens/s and ETA. dtype: the compute dtype (rmcore.training.runtime.compute_dtype),
-    which the KV cache takes."""
+    which the KV cache takes. compile_decoding: rmcore.generate.rollout's."""
     rows = [i for i in indices for _ in range(k)]
     out = Samples()
     bar = None
@@ -101,7 +101,7 @@ def sample(model, pool: PromptPool, indices: list[int], *, tokenizer, k: int = 1
         r = rollout(model, [pool.ids[i] for i in chunk], max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
                     pad_id=tokenizer.pad_id, temperature=temperature, top_k=top_k or None, top_p=top_p,
                     generator=generator, with_logprobs=with_logprobs, stop_strings=stop_strings, tokenizer=tokenizer,
-                    dtype=dtype)
+                    dtype=dtype, compile_decoding=compile_decoding)
         for row, (i, toks) in enumerate(zip(chunk, r.responses())):
             text, _ = cut_at_stop(tokenizer.decode(toks), stop_strings)
             out.prompt_index.append(i)
