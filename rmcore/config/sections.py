@@ -187,9 +187,9 @@ class AlignConfig:
     top_p: float = 1.0
     stop_strings: list[str] | None = None  # None: the template's human tag and HH's "Human:" (EOS always stops)
     generation_batch_size: int = 16     # rows sampled at once per rank
-    compile_decoding: bool = False      # sample through a torch.compile'd decoding step (one process only): 1.2-1.4x
-                                        # the tokens/s at batch 16-64 on a CPU (bench/README.md, generation), after a
-                                        # compile of ~1 min per process (seconds once torch's compile cache is warm)
+    compile_decoding: bool = False      # sample through a torch.compile'd decoding step (one process only): the
+                                        # same tokens at 1.15-1.45x the tokens/s on a CPU (bench/README.md,
+                                        # generation), after a compile of 45-60 s per graph (seconds once cached)
     eval_prompts: int = 16              # prompts of data.eval answered greedily before each iteration's update and
                                         # after the last one (held_out_reward, held_out_reward_final); 0 = none
     save_every: int = 1                 # iterations between checkpoints (a killed run resumes from the last one);
