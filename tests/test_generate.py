@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from rmcore import CausalLM, ModelConfig
-from rmcore.generate import cut_at_stop, rollout, token_logprobs
+from rmcore.errors import NonFiniteOutputs
+from rmcore.generate import _check_finite, cut_at_stop, rollout, token_logprobs
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -123,3 +124,18 @@ def test_a_compiled_decoding_step_samples_what_the_eager_one_does_and_compiles_o
     with torch.compiler.set_stance("fail_on_recompile"):
         again = sampled(wider, True)
     assert again.responses() == sampled(wider, False).responses()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_finite_check_refuses_exactly_the_live_rows_with_a_nan_or_inf_logit(dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(6, 1000) * 30).to(dtype)
+    for row, value in ((1, float("nan")), (2, float("inf")), (3, float("-inf")), (5, float("nan"))):
+        logits[row, 17 * row] = value
+    logits[4] = float("-inf")  # a whole row of -inf: its sum is -inf, caught as well
+    live = torch.tensor([True, True, True, True, True, False])  # row 5 is done: its NaN is not sampled from
+    reference = int((~torch.isfinite(logits).all(-1) & live).sum())  # the check this one replaced, brute force
+    assert reference == 4
+    with pytest.raises(NonFiniteOutputs, match="NaN or inf for 4 row"):
+        _check_finite(logits, live, 0, "cpu")
+    _check_finite(logits[[0, 5]], live[[0, 5]], 0, "cpu")  # finite live rows and a dead broken one pass
