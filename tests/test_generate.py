@@ -133,9 +133,11 @@ def test_the_finite_check_refuses_exactly_the_live_rows_with_a_nan_or_inf_logit(
     for row, value in ((1, float("nan")), (2, float("inf")), (3, float("-inf")), (5, float("nan"))):
         logits[row, 17 * row] = value
     logits[4] = float("-inf")  # a whole row of -inf: its sum is -inf, caught as well
+    logits[0, :4] = 3e38  # finite logits whose sum overflows: checked entry by entry, not refused
     live = torch.tensor([True, True, True, True, True, False])  # row 5 is done: its NaN is not sampled from
     reference = int((~torch.isfinite(logits).all(-1) & live).sum())  # the check this one replaced, brute force
     assert reference == 4
     with pytest.raises(NonFiniteOutputs, match="NaN or inf for 4 row"):
         _check_finite(logits, live, 0, "cpu")
+    assert not bool(torch.isfinite(logits[0].sum()))
     _check_finite(logits[[0, 5]], live[[0, 5]], 0, "cpu")  # finite live rows and a dead broken one pass

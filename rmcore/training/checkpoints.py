@@ -238,11 +238,18 @@ def check_tensors(path: Path, model_sd: dict):
 
 def check_finite(model, dist: Dist, what: str):
     """Refuse to write `what` from weights holding NaN or inf (checked on every rank's shards)."""
-    bad = next((name for name, p in model.state_dict().items()
-                if p.is_floating_point() and not bool(torch.isfinite(_local(p)).all())), None)
+    bad = next((name for name, p in model.state_dict().items() if p.is_floating_point() and not all_finite(_local(p))),
+               None)
     if all_reduce_sum([bad is not None], dist.device)[0]:
         raise NonFiniteWeights(f"not writing the {what}: the weights hold NaN or inf"
                                + (f" (first: {bad})" if bad else " (on another rank)"))
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in t. A finite sum proves it in one read (a NaN or inf entry makes the sum NaN or inf); only a
+    sum that is not finite (a broken tensor, or huge finite entries whose sum overflows) is checked entry by entry.
+    isfinite(t).all() alone writes a mask and reads it again: 324 ms against 17 ms over SmolLM2-135M (Zen 4)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _local(t):

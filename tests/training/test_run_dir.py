@@ -275,6 +275,20 @@ def test_non_finite_weights_are_never_written(tmp_path):
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "export").exists()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_finite_agrees_with_isfinite_all_also_where_the_sum_overflows(dtype):
+    from rmcore.training.checkpoints import all_finite
+    huge = torch.full((4, 8), 3e38)  # every entry finite, their sum inf: the one-read shortcut must not decide
+    cases = {"normal": torch.randn(4, 8), "huge": huge}
+    for name, value in (("inf", float("inf")), ("nan", float("nan")), ("-inf", float("-inf"))):
+        cases[f"huge and one {name}"], cases[f"normal and one {name}"] = huge.clone(), torch.randn(4, 8)
+        cases[f"huge and one {name}"][1, 2] = cases[f"normal and one {name}"][3, 0] = value
+    for name, t in cases.items():
+        t = t.to(dtype)
+        assert all_finite(t) == bool(torch.isfinite(t).all()), name
+    assert all_finite(huge.to(dtype)) and not all_finite(cases["normal and one nan"].to(dtype))
+
+
 def test_a_nan_reward_is_an_error(tmp_path, tok_dir):
     from rmcore.eval.scorer import RewardScorer
     from rmcore.model import ModelConfig, RewardModel
