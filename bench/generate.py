@@ -5,6 +5,7 @@
     python bench/generate.py                         # SmolLM2-135M, batch 1, 16 and 64, 128 new tokens
     python bench/generate.py --batch 1 --repeats 1   # a quick look
     python bench/generate.py --no-compile            # without the rows of rmcore's compiled decoding step
+    python bench/generate.py --host-memory keep      # both sides with run.host_memory=keep's allocator policy
 
 Both sides load the same HF directory (rmcore's CausalLM; transformers' LlamaForCausalLM with its defaults, its
 dynamic KV cache), read the same left-padded prompts (the first prompts of the shipped HH file, each cut to its
@@ -39,6 +40,7 @@ from rmcore.generate import rollout  # noqa: E402
 from rmcore.interop.hf_checkpoint import load_pretrained  # noqa: E402
 from rmcore.model import CausalLM  # noqa: E402
 from rmcore.tokenizer import Tokenizer  # noqa: E402
+from rmcore.training.runtime import set_host_memory  # noqa: E402
 
 # the file the repository ships, or under $RMCORE_DATA (as rmcore.data.files.data_root)
 DATA = Path(os.environ.get("RMCORE_DATA") or REPO / "data") / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
@@ -91,7 +93,11 @@ def main():
     p.add_argument("--no-compile", action="store_true", help="leave out rmcore's compiled decoding step")
     p.add_argument("--precision", nargs="+", default=None, choices=["fp32", "bf16"],
                    help="default: fp32, and bf16 too when the CPU has native bf16")
+    p.add_argument("--host-memory", default="glibc", choices=["glibc", "keep"],
+                   help="the process's allocator policy, both sides alike (run.host_memory's: keep = mallopt, no "
+                        "trimming, no mmap; glibc = its own, where fresh large buffers may be faulted in anew)")
     a = p.parse_args()
+    print(f"host memory: {a.host_memory}" + ("" if set_host_memory(a.host_memory) else " (not glibc: no change)"))
     from transformers import LlamaForCausalLM
 
     device = torch.device(a.device)
