@@ -107,8 +107,9 @@ def ppo_overrides(a, run_dir: Path) -> list[str]:
             # one checkpoint and one export, after the last iteration (counted as saving), as a user who wants
             # the run's result and a resumable end sets it; TRL saves nothing here
             f"ppo.save_every={a.iterations}", f"ppo.export_every={a.iterations}",
-            # glibc keeps freed pages for the next step instead of faulting them in again (README, host memory)
-            "run.host_memory=keep",
+            # keep (the bench's default): glibc keeps freed pages for the next step instead of faulting them in again
+            # (README, host memory); --host-memory release measures the training scripts' default
+            f"run.host_memory={a.host_memory}",
             "optim.schedule=constant", f"optim.epochs={a.epochs}", f"optim.micro_batch_size={minibatch(a)}",
             "optim.grad_accum=1"]
 
@@ -232,7 +233,8 @@ def trl_child(a, out: Path):
 def run_side(a, side: str, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", side, str(out / f"{side}_{time.time_ns()}"), "--model", a.model,
            "--out", a.out, "--prompts", str(a.prompts), "--k", str(a.k), "--new-tokens", str(a.new_tokens),
-           "--iterations", str(a.iterations), "--epochs", str(a.epochs), "--device", a.device]
+           "--iterations", str(a.iterations), "--epochs", str(a.epochs), "--device", a.device,
+           "--host-memory", a.host_memory]
     stdout, rss = timed(cmd)
     return {**json.loads(stdout.strip().splitlines()[-1]), "rss_gb": rss}
 
@@ -272,6 +274,8 @@ def main():
     p.add_argument("--repeats", type=int, default=1, help="alternations rmcore, TRL, rmcore, TRL, ...")
     p.add_argument("--out", default="runs/bench/grpo_vs_trl")
     p.add_argument("--device", default="cpu", help="cpu or cuda (fp32 on both sides; TRL without vLLM)")
+    p.add_argument("--host-memory", default="keep", choices=["keep", "release", "glibc"],
+                   help="rmcore's run.host_memory (TRL's process keeps glibc's own policy)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.iterations < 2:
