@@ -11,8 +11,9 @@ Both sides load the same HF directory (rmcore's CausalLM; transformers' LlamaFor
 dynamic KV cache), read the same left-padded prompts (the first prompts of the shipped HH file, each cut to its
 last 64 tokens) and sample at temperature 1 with no top-k/top-p filter, exactly max_new_tokens tokens per row (EOS
 ignored on both sides, so the work is identical). tokens/s = rows x new tokens / wall time of the whole call
-(prefill included); the best of --repeats runs after a warm-up. rmcore runs twice: eager, and with its decoding
-step compiled (`rollout(compile_decoding=True)`, torch.compile); the compile happens in the warm-up, whose time is
+(prefill included), the best of --repeats rounds after a warm-up; within a round the sides take turns, and
+rmcore/transformers is the median (and range) of the rounds' ratios. rmcore runs twice: eager, and with its decoding
+step compiled (`rollout(compile_decoding=True)`, torch.compile); the compile happens in a first call, whose time is
 printed. Greedy batch-1 outputs are compared as a check that both sides compute the same model (and the compiled
 step's against the eager one's).
 
@@ -28,6 +29,7 @@ import argparse
 import gzip
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -67,15 +69,24 @@ def weight_pass_time(model, rows: int, dtype: torch.dtype, repeats: int = 3) -> 
 
 
 def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
+    return min(alternated_times({"fn": fn}, repeats)["fn"])
+
+
+def alternated_times(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each function in each of `repeats` rounds, the functions taking turns within a round (each warmed
+    up once first): a machine whose speed drifts from minute to minute (a shared VM's does, by 10-20%) then moves
+    every side of a ratio alike, where timing one side's repeats and then the other's would put the drift into it."""
+    for fn in fns.values():
         fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def sync():
@@ -88,7 +99,7 @@ def main():
     p.add_argument("--model", default=str(REPO / "models" / "smollm2-135m-instruct"))
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-compile", action="store_true", help="leave out rmcore's compiled decoding step")
     p.add_argument("--precision", nargs="+", default=None, choices=["fp32", "bf16"],
@@ -138,34 +149,38 @@ def main():
         ours.to(dtype)
         theirs.to(dtype)
         for batch in a.batch:
-            t_ours = best_time(lambda: run_ours(batch), a.repeats)
-            t_compiled, first_call = float("nan"), float("nan")
+            sides = {"rmcore": lambda: run_ours(batch), "transformers": lambda: run_theirs(batch)}
+            first_call = float("nan")
             if not a.no_compile:
                 t0 = time.perf_counter()
                 run_ours(batch, compile_decoding=True)  # compiles at a new batch size or dtype
                 first_call = time.perf_counter() - t0
-                t_compiled = best_time(lambda: run_ours(batch, compile_decoding=True), a.repeats)
-            t_theirs = best_time(lambda: run_theirs(batch), a.repeats)
+                sides["compiled"] = lambda: run_ours(batch, compile_decoding=True)
+            times = alternated_times(sides, a.repeats)
+            t_ours, t_theirs = min(times["rmcore"]), min(times["transformers"])
+            t_compiled = min(times.get("compiled", [float("nan")]))
+            ratios = sorted(theirs_t / ours_t for ours_t, theirs_t in zip(times["rmcore"], times["transformers"]))
             prompt_tokens = sum(map(len, all_prompts[:batch]))
             decode = a.new_tokens * weight_pass_time(ours, batch, dtype)
             prefill = weight_pass_time(ours, prompt_tokens, dtype)
             n = batch * a.new_tokens
-            rows.append((precision, batch, n / t_ours, n / t_compiled, n / t_theirs, n / (prefill + decode),
+            rows.append((precision, batch, n / t_ours, n / t_compiled, n / t_theirs, ratios, n / (prefill + decode),
                          n / decode))
             print(f"{precision} batch {batch}: rmcore {n / t_ours:.0f} tokens/s, compiled {n / t_compiled:.0f} (first "
                   f"call {first_call:.0f} s), transformers {n / t_theirs:.0f}, limit {n / (prefill + decode):.0f} "
-                  f"(decode only {n / decode:.0f})", flush=True)
+                  f"(decode only {n / decode:.0f}); rmcore/transformers by round "
+                  + " ".join(f"{r:.2f}" for r in ratios), flush=True)
     n_params = sum(x.numel() for x in ours.parameters())
     print(f"\n{Path(a.model).name} ({n_params / 1e6:.0f}M parameters), {a.new_tokens} new tokens per row, "
-          f"temperature 1, best of {a.repeats} after a warm-up")
+          f"temperature 1; tokens/s: the best of {a.repeats} rounds after a warm-up, the sides taking turns in each "
+          f"round; rmcore/transformers: the median (range) of the rounds' ratios")
     print("| precision | batch | rmcore tokens/s | rmcore compiled | transformers | rmcore/transformers | compiled/"
           "transformers | limit (decode only) | rmcore/limit | compiled/limit | transformers/limit |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for precision, batch, mine, compiled, hf, limit, decode_limit in rows:
-        print(f"| {precision} | {batch} | {mine:.0f} | {compiled:.0f} | {hf:.0f} | {mine / hf:.2f} "
-              f"| {compiled / hf:.2f} | {limit:.0f} ({decode_limit:.0f}) | {mine / limit:.0%} "
-              f"| {compiled / limit:.0%} | {hf / limit:.0%} |")
-
+    for precision, batch, mine, compiled, hf, ratios, limit, decode_limit in rows:
+        print(f"| {precision} | {batch} | {mine:.0f} | {compiled:.0f} | {hf:.0f} | {statistics.median(ratios):.2f} "
+              f"({ratios[0]:.2f}-{ratios[-1]:.2f}) | {compiled / hf:.2f} | {limit:.0f} ({decode_limit:.0f}) "
+              f"| {mine / limit:.0%} | {compiled / limit:.0%} | {hf / limit:.0%} |")
 
 if __name__ == "__main__":
     main()

@@ -44,6 +44,9 @@ class RMSNormFunction(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """y = w * x / sqrt(mean(x^2) + eps) (RMSNormFunction)."""
+    if not needs_backward(x, weight):  # sampling, scoring: the same ops without the Function's per-call overhead
+        x32 = wide(x)
+        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     return RMSNormFunction.apply(x, weight, eps)
 
 
@@ -65,7 +68,16 @@ class SwiGLUFunction(torch.autograd.Function):
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """y = silu(gate) * up (SwiGLUFunction)."""
+    if not needs_backward(gate, up):
+        return F.silu(gate) * up
     return SwiGLUFunction.apply(gate, up)
+
+
+def needs_backward(*inputs: torch.Tensor) -> bool:
+    """Whether autograd will record an op on these inputs. Where it will not (no_grad, frozen weights and inputs),
+    the Functions above would keep nothing, and going through autograd.Function costs 4-11 us a call on a CPU (Zen 4,
+    one token's row): ~0.6 ms of a ~45-50 ms decoding step at batch 1 (SmolLM2-135M, bf16)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
 
 
 class TokenLogprobEntropyFunction(torch.autograd.Function):

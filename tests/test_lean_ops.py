@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from rmcore.generate import token_logprobs
-from rmcore.lean_ops import rms_norm, swiglu, token_logprobs_and_entropy
+from rmcore.lean_ops import RMSNormFunction, SwiGLUFunction, rms_norm, swiglu, token_logprobs_and_entropy
 from rmcore.rl import token_entropy
 
 
@@ -48,6 +48,24 @@ def test_same_outputs_and_gradients_as_autograd_of_the_plain_formulas(dtype, wei
         assert torch.equal(y_lean, y_plain)
         for a, b in zip(grads_lean, grads_plain):
             assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), rtol=tol, atol=tol * b.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_autograd_the_same_outputs_as_the_functions(dtype):
+    """Under no_grad (sampling, scoring) rms_norm and swiglu skip autograd.Function; their outputs stay bit-identical
+    to the Functions' forwards, and with autograd on they still build the Functions' graph."""
+    g = torch.Generator().manual_seed(4)
+    x, gate, up = (torch.randn(3, 7, 16, generator=g).to(dtype) for _ in range(3))
+    w = torch.randn(16, generator=g).to(dtype)
+    with torch.no_grad():
+        fast = rms_norm(x, w, 1e-5), swiglu(gate, up)
+    assert fast[0].grad_fn is None and fast[1].grad_fn is None
+    assert torch.equal(fast[0], RMSNormFunction.apply(x, w, 1e-5))
+    assert torch.equal(fast[1], SwiGLUFunction.apply(gate, up))
+    tracked = rms_norm(x, w.clone().requires_grad_(), 1e-5), swiglu(gate.clone().requires_grad_(), up)
+    assert type(tracked[0].grad_fn).__name__ == "RMSNormFunctionBackward"
+    assert type(tracked[1].grad_fn).__name__ == "SwiGLUFunctionBackward"
+    assert torch.equal(tracked[0].detach(), fast[0]) and torch.equal(tracked[1].detach(), fast[1])
 
 
 def test_logprob_and_entropy_gradients_match_finite_differences():
