@@ -20,7 +20,10 @@ tokens/s (real generated tokens / generation time), and loop utilisation = work 
          prefilled + tokens generated), N = the parameters with the tied LM head counted once; a token runs once
          (padding is not counted; rmcore's packed rows and its prefill run a prompt once for the K samples of it),
   matmul rate = the best of a few 2048x2048 fp32 torch.matmul (2 x 2048^3 FLOP), measured before and after the runs;
-then the rmcore/TRL ratio of samples/s over the pairs of timed iterations (median and range).
+and the share of the shape-aware limit: the seconds the iteration's matrix products would take at the rate the
+model's own weight matrices reach here at the loop's shapes (a decoding step multiplies them by one row per sample,
+a minibatch's forward by ~700 rows: far below 2048^3's rate on a CPU), also measured before and after; then the
+rmcore/TRL ratio of samples/s over the pairs of timed iterations (median and range).
 """
 from __future__ import annotations
 
@@ -74,6 +77,36 @@ def matmul_rate(device: str = "cpu", repeats: int = 5) -> float:
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - t0)
     return 2 * n ** 3 / min(seconds[1:])
+
+
+def pass_rate(shapes: list[tuple[int, int]], rows: int, device: str = "cpu", repeats: int = 3) -> float:
+    """FLOP/s of one pass of `rows` activation rows through a matrix of each of `shapes` (the model's, random values:
+    speed does not depend on them), 2 x rows x entries FLOP, the best of repeats after a warm-up: the rate a
+    forward over `rows` tokens at once can reach here, weights read from memory as in the loop."""
+    import torch
+    weights = [torch.randn(o, i, device=device) for o, i in shapes]
+    inputs = {i: torch.randn(rows, i, device=device) for _, i in shapes}
+    seconds = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for w in weights:
+                torch.nn.functional.linear(inputs[w.shape[1]], w)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - t0)
+    return 2 * rows * sum(o * i for o, i in shapes) / min(seconds[1:])
+
+
+def shape_limit(it: dict, n_params: int, rates: dict[str, float]) -> float:
+    """Seconds an iteration's matrix products take at the rate this machine reaches for their shapes (pass_rate):
+    the prefill at the prefill's rows, each decoding step at one row per sample, the no-grad forwards and the
+    training forward and backward (3 products per weight) at a minibatch's rows. Nothing else (attention, the
+    sampler, AdamW, saving) is counted: no loop can take less."""
+    return 2 * n_params * (it["prompt_tokens"] / rates["prefill"] + it["generated_tokens"] / rates["decode"]
+                           + (it["forward_tokens"] + 3 * it["trained_tokens"]) / rates["minibatch"])
 
 
 def clocked(fn, its: list[dict], key: str):
@@ -239,8 +272,9 @@ def run_side(a, side: str, out: Path) -> dict:
     return {**json.loads(stdout.strip().splitlines()[-1]), "rss_gb": rss}
 
 
-def prepare(a, out: Path) -> tuple[bool, int, int]:
-    """The prompts file rmcore reads; (whether both sides render one prompt to the same ids, its length, N)."""
+def prepare(a, out: Path) -> tuple[bool, int, int, list[tuple[int, int]]]:
+    """The prompts file rmcore reads; (whether both sides render one prompt to the same ids, its length, N, the
+    shapes of the model's weight matrices, a tied one once)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -260,7 +294,10 @@ def prepare(a, out: Path) -> tuple[bool, int, int]:
         tokenize=True, return_dict=True)["input_ids"]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(a.model))
-    return list(ours) == list(theirs), len(ours), sum(p.numel() for p in model.parameters())  # tied: counted once
+    shapes = [tuple(w.shape) for w in {id(m.weight): m.weight for m in model.modules()
+                                       if isinstance(m, torch.nn.Linear)}.values()]
+    return (list(ours) == list(theirs), len(ours), sum(p.numel() for p in model.parameters()),  # tied: counted once
+            shapes)
 
 
 def main():
@@ -285,7 +322,7 @@ def main():
         return (rmcore_child if side == "rmcore" else trl_child)(a, Path(run_dir))
     out = Path(a.out)
     print(cpu_line())
-    same, prompt_len, n_params = prepare(a, out)
+    same, prompt_len, n_params, shapes = prepare(a, out)
     mb, settings = minibatch(a), trl_settings(a)
     n = a.prompts * a.k
     print(f"{Path(a.model).name}: N = {n_params / 1e6:.1f}M parameters (tied LM head once), fp32, CPU; {a.prompts} "
@@ -308,19 +345,29 @@ def main():
           "ppo.export_every; counted as saving), TRL saves nothing "
           "(save_strategy='no'); "
           "the samples differ (other RNGs), so each side's work is counted from its own tokens", flush=True)
+    # the rows each kind of product runs at: the prompts prefilled together, one per sample while decoding, a
+    # minibatch of full samples (the longest a side's packed or padded minibatch rows are)
+    rows = {"prefill": a.prompts * prompt_len, "decode": n, "minibatch": mb * (prompt_len + a.new_tokens)}
     rate_before = matmul_rate(a.device)
+    rates_before = {k: pass_rate(shapes, r, a.device) for k, r in rows.items()}
     runs = {"rmcore": [], "TRL": []}
     for _ in range(a.repeats):
         for side in runs:
             runs[side].append(run_side(a, side, out))
             print(f"{side} run {len(runs[side])} done ({runs[side][-1]['timings']})", flush=True)
     rate_after = matmul_rate(a.device)
+    rates_after = {k: pass_rate(shapes, r, a.device) for k, r in rows.items()}
     rate = max(rate_before, rate_after)
+    rates = {k: max(rates_before[k], rates_after[k]) for k in rows}
     print(f"\nfp32 matmul rate (2048^3): {rate_before / 1e9:.1f} GFLOP/s before, {rate_after / 1e9:.1f} after; "
           f"utilisation against the better")
+    print("the model's weight matrices at the loop's shapes, GFLOP/s before / after (the better is the shape-aware "
+          "limit's): " + "; ".join(f"{k} ({r} rows) {rates_before[k] / 1e9:.1f} / {rates_after[k] / 1e9:.1f}"
+                                   for k, r in rows.items()))
     print("| side | run | iteration | samples/s | samples/s w/o saving | generated tokens/s | mean response tokens "
-          "| work (TFLOP) | loop utilisation | peak RSS (GB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| work (TFLOP) | loop utilisation | shape-aware limit (s) | wall (s) | of the shape-aware limit "
+          "| peak RSS (GB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     speed = {side: [] for side in runs}
     for side, results in runs.items():
         for r, res in enumerate(results):
@@ -329,9 +376,11 @@ def main():
                                                                     + it["generated_tokens"]))
                 sps, bare = it["samples"] / it["wall"], it["samples"] / (it["wall"] - it["save"])
                 speed[side].append((sps, bare))
+                limit = shape_limit(it, n_params, rates)
                 print(f"| {side} | {r + 1} | {i} | {sps:.2f} | {bare:.2f} | {it['generated_tokens'] / it['gen']:.1f} | "
                       f"{it['generated_tokens'] / it['samples']:.1f} | {work / 1e12:.2f} | "
-                      f"{work / it['wall'] / rate:.1%} | {res['rss_gb']:.2f} |")
+                      f"{work / it['wall'] / rate:.1%} | {limit:.1f} | {it['wall']:.1f} | {limit / it['wall']:.1%} | "
+                      f"{res['rss_gb']:.2f} |")
     for j, what in enumerate(["samples/s", "samples/s (rmcore without saving)"]):
         ratios = [mine[j] / theirs[0] for mine, theirs in zip(speed["rmcore"], speed["TRL"])]
         print(f"rmcore/TRL {what}: median {statistics.median(ratios):.2f}, range {min(ratios):.2f} to "
