@@ -104,7 +104,8 @@ def shape_limit(it: dict, n_params: int, rates: dict[str, float]) -> float:
     """Seconds an iteration's matrix products take at the rate this machine reaches for their shapes (pass_rate):
     the prefill at the prefill's rows, each decoding step at one row per sample, the no-grad forwards and the
     training forward and backward (3 products per weight) at a minibatch's rows. Nothing else (attention, the
-    sampler, AdamW, saving) is counted: no loop can take less."""
+    sampler, AdamW, saving) is counted: at the rates measured, no loop can take less (a VM's rates move by ~10%
+    from minute to minute, so the limit is good to about that)."""
     return 2 * n_params * (it["prompt_tokens"] / rates["prefill"] + it["generated_tokens"] / rates["decode"]
                            + (it["forward_tokens"] + 3 * it["trained_tokens"]) / rates["minibatch"])
 
