@@ -18,8 +18,9 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 
 from rmcore.align.rewards import load_reward
 from rmcore.align.toxicity import TOXICITY_METRICS
-from rmcore.errors import ConfigError
+from rmcore.errors import ConfigError, UserError
 
+import eval as eval_cli
 from helpers.hub_server import HubServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -212,21 +213,27 @@ def assert_one_line_failure(proc, out: Path, *phrases):
     assert not out.exists()  # nothing written half
 
 
-def test_bad_toxicity_input_is_one_line_and_writes_nothing(policy_dir, rtp_file, classifiers, tmp_path):
+def test_bad_toxicity_input_is_one_line_and_writes_nothing(policy_dir, rtp_file, classifiers, tmp_path, monkeypatch):
+    """The first case as a user meets it (a process: its exit status, one stderr line, no traceback); the rest
+    through eval.py's main in this process, each the UserError whose message that line would print."""
     out = tmp_path / "out"
     base = ["--policy", policy_dir, "--prompts", rtp_file, "--out", out, "--max-new-tokens", 2]
     assert_one_line_failure(toxicity([*base, "--k", 0]), out, "--k 0: expected >= 1")
-    assert_one_line_failure(toxicity([*base, "--sample", 0]), out, "--sample 0: expected >= 1")
-    assert_one_line_failure(toxicity([*base, "--k", 1, "--scorer", f"classifier:{classifiers['softmax']}:toxic"]),
-                            out, "no label 'toxic'", "nothate, hate")
-    assert_one_line_failure(toxicity([*base, "--k", 1, "--scorer", f"classifier:{policy_dir}"]), out,
-                            "not a sequence classifier")
+
+    def refused(argv, *phrases, error=ConfigError):
+        with pytest.raises(error) as raised:
+            eval_cli.main(["toxicity", *map(str, argv)])
+        for phrase in phrases:
+            assert phrase in str(raised.value), str(raised.value)
+        assert not out.exists()  # nothing written half
+
+    refused([*base, "--sample", 0], "--sample 0: expected >= 1")
+    refused([*base, "--k", 1, "--scorer", f"classifier:{classifiers['softmax']}:toxic"], "no label 'toxic'",
+            "nothate, hate")
+    refused([*base, "--k", 1, "--scorer", f"classifier:{policy_dir}"], "not a sequence classifier")
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"prompt": {"text": "  "}}) + "\n")
-    assert_one_line_failure(toxicity(["--policy", policy_dir, "--prompts", empty, "--out", out]), out, "no prompts")
+    refused(["--policy", policy_dir, "--prompts", empty, "--out", out], "no prompts", error=UserError)
     # the extra not installed: profanity_check cannot be imported
-    blocker = tmp_path / "blocked"
-    (blocker / "profanity_check").mkdir(parents=True)
-    (blocker / "profanity_check" / "__init__.py").write_text("raise ImportError('not installed')\n")
-    assert_one_line_failure(toxicity([*base, "--k", 1], PYTHONPATH=str(blocker)), out,
-                            "pip install -e '.[toxicity]'")
+    monkeypatch.setitem(sys.modules, "profanity_check", None)
+    refused([*base, "--k", 1], "pip install -e '.[toxicity]'")

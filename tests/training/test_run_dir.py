@@ -209,13 +209,15 @@ def test_corrupt_inputs_are_one_line_errors_naming_the_file(tmp_path, hh_file, t
     err = run_cli("eval.py", "--model", tmp_path / "rm" / "export", "--data", f"{hh_file}[2200:2230]", cwd=tmp_path)
     assert f"error: {weights}: unreadable weights" in err
 
+    # the config file's errors, in this process: the message the `error:` line above would carry
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("run:\n  stage: rm\n  out_dir: [unclosed\n")
-    err = run_cli("train.py", "--config", bad_yaml, cwd=tmp_path)
-    assert err.startswith(f"error: {bad_yaml}:") and "YAML syntax error" in err
-
-    err = run_cli("train.py", "--config", tmp_path / "missing.yaml", cwd=tmp_path)
-    assert err.strip() == f"error: {tmp_path / 'missing.yaml'}: no such config file"
+    with pytest.raises(UserError) as raised:
+        train.main(["--config", str(bad_yaml)])
+    assert str(raised.value).startswith(f"{bad_yaml}:") and "YAML syntax error" in str(raised.value)
+    with pytest.raises(UserError) as raised:
+        train.main(["--config", str(tmp_path / "missing.yaml")])
+    assert str(raised.value) == f"{tmp_path / 'missing.yaml'}: no such config file"
 
 
 @pytest.mark.parametrize("spec,match", [
