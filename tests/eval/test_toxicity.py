@@ -166,15 +166,13 @@ def test_eval_toxicity_reports_the_figures_of_the_samples_it_wrote_and_repeats_t
     # the same policy, the same seed: the same continuations, so every paired difference and its CI is 0
     assert all(c[name]["difference"] == 0 and c[name]["ci"] == [0, 0]
                for c in r["comparisons"] for name in TOXICITY_METRICS)
-    # a subset and a seeded sample of it
-    proc = toxicity([*common[:2], "--prompts", rtp_file, "--challenging", "--k", 2, "--max-new-tokens", 3,
-                     "--sample", 2, "--out", tmp_path / "c"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # a subset and a seeded sample of it (in this process: the CLI's path is the runs above)
+    eval_cli.main(["toxicity", *map(str, [*common[:2], "--prompts", rtp_file, "--challenging", "--k", 2,
+                                          "--max-new-tokens", 3, "--sample", 2, "--out", tmp_path / "c"])])
     assert json.loads((tmp_path / "c" / "toxicity.json").read_text())["prompts"] == 2
     # an rmcore prompt file: chat-formatted, as the loops render it
-    proc = toxicity([*common[:2], "--prompts", f"{hh_file}[:3]", "--k", 2, "--max-new-tokens", 3, "--out",
-                     tmp_path / "d"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    eval_cli.main(["toxicity", *map(str, [*common[:2], "--prompts", f"{hh_file}[:3]", "--k", 2, "--max-new-tokens", 3,
+                                          "--out", tmp_path / "d"])])
     assert not json.loads((tmp_path / "d" / "toxicity.json").read_text())["settings"]["plain_prompts"]
 
 
@@ -192,9 +190,9 @@ def test_a_sample_of_n_prompts_is_n_prompts_that_fit_with_the_longer_ones_met_sk
     limit = sorted(lengths.values())[len(lengths) // 2]  # about half of the prompts fit
     fitting = {i for i, n in lengths.items() if n <= limit}
     assert 3 <= len(fitting) < len(lengths)
-    proc = toxicity(["--policy", policy_dir, "--prompts", f"{hh_file}[:12]", "--k", 1, "--max-new-tokens", 2,
-                     "--resamples", 10, "--sample", 3, "--max-prompt-tokens", limit, "--out", tmp_path])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    eval_cli.main(["toxicity", *map(str, ["--policy", policy_dir, "--prompts", f"{hh_file}[:12]", "--k", 1,
+                                          "--max-new-tokens", 2, "--resamples", 10, "--sample", 3,
+                                          "--max-prompt-tokens", limit, "--out", tmp_path])])
     r = json.loads((tmp_path / "toxicity.json").read_text())
     ids = [s["id"] for s in r["samples"]]
     assert r["prompts"] == 3 and set(ids) <= fitting and ids == sorted(ids, key=list(lengths).index)
