@@ -180,7 +180,10 @@ def rollout(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, e
             steps = t + 1
             if t == max_new_tokens - 1 or _all_ranks_done(bool(done.all()), device):
                 break
-            logits = step(model, token[:, None], mask, position[:, None], torch.tensor([P + t], device=device))
+            # eager: attend over the filled columns only (the cache is read from memory every step: at batch 32 it
+            # is ~a quarter of the weights' bytes); compiled: over the whole cache, one shape for every step
+            seen = mask if compile_decoding else mask[:, :P + t + 1]
+            logits = step(model, token[:, None], seen, position[:, None], torch.tensor([P + t], device=device))
             position = position + 1
     model.train(was_training)
     response_mask = mask[:, P:].clone()
@@ -192,8 +195,8 @@ def rollout(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, e
 def decode_step(model: CausalLM, token: torch.Tensor, mask: torch.Tensor, position: torch.Tensor,
                 slot: torch.Tensor) -> torch.Tensor:
     """Logits (B, vocab) of one new token per row (token, position: (B, 1)) written at cache column slot (1,),
-    attending over the whole cache: the causal mask hides the columns after slot, so `mask` (B, cache length)
-    need not be cut, and every step has the same shapes (one compiled graph serves them all)."""
+    attending over the cache columns `mask` (B, columns) covers. The whole cache works too: the causal mask hides
+    the columns after slot, and every step then has the same shapes (one compiled graph serves them all)."""
     return model(token, attention_mask=mask, position_ids=position, cache_slots=slot)[:, -1]
 
 
