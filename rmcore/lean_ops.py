@@ -26,10 +26,9 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        x32 = wide(x)
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        y, rstd = rms_norm_forward(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (x32 * rstd).to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -45,9 +44,15 @@ class RMSNormFunction(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """y = w * x / sqrt(mean(x^2) + eps) (RMSNormFunction)."""
     if not needs_backward(x, weight):  # sampling, scoring: the same ops without the Function's per-call overhead
-        x32 = wide(x)
-        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return rms_norm_forward(x, weight, eps)[0]
     return RMSNormFunction.apply(x, weight, eps)
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, rstd): rstd = 1 / sqrt(mean(x^2) + eps) in fp32, y = w * (x * rstd) cast to x's dtype before the scale."""
+    x32 = wide(x)
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (x32 * rstd).to(x.dtype), rstd
 
 
 class SwiGLUFunction(torch.autograd.Function):
