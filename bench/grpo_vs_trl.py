@@ -79,29 +79,19 @@ def matmul_rate(device: str = "cpu", repeats: int = 5) -> float:
     return 2 * n ** 3 / min(seconds[1:])
 
 
-def pass_rate(shapes: list[tuple[int, int]], rows: int, device: str = "cpu", repeats: int = 3) -> float:
-    """FLOP/s of one pass of `rows` activation rows through a matrix of each of `shapes` (the model's, random values:
-    speed does not depend on them), 2 x rows x entries FLOP, the best of repeats after a warm-up: the rate a
-    forward over `rows` tokens at once can reach here, weights read from memory as in the loop."""
+def matrix_rates(a, rows: dict[str, int], n_params: int) -> dict[str, float]:
+    """For each of `rows`, the FLOP/s (2 N per row) of one pass of that many activation rows through the model's
+    weight matrices, random values (speed does not depend on them): the rate a forward over that many tokens at once
+    can reach here, weights read from memory as in the loop (bench/generate.py's weight_pass_time)."""
     import torch
-    weights = [torch.randn(o, i, device=device) for o, i in shapes]
-    inputs = {i: torch.randn(rows, i, device=device) for _, i in shapes}
-    seconds = []
-    with torch.no_grad():
-        for _ in range(repeats + 1):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for w in weights:
-                torch.nn.functional.linear(inputs[w.shape[1]], w)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - t0)
-    return 2 * rows * sum(o * i for o, i in shapes) / min(seconds[1:])
+    from generate import weight_pass_time  # imported here: the children, TRL's included, never load rmcore for it
+    from transformers import AutoConfig, AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(a.model)).to(a.device)
+    return {k: 2 * n_params * r / weight_pass_time(model, r, torch.float32) for k, r in rows.items()}
 
 
 def shape_limit(it: dict, n_params: int, rates: dict[str, float]) -> float:
-    """Seconds an iteration's matrix products take at the rate this machine reaches for their shapes (pass_rate):
+    """Seconds an iteration's matrix products take at the rate this machine reaches for their shapes (matrix_rates):
     the prefill at the prefill's rows, each decoding step at one row per sample, the no-grad forwards and the
     training forward and backward (3 products per weight) at a minibatch's rows. Nothing else (attention, the
     sampler, AdamW, saving) is counted: at the rates measured, no loop can take less (a VM's rates move by ~10%
@@ -273,9 +263,8 @@ def run_side(a, side: str, out: Path) -> dict:
     return {**json.loads(stdout.strip().splitlines()[-1]), "rss_gb": rss}
 
 
-def prepare(a, out: Path) -> tuple[bool, int, int, list[tuple[int, int]]]:
-    """The prompts file rmcore reads; (whether both sides render one prompt to the same ids, its length, N, the
-    shapes of the model's weight matrices, a tied one once)."""
+def prepare(a, out: Path) -> tuple[bool, int, int]:
+    """The prompts file rmcore reads; (whether both sides render one prompt to the same ids, its length, N)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -295,10 +284,7 @@ def prepare(a, out: Path) -> tuple[bool, int, int, list[tuple[int, int]]]:
         tokenize=True, return_dict=True)["input_ids"]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(a.model))
-    shapes = [tuple(w.shape) for w in {id(m.weight): m.weight for m in model.modules()
-                                       if isinstance(m, torch.nn.Linear)}.values()]
-    return (list(ours) == list(theirs), len(ours), sum(p.numel() for p in model.parameters()),  # tied: counted once
-            shapes)
+    return list(ours) == list(theirs), len(ours), sum(p.numel() for p in model.parameters())  # tied: counted once
 
 
 def main():
@@ -323,7 +309,7 @@ def main():
         return (rmcore_child if side == "rmcore" else trl_child)(a, Path(run_dir))
     out = Path(a.out)
     print(cpu_line())
-    same, prompt_len, n_params, shapes = prepare(a, out)
+    same, prompt_len, n_params = prepare(a, out)
     mb, settings = minibatch(a), trl_settings(a)
     n = a.prompts * a.k
     print(f"{Path(a.model).name}: N = {n_params / 1e6:.1f}M parameters (tied LM head once), fp32, CPU; {a.prompts} "
@@ -350,14 +336,14 @@ def main():
     # minibatch of full samples (the longest a side's packed or padded minibatch rows are)
     rows = {"prefill": a.prompts * prompt_len, "decode": n, "minibatch": mb * (prompt_len + a.new_tokens)}
     rate_before = matmul_rate(a.device)
-    rates_before = {k: pass_rate(shapes, r, a.device) for k, r in rows.items()}
+    rates_before = matrix_rates(a, rows, n_params)
     runs = {"rmcore": [], "TRL": []}
     for _ in range(a.repeats):
         for side in runs:
             runs[side].append(run_side(a, side, out))
             print(f"{side} run {len(runs[side])} done ({runs[side][-1]['timings']})", flush=True)
     rate_after = matmul_rate(a.device)
-    rates_after = {k: pass_rate(shapes, r, a.device) for k, r in rows.items()}
+    rates_after = matrix_rates(a, rows, n_params)
     rate = max(rate_before, rate_after)
     rates = {k: max(rates_before[k], rates_after[k]) for k in rows}
     print(f"\nfp32 matmul rate (2048^3): {rate_before / 1e9:.1f} GFLOP/s before, {rate_after / 1e9:.1f} after; "
