@@ -158,20 +158,18 @@ def one_query_attention(q, k, v, attn_mask=None):
 
 @dataclass(frozen=True)
 class Packing:
-    """One row of segments end to end: segment i holds `spans[i]` = (start, end) columns and continues the segments
-    `prefixes[i]` (their spans, first to last; empty: it starts a sequence). A segment attends causally to itself and
-    fully to its prefixes, so sequences sharing a prompt hold it once. `masks[i]`: the bool mask of a segment with
-    prefixes (queries x prefix and own keys), None for one without."""
-    spans: tuple[tuple[int, int], ...]
-    prefixes: tuple[tuple[tuple[int, int], ...], ...]
+    """One row of segments end to end: segment i holds `lengths[i]` tokens and continues the segments `prefixes[i]`
+    (their indices, first to last; empty: it starts a sequence). A segment attends causally to itself and fully to its
+    prefixes, so sequences sharing a prompt hold it once. `masks[i]`: the bool mask of a segment with prefixes
+    (queries x prefix and own keys), None for one without."""
+    lengths: tuple[int, ...]
+    prefixes: tuple[tuple[int, ...], ...]
     masks: tuple[torch.Tensor | None, ...]
 
     @classmethod
     def build(cls, seq_lens: tuple[int, ...], continues: tuple[int, ...] | None = None, device=None) -> Packing:
         """seq_lens: each segment's tokens in row order; continues[i]: the segment that segment i continues, or -1
         (None: every segment starts a sequence)."""
-        ends = torch.tensor(seq_lens, dtype=torch.long).cumsum(0).tolist()
-        spans = tuple((end - n, end) for n, end in zip(seq_lens, ends))
         continues = continues or (-1,) * len(seq_lens)
         if len(continues) != len(seq_lens):
             raise ValueError(f"continues has {len(continues)} entries for {len(seq_lens)} segments")
@@ -181,13 +179,13 @@ class Packing:
             while j != -1:
                 if j == i or len(chain) == len(seq_lens):
                     raise ValueError(f"continues={continues}: segment {i}'s prefixes form a loop")
-                chain.insert(0, spans[j])
+                chain.insert(0, j)
                 j = continues[j]
-            before = sum(end - start for start, end in chain)
+            before = sum(seq_lens[j] for j in chain)
             prefixes.append(tuple(chain))
             # query t of the segment sees every prefix key and its own keys up to t
             masks.append(torch.ones(n, before + n, dtype=torch.bool, device=device).tril(before) if chain else None)
-        return cls(spans, tuple(prefixes), tuple(masks))
+        return cls(tuple(seq_lens), tuple(prefixes), tuple(masks))
 
 
 def sequence_ends(seq_lens: tuple[int, ...], continues: tuple[int, ...] | None = None) -> list[int]:
@@ -199,14 +197,17 @@ def sequence_ends(seq_lens: tuple[int, ...], continues: tuple[int, ...] | None =
 
 def packed_attention(q, k, v, packing: Packing, *, gqa: bool):
     """SDPA per segment of a packed row (B = 1): its queries over its prefixes' keys and its own, causal within."""
+    # one split of each tensor into its segments, not a slice per segment: a slice's backward writes a zero tensor
+    # the size of the whole row, per segment and layer (~6% of a reward-model step at 135M, bench/README.md)
+    qs, ks, vs = (t.split(packing.lengths, 2) for t in (q, k, v))
     out = []
-    for (start, end), chain, mask in zip(packing.spans, packing.prefixes, packing.masks):
-        keys, values = k[:, :, start:end], v[:, :, start:end]
+    for i, (chain, mask) in enumerate(zip(packing.prefixes, packing.masks)):
+        keys, values = ks[i], vs[i]
         if chain:
-            keys = torch.cat([k[:, :, a:b] for a, b in chain] + [keys], 2)
-            values = torch.cat([v[:, :, a:b] for a, b in chain] + [values], 2)
-        out.append(F.scaled_dot_product_attention(q[:, :, start:end], keys, values, attn_mask=mask,
-                                                  is_causal=mask is None, enable_gqa=gqa))
+            keys = torch.cat([ks[j] for j in chain] + [keys], 2)
+            values = torch.cat([vs[j] for j in chain] + [values], 2)
+        out.append(F.scaled_dot_product_attention(qs[i], keys, values, attn_mask=mask, is_causal=mask is None,
+                                                  enable_gqa=gqa))
     return torch.cat(out, 2)
 
 
