@@ -1,15 +1,16 @@
 """Where a run's time goes, by kind of operator: torch.profiler around a training script's main, in-process.
 
     python bench/profile_ops.py rm-135m                # train.py's rm stage as bench/rm_vs_trl.py --size 135m runs it
-    python bench/profile_ops.py rm-135m --pairs 40     # fewer training pairs (default 40: 5 optimizer steps of 8)
+    python bench/profile_ops.py rm-135m --pairs 16     # fewer training pairs (default 40: 5 optimizer steps of 8)
     python bench/profile_ops.py grpo                   # ppo.py as bench/grpo_vs_trl.py runs it (2 iterations)
     python bench/profile_ops.py rm-135m --compare OLD  # the same, run at git commit OLD (a worktree), side by side
 
 Each run prints the self CPU time of every operator summed into the groups below, with its share of the total, and
-the heaviest operators by name. The whole run is profiled: model load, data, eval and saving included. The
-profiler's own overhead is in every figure; compare runs of this script with each other, not with the benchmarks'
-wall times. With --compare, the script runs once at OLD (checked out in a temporary git worktree) and once in this
-working tree, in two processes one after the other.
+the heaviest operators by name, then the run's wall time and what of it no operator accounts for (Python between
+operators, reading and writing files, the profiler's bookkeeping). The whole run is profiled: model load, data, eval
+and saving included. The profiler's own overhead is in every figure; compare runs of this script with each other,
+not with the benchmarks' wall times. With --compare, the script runs once at OLD (checked out in a temporary git
+worktree) and once in this working tree, in two processes one after the other.
 """
 from __future__ import annotations
 
@@ -67,8 +68,9 @@ def grpo_argv(iterations: int) -> tuple[str, list[str]]:
 
 
 def profile(what: str, size: int, top: int) -> dict:
-    """Profile one run in this process: {"groups": {group: s}, "top": [(op, s, calls)], "total": s}."""
+    """Profile one run in this process: {"groups": {group: s}, "top": [(op, s, calls)], "total": s, "wall": s}."""
     import importlib
+    import time
 
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -79,7 +81,9 @@ def profile(what: str, size: int, top: int) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     main = importlib.import_module(Path(script).stem).main
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
         run_script(main, argv)
+        wall = time.perf_counter() - start
     shutil.rmtree(run_dir, ignore_errors=True)
     group_of = {op: group for group, ops in GROUPS.items() for op in ops}
     groups = dict.fromkeys([*GROUPS, "other"], 0.0)
@@ -89,7 +93,7 @@ def profile(what: str, size: int, top: int) -> dict:
         groups[group_of.get(e.key, "other")] += seconds
         ops.append((e.key, seconds, e.count))
     ops.sort(key=lambda o: -o[1])
-    return {"groups": groups, "top": ops[:top], "total": sum(groups.values())}
+    return {"groups": groups, "top": ops[:top], "total": sum(groups.values()), "wall": wall}
 
 
 def at_commit(commit: str, argv: list[str]) -> dict:
@@ -142,7 +146,10 @@ def main():
     for group in [*GROUPS, "other"]:
         print(f"| {group} | " + " | ".join(f"{r['groups'][group]:.2f} ({r['groups'][group] / r['total']:.1%})"
                                            for _, r in runs) + " |")
-    print("| total | " + " | ".join(f"{r['total']:.2f}" for _, r in runs) + " |")
+    print("| all operators | " + " | ".join(f"{r['total']:.2f}" for _, r in runs) + " |")
+    # Python between operators, the disk (saving, loading), the profiler's own bookkeeping
+    print("| outside operators | " + " | ".join(f"{r['wall'] - r['total']:.2f}" for _, r in runs) + " |")
+    print("| wall | " + " | ".join(f"{r['wall']:.2f}" for _, r in runs) + " |")
     for name, r in runs:
         print(f"\n{name}, heaviest operators: " + "; ".join(f"{op} {s:.2f} s ({calls} calls)"
                                                            for op, s, calls in r["top"]))
