@@ -26,7 +26,8 @@ Each iteration, top to bottom in `ppo` below:
      is in the reward (ppo.kl_in); beta fixed or adaptive;
   4. advantages from ppo.advantage, a name of rmcore.rl.ADVANTAGE_ESTIMATORS: gae (critic), rloo or grpo (K
      samples per prompt, no critic), whitened as ppo.whiten_advantages says; every statistic over all ranks;
-  5. optim.epochs passes over shuffled minibatches (optim.micro_batch_size x optim.grad_accum samples per rank),
+  5. optim.epochs passes over shuffled minibatches (optim.micro_batch_size x optim.grad_accum samples per rank;
+     ppo.minibatch_order: every sample shuffled, or the prompts with each one's K samples kept together),
      one AdamW step each: the clipped policy loss aggregated by ppo.loss_aggregation (plus beta * k3 when the KL
      is in the loss), the clipped value loss and the entropy bonus as means over real tokens;
   6. log (TRL's metric names, and the seconds each phase took: time/*), export the policy (every
@@ -47,6 +48,7 @@ from torch import nn
 
 from rmcore.align.iteration import AlignRun, Clock, align_main
 from rmcore.align.rollouts import (
+    EPOCH_ORDERS,
     Packed,
     at_responses,
     pack,
@@ -180,11 +182,12 @@ def ppo(cfg: PpoTrainConfig) -> list[dict]:
             scale_rewards=ppo_cfg.scale_rewards == "group", reduce_sum=all_reduce_tensor)
         exp = Experience(batch=batch, logp_old=logp_old, logp_ref=logp_ref, values_old=values_old,
                          advantages=advantages, returns=returns)
-        # 5. epochs of shuffled minibatches, one optimizer step each
+        # 5. epochs of shuffled minibatches (ppo.minibatch_order), one optimizer step each
         model.train()
         per_minibatch, ratio_means = [], []
         for epoch in range(optim.epochs):
-            order = torch.from_numpy(np.random.default_rng([cfg.run.seed, it, epoch, dist.rank]).permutation(n))
+            order = EPOCH_ORDERS[ppo_cfg.minibatch_order](
+                samples.prompt_index, np.random.default_rng([cfg.run.seed, it, epoch, dist.rank]))
             for start in range(0, n, minibatch):
                 rows = order[start:start + minibatch]
                 tokens, sequences = all_reduce_sum([float(mask[rows].sum()), len(rows)], dist.device)

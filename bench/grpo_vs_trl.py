@@ -45,6 +45,8 @@ from rm_vs_trl import cpu_line, timed  # noqa: E402  (one way to measure a child
 
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # configs/small_ppo.yaml's
 BETA, LR = 0.04, 1e-6
+GROUPED = ("minibatch composition: rmcore keeps each prompt's K samples in one minibatch (ppo.minibatch_order=prompts, "
+           "verl's layout), TRL's hold shuffled samples; ")
 
 
 def reward(prompts: list[str], responses: list[str]) -> list[float]:
@@ -135,7 +137,7 @@ def ppo_overrides(a, run_dir: Path) -> list[str]:
             # (README, host memory); --host-memory release measures the training scripts' default
             f"run.host_memory={a.host_memory}",
             "optim.schedule=constant", f"optim.epochs={a.epochs}", f"optim.micro_batch_size={minibatch(a)}",
-            "optim.grad_accum=1"]
+            "optim.grad_accum=1", f"ppo.minibatch_order={a.minibatch_order}"]
 
 
 def trl_settings(a) -> dict:
@@ -258,7 +260,7 @@ def run_side(a, side: str, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", side, str(out / f"{side}_{time.time_ns()}"), "--model", a.model,
            "--out", a.out, "--prompts", str(a.prompts), "--k", str(a.k), "--new-tokens", str(a.new_tokens),
            "--iterations", str(a.iterations), "--epochs", str(a.epochs), "--device", a.device,
-           "--host-memory", a.host_memory]
+           "--host-memory", a.host_memory, "--minibatch-order", a.minibatch_order]
     stdout, rss = timed(cmd)
     return {**json.loads(stdout.strip().splitlines()[-1]), "rss_gb": rss}
 
@@ -300,6 +302,9 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu or cuda (fp32 on both sides; TRL without vLLM)")
     p.add_argument("--host-memory", default="keep", choices=["keep", "release", "glibc"],
                    help="rmcore's run.host_memory (TRL's process keeps glibc's own policy)")
+    p.add_argument("--minibatch-order", default="samples", choices=["samples", "prompts"],
+                   help="rmcore's ppo.minibatch_order: samples shuffled (TRL's, the default) or each prompt's K "
+                        "samples together (verl's; each minibatch's packed row then runs each prompt once)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.iterations < 2:
@@ -325,6 +330,7 @@ def main():
           "micro-batch's samples into one row with each prompt once (CPU), TRL's stay padded; loss aggregation: rmcore "
           "token_mean over each minibatch's real tokens, TRL dapo over the generation's real tokens / "
           "steps_per_generation; minibatch order: rmcore reshuffles every epoch, TRL shuffles once per generation; "
+          f"{'' if a.minibatch_order == 'samples' else GROUPED}"
           "AdamW: fused on both sides (TRL: adamw_torch_fused, TrainingArguments' default); TRL's training "
           "forward takes log-probs and entropy from its fused LM head; the old log-probs: rmcore the sampler's "
           "(fp32), TRL a forward pass; rmcore prefills each prompt once for its K samples, TRL's generate K times; "

@@ -83,6 +83,25 @@ class Samples:
     logprobs: list[torch.Tensor] = field(default_factory=list)  # per-token log-probs, when asked for
 
 
+def shuffled_samples(prompt_index: list[int], rng: np.random.Generator) -> torch.Tensor:
+    """Every sample in a random order (TRL's minibatches)."""
+    return torch.from_numpy(rng.permutation(len(prompt_index)))
+
+
+def shuffled_prompts(prompt_index: list[int], rng: np.random.Generator) -> torch.Tensor:
+    """The prompts in a random order, each prompt's samples together in rollout order (verl's minibatches): a
+    minibatch of whole groups, whose packed row (packed_row) runs each prompt once for all of its samples."""
+    groups: dict[int, list[int]] = {}
+    for row, prompt in enumerate(prompt_index):
+        groups.setdefault(prompt, []).append(row)
+    members = list(groups.values())
+    return torch.tensor([row for g in rng.permutation(len(members)) for row in members[g]], dtype=torch.long)
+
+
+# ppo.minibatch_order: one epoch's order of a rank's samples, cut into minibatches in that order
+EPOCH_ORDERS = {"samples": shuffled_samples, "prompts": shuffled_prompts}
+
+
 def sample(model, pool: PromptPool, indices: list[int], *, tokenizer, k: int = 1, max_new_tokens: int,
            batch_size: int, temperature: float, top_k: int = 0, top_p: float = 1.0, stop_strings: tuple[str, ...] = (),
            generator: torch.Generator | None = None, with_logprobs: bool = False, progress: bool = False,

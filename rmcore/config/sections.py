@@ -319,6 +319,10 @@ class PpoConfig(AlignConfig):
     old_logprobs: Literal["auto", "sampler", "forward"] = "auto"  # the rollout's log-probs for the ratio: the
                                         # sampler's, or a forward pass's (TRL's); auto: sampler in fp32, forward in
                                         # bf16 (ppo.old_logprobs_source)
+    minibatch_order: Literal["samples", "prompts"] = "samples"  # each epoch (rmcore.align.rollouts.EPOCH_ORDERS):
+                                        # every sample shuffled (TRL's), or the prompts shuffled and each one's K
+                                        # samples kept together (verl's): a minibatch of whole groups runs each
+                                        # prompt once on a CPU, where its rows are packed
     gamma: float = 1.0                  # TRL's
     lam: float = 0.95                   # TRL's
     clip: float = 0.2                   # policy ratio clip; TRL's
