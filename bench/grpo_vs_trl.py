@@ -45,8 +45,8 @@ from rm_vs_trl import cpu_line, timed  # noqa: E402  (one way to measure a child
 
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # configs/small_ppo.yaml's
 BETA, LR = 0.04, 1e-6
-GROUPED = ("minibatch composition: rmcore keeps each prompt's K samples in one minibatch (ppo.minibatch_order=prompts, "
-           "verl's layout), TRL's hold shuffled samples; ")
+GROUPED = ("minibatch composition: rmcore keeps each prompt's K samples in one minibatch "
+           "(ppo.minibatch_order=prompts), TRL's hold shuffled samples; ")
 
 
 def reward(prompts: list[str], responses: list[str]) -> list[float]:
@@ -304,7 +304,7 @@ def main():
                    help="rmcore's run.host_memory (TRL's process keeps glibc's own policy)")
     p.add_argument("--minibatch-order", default="samples", choices=["samples", "prompts"],
                    help="rmcore's ppo.minibatch_order: samples shuffled (TRL's, the default) or each prompt's K "
-                        "samples together (verl's; each minibatch's packed row then runs each prompt once)")
+                        "samples together (each minibatch's packed row then runs each prompt once)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.iterations < 2:

@@ -89,8 +89,8 @@ def shuffled_samples(prompt_index: list[int], rng: np.random.Generator) -> torch
 
 
 def shuffled_prompts(prompt_index: list[int], rng: np.random.Generator) -> torch.Tensor:
-    """The prompts in a random order, each prompt's samples together in rollout order (verl's minibatches): a
-    minibatch of whole groups, whose packed row (packed_row) runs each prompt once for all of its samples."""
+    """The prompts in a random order, each prompt's samples together in rollout order: minibatches of whole groups,
+    whose packed rows (packed_row) run each prompt once for all of its samples."""
     groups: dict[int, list[int]] = {}
     for row, prompt in enumerate(prompt_index):
         groups.setdefault(prompt, []).append(row)

@@ -321,7 +321,7 @@ class PpoConfig(AlignConfig):
                                         # bf16 (ppo.old_logprobs_source)
     minibatch_order: Literal["samples", "prompts"] = "samples"  # each epoch (rmcore.align.rollouts.EPOCH_ORDERS):
                                         # every sample shuffled (TRL's), or the prompts shuffled and each one's K
-                                        # samples kept together (verl's): a minibatch of whole groups runs each
+                                        # samples kept together (ours): a minibatch of whole groups runs each
                                         # prompt once on a CPU, where its rows are packed
     gamma: float = 1.0                  # TRL's
     lam: float = 0.95                   # TRL's
