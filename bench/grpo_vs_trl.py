@@ -3,6 +3,7 @@
     pip install -e '.[bench]'                       # TRL 1.16 (never imported by rmcore)
     python bench/grpo_vs_trl.py                     # 8 prompts x 4 samples, 48 new tokens, 3 iterations, 1 run each
     python bench/grpo_vs_trl.py --prompts 2 --k 2 --new-tokens 8 --iterations 2   # a quick look
+    python bench/grpo_vs_trl.py --minibatch-order prompts   # rmcore's minibatches of whole groups (not TRL's)
 
 Both sides train SmolLM2-135M-Instruct (models/smollm2-135m-instruct, fp32, CPU) on the first human turn of the
 first --prompts records of the shipped HH file, each a single-turn ChatML prompt with configs/small_ppo.yaml's system
