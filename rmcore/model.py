@@ -198,7 +198,7 @@ def sequence_ends(seq_lens: tuple[int, ...], continues: tuple[int, ...] | None =
 def packed_attention(q, k, v, packing: Packing, *, gqa: bool):
     """SDPA per segment of a packed row (B = 1): its queries over its prefixes' keys and its own, causal within."""
     # one split of each tensor into its segments, not a slice per segment: a slice's backward writes a zero tensor
-    # the size of the whole row, per segment and layer (~6% of a reward-model step at 135M, bench/README.md)
+    # the size of the whole row, per segment and layer (~5% of a reward-model run at 135M, bench/README.md)
     qs, ks, vs = (t.split(packing.lengths, 2) for t in (q, k, v))
     out = []
     for i, (chain, mask) in enumerate(zip(packing.prefixes, packing.masks)):
