@@ -62,7 +62,7 @@ def grpo_argv(iterations: int) -> tuple[str, list[str]]:
     import grpo_vs_trl
     a = argparse.Namespace(model=str(REPO / "models" / "smollm2-135m-instruct"), prompts=8, k=4, new_tokens=48,
                            iterations=iterations, epochs=2, out=str(REPO / "runs" / "bench" / "grpo_vs_trl"),
-                           device="cpu", host_memory="keep")
+                           device="cpu", host_memory="keep", minibatch_order="samples")  # grpo_vs_trl's defaults
     grpo_vs_trl.prepare(a, Path(a.out))
     return "ppo.py", grpo_vs_trl.ppo_overrides(a, Path(a.out) / "profile_ops")
 
